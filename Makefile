@@ -1,0 +1,68 @@
+# flyswarm — developer and local-loop entry points.
+# `make up` and `make test` create .venv and install pinned dependencies on first use.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: help install lint format typecheck test test-fast up down status logs demo clean bench
+
+help:
+	@echo "make up        start the local stack (Redis, Fly emulator, scripted model, API, controller)"
+	@echo "make down      stop everything make up started"
+	@echo "make status    show components, sessions by phase, machines by state"
+	@echo "make logs      follow the components' logs"
+	@echo "make demo      apply manifests/examples/ and follow one session to completion"
+	@echo "make test      run the whole test suite"
+	@echo "make lint      ruff (lint + format check) and mypy --strict"
+	@echo "make bench     run the benchmarks in bench/"
+	@echo "make clean     remove .local/"
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,agent,local]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy api controller agent local cli
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy api controller agent local cli
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+up: $(STAMP)
+	$(BIN)/flyswarm up
+
+down: $(STAMP)
+	$(BIN)/flyswarm down
+
+status: $(STAMP)
+	$(BIN)/flyswarm status
+
+logs: $(STAMP)
+	$(BIN)/flyswarm logs-follow
+
+demo: $(STAMP)
+	$(BIN)/flyswarm demo
+
+bench: $(STAMP)
+	$(BIN)/python bench/api.py
+	$(BIN)/python bench/controller.py
+	$(BIN)/python bench/agent.py
+
+clean:
+	-$(BIN)/flyswarm down 2>/dev/null
+	rm -rf .local
