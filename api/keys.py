@@ -1,0 +1,82 @@
+"""Every Redis key name flyswarm uses, in one place.
+
+Per-session keys carry the hash tag ``{<id>}`` so all of one session's keys live in one Redis Cluster
+slot (atomic scripts and MULTI stay within a slot) and one ACL pattern, ``fs:{<id>}:*``, covers
+exactly one session: the agent's per-session Redis user gets that pattern and nothing else.
+
+Global keys (the change feed, the listing index, the leader lease) are few and are never written
+in the same transaction as another session's keys.
+"""
+
+from __future__ import annotations
+
+PREFIX = "fs"
+
+# -- global ---------------------------------------------------------------------------------------
+CHANGES = f"{PREFIX}:changes"  # stream: the change feed (capped); wakes the controller early
+INDEX = f"{PREFIX}:sessions"  # zset, score 0: every session id, for lexicographic cursor paging
+LEADER = f"{PREFIX}:leader"  # string with TTL: the controller leader lease (holder id + token)
+LEADER_FENCE = f"{PREFIX}:leader:fence"  # counter: monotonically increasing fencing tokens
+CONTROLLER_SEEN = f"{PREFIX}:controller:seen"  # hash: controller id -> last pass time (for status)
+
+
+def _tag(session_id: str) -> str:
+    return f"{PREFIX}:{{{session_id}}}"
+
+
+def session(session_id: str) -> str:
+    """Hash with fields ``meta``, ``spec``, ``status``, ``agent`` (JSON each)."""
+    return f"{_tag(session_id)}:session"
+
+
+def heartbeat(session_id: str) -> str:
+    """String with TTL written by the agent; absence means no live agent."""
+    return f"{_tag(session_id)}:hb"
+
+
+def events(session_id: str) -> str:
+    """Stream of lifecycle and agent events (capped, replayable by id)."""
+    return f"{_tag(session_id)}:events"
+
+
+def inbox(session_id: str) -> str:
+    """Stream of chat messages for the agent."""
+    return f"{_tag(session_id)}:inbox"
+
+
+def inbox_acked(session_id: str) -> str:
+    """String: id of the last inbox message whose turn completed."""
+    return f"{_tag(session_id)}:inbox:acked"
+
+
+def launch(session_id: str) -> str:
+    """Hash: the launch record (launch id, requested time, machine id) written *before* a create."""
+    return f"{_tag(session_id)}:launch"
+
+
+def transcript_prefix(session_id: str) -> str:
+    """Prefix of the keys of the SDK transcript store (see api/transcripts.py)."""
+    return f"{_tag(session_id)}:tr:"
+
+
+def session_key_pattern(session_id: str) -> str:
+    """The glob that matches every key of one session (used for ACLs and cleanup)."""
+    return f"{_tag(session_id)}:*"
+
+
+def acl_user(session_id: str) -> str:
+    """The per-session Redis ACL user name."""
+    return f"fs-session-{session_id}"
+
+
+# -- pub/sub --------------------------------------------------------------------------------------
+WAKE_PATTERN = f"{PREFIX}:wake:*"
+
+
+def wake_channel(session_id: str) -> str:
+    """Channel on which a session's agent announces a report (the controller psubscribes).
+
+    The agent's ACL user may publish only on its own channel; it cannot write the global change
+    feed. Pub/sub is fire-and-forget, which is fine: it only wakes the loop early, the resync is truth.
+    """
+    return f"{PREFIX}:wake:{session_id}"
