@@ -233,6 +233,9 @@ class SessionStatus(BaseModel):
     finishedAt: datetime | None = None
     lastHeartbeatAt: datetime | None = None
     nextRetryAt: datetime | None = None
+    # When the controller last asked Fly to create, start or restart the session's machine: the
+    # restart backoff counts from it, and observations older than it are not taken as failures.
+    lastStartAt: datetime | None = None
 
 
 AgentState = Literal["starting", "running", "idle", "done", "error", "interrupted"]

@@ -1,0 +1,115 @@
+"""What the controller observed, as plain frozen values the pure plan can read.
+
+The Fly client speaks pydantic edge models (``controller/fly_types.py``); the plan never sees them.
+The runtime converts each listed machine into an :class:`ObservedMachine` and each Redis launch
+record into a :class:`LaunchRecord`, so ``plan()`` depends on neither httpx nor Redis, and tests
+build observations with one constructor call.
+
+Identity lives in Fly metadata: every machine we create carries ``flyswarm_managed=true``,
+``flyswarm_session=<id>`` and ``flyswarm_launch=<launch id>``. A machine without
+``flyswarm_managed=true`` is not ours and is never touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+
+TAG_MANAGED = "flyswarm_managed"
+TAG_SESSION = "flyswarm_session"
+TAG_LAUNCH = "flyswarm_launch"
+MANAGED_VALUE = "true"
+
+
+@dataclass(frozen=True)
+class ObservedMachine:
+    """One Fly machine as the last ``list`` showed it."""
+
+    id: str
+    state: str
+    region: str | None
+    session_id: str | None
+    launch_id: str | None
+    managed: bool
+    created_at: datetime
+    updated_at: datetime | None = None
+    instance_id: str | None = None
+    last_exit_code: int | None = None
+    last_exit_oom: bool = False
+    host_status: str = "ok"
+    #: True when the newest exit was asked for (a stop we or Fly requested), not a crash.
+    last_exit_requested: bool = False
+
+    @property
+    def last_change(self) -> datetime:
+        """When the machine last changed state, as far as we can tell (for wedge detection)."""
+        return self.updated_at or self.created_at
+
+
+@dataclass(frozen=True)
+class LaunchRecord:
+    """The launch id recorded in Redis *before* a create call (the "expectation")."""
+
+    launch_id: str
+    requested_at: datetime
+    machine_id: str | None = None
+
+    @classmethod
+    def from_store(cls, raw: Mapping[str, str]) -> LaunchRecord | None:
+        """Parse the hash written by ``Store.record_launch`` (``launchId``, ``requestedAt``, ``machineId``).
+
+        Returns None for an empty or unreadable record: an unreadable expectation must not block
+        creates forever, and the duplicate rule cleans up if a create did slip through.
+        """
+        launch_id = raw.get("launchId")
+        requested = raw.get("requestedAt")
+        if not launch_id or not requested:
+            return None
+        try:
+            requested_at = datetime.fromisoformat(requested)
+        except ValueError:
+            return None
+        return cls(launch_id=launch_id, requested_at=requested_at, machine_id=raw.get("machineId") or None)
+
+
+def parse_tags(metadata: Mapping[str, str] | None) -> tuple[bool, str | None, str | None]:
+    """``(managed, session_id, launch_id)`` from a machine's ``config.metadata``."""
+    meta = metadata or {}
+    managed = meta.get(TAG_MANAGED) == MANAGED_VALUE
+    return managed, meta.get(TAG_SESSION) or None, meta.get(TAG_LAUNCH) or None
+
+
+def machine_tags(session_id: str, launch_id: str) -> dict[str, str]:
+    """The metadata every machine we create carries."""
+    return {TAG_MANAGED: MANAGED_VALUE, TAG_SESSION: session_id, TAG_LAUNCH: launch_id}
+
+
+# -- Fly machine states (fly-machines-api.md §4) --------------------------------------------------
+# Kept here rather than imported from fly_types so the plan depends on nothing but these values.
+
+#: States a machine rests in; the plan acts on them.
+RESTING_STATES = frozenset({"created", "started", "stopped", "suspended", "failed"})
+#: States a machine passes through; wait, and escalate only past the wedge threshold.
+#: ``replaced`` and ``migrated`` are final only for an old *version*; the machine id lives on, so a
+#: machine shown in them is waited on like a transition.
+TRANSIENT_STATES = frozenset(
+    {
+        "creating",
+        "starting",
+        "stopping",
+        "restarting",
+        "suspending",
+        "destroying",
+        "updating",
+        "replacing",
+        "launch_failed",
+        "replaced",
+        "migrated",
+    }
+)
+#: States of machines that are gone for good (treated as absent).
+GONE_STATES = frozenset({"destroyed"})
+KNOWN_STATES = RESTING_STATES | TRANSIENT_STATES | GONE_STATES
+#: Transient states with a longer wedge threshold than the others.
+SLOW_STATES = frozenset({"updating"})

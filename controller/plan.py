@@ -1,0 +1,821 @@
+"""The pure half of the controller: given what is declared and what is observed, what to do next.
+
+``plan(session, machines, heartbeat, now, settings)`` reads one session, the Fly machines tagged with
+its id, its heartbeat, its launch record ("expectation") and its inbox depth, and returns the
+:mod:`controller.actions` that move the world one step toward the declaration. It does no I/O,
+reads no clock (``now`` is an argument) and draws no random numbers (a launch id is derived from
+the inputs), so the same inputs always give the same plan and tests are tables of values.
+
+The reconcile rules of DESIGN.md, first that applies wins:
+
+1. **Deleted** - phase Terminating; every machine is stopped, destroyed when at rest, destroyed with
+   force after ``destroy_grace``; once none remains, :class:`RemoveSession`.
+2. **Finished** - the agent reported ``done``/``error``, or the task deadline (``timeoutSeconds``
+   from ``status.startedAt``) or the budget (``maxCostUsd``) is hit: phase Succeeded/Failed with the
+   reason, the machine retired like in rule 1, the record kept for ``ttlSecondsAfterFinished``.
+   A finished session never goes back to a live phase.
+3. **Failed and restartable** - the machine crashed, failed, vanished, wedged, or its agent stopped
+   heart-beating: restart in place (start or Fly restart), or destroy + create, with per-session
+   exponential backoff counted from ``status.lastStartAt``; past ``restartPolicy.maxRetries``
+   Failed/BackoffLimitExceeded, and at once with policy ``never``.
+4. **No machine** - create one, unless a create is in flight (a launch record younger than the
+   expectation window), because Fly's list lags behind its creates.
+5. **Transient Fly state** - wait; past Fly's wedge thresholds (5 min, 10 min for ``updating``)
+   treat the machine as failed (destroy with force + create). Unknown states: wait, never destroy.
+6. **Heartbeat lost** - a started machine without a heartbeat past the TTL *and* past the boot
+   grace (counted from the machine's last change or our last start) is restarted.
+7. **Chat idle** - an idle agent with an empty inbox past ``idleTimeoutSeconds`` is stopped or
+   suspended (phase Sleeping, which is not a failure); a sleeping session with pending messages is
+   woken. Under ``on-failure``/``never`` a chat machine that stopped cleanly by itself also sleeps.
+8. **Duplicates** - of several machines the newest healthy one is kept (ties broken by id) and the
+   others are destroyed with force; the rules above then apply to the one kept.
+9. **Orphans** - :func:`plan_orphans`: machines tagged ``flyswarm_managed=true`` whose session
+   does not exist are destroyed once older than the orphan grace. Untagged machines are never touched.
+
+Ordering contract for the executor: actions come as ``SetStatus`` first, then machine actions,
+then ``RemoveSession``, then at most one ``RequeueAfter``. The executor applies them in order and
+stops at the first failure, so a restart is counted in ``status`` before it happens (a crash in
+between over-counts, never under-counts) and a sleep is recorded before the stop that would
+otherwise look like a crash.
+
+Status is written only when it changes, so a converged session yields at most a ``RequeueAfter``
+(the soonest deadline the plan knows: heartbeat expiry, boot grace, idle timeout, task deadline,
+backoff, TTL). ``lastHeartbeatAt`` is refreshed only along with another change; the live heartbeat
+is the heartbeat key itself. Every change of phase, reason or restart count carries a lifecycle
+:class:`SessionEvent`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from api.models import AGENT_FINISHED_STATES, Condition, Heartbeat, Phase, Session, SessionEvent
+from controller.actions import (
+    Action,
+    CreateMachine,
+    DestroyMachine,
+    RemoveSession,
+    RequeueAfter,
+    RestartMachine,
+    SetStatus,
+    StartMachine,
+    StopMachine,
+    SuspendMachine,
+)
+from controller.observed import (
+    GONE_STATES,
+    KNOWN_STATES,
+    SLOW_STATES,
+    TRANSIENT_STATES,
+    LaunchRecord,
+    ObservedMachine,
+)
+from controller.settings import PlanSettings
+
+#: Never ask to be looked at sooner than this: a plan is not a busy loop.
+MIN_REQUEUE_SECONDS = 1.0
+
+# -- reasons (machine-readable; the README lists them) --------------------------------------------
+# progress
+CREATE_REQUESTED = "CreateRequested"
+MACHINE_STARTING = "MachineStarting"
+AGENT_READY = "AgentReady"
+IDLE = "Idle"
+WAKE = "Wake"
+NOT_STARTED = "NotStarted"
+DELETED = "Deleted"
+# finished
+COMPLETED = "Completed"
+AGENT_ERROR = "AgentError"
+DEADLINE_EXCEEDED = "DeadlineExceeded"
+BUDGET_EXCEEDED = "BudgetExceeded"
+MAX_TURNS_EXCEEDED = "MaxTurnsExceeded"  # reported by the agent; passed through
+BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
+# failure causes (restartable)
+HEARTBEAT_LOST = "HeartbeatLost"
+MACHINE_LOST = "MachineLost"
+MACHINE_FAILED = "MachineFailed"
+CRASHED = "Crashed"
+OOM_KILLED = "OOMKilled"
+MACHINE_STOPPED = "MachineStopped"
+MACHINE_SUSPENDED = "MachineSuspended"
+MACHINE_WEDGED = "MachineWedged"
+HOST_UNREACHABLE = "HostUnreachable"
+# machine housekeeping
+DUPLICATE_MACHINE = "DuplicateMachine"
+ORPHAN_MACHINE = "OrphanMachine"
+FINISHED = "Finished"
+TTL_EXPIRED = "TTLExpired"
+# waits (RequeueAfter reasons)
+WAITING = "Waiting"
+UNKNOWN_STATE = "UnknownMachineState"
+
+# condition types
+MACHINE_READY = "MachineReady"
+AGENT_HEALTHY = "AgentHealthy"
+SLEEPING = "Sleeping"
+
+_AT_REST_DESTROYABLE = frozenset({"stopped", "suspended", "created", "failed"})
+_IN_PROGRESS = frozenset({"creating", "created", "starting", "restarting", "updating", "replacing"})
+_RESTING = frozenset({"stopped", "suspended", "stopping", "suspending"})
+
+_Cond = tuple[str, bool, str, str]  # type, status, reason, message
+
+
+@dataclass(frozen=True)
+class _Pass:
+    """The inputs of one plan call, bundled so helpers take one argument."""
+
+    session: Session
+    machines: tuple[ObservedMachine, ...]  # this session's managed machines, not gone, sorted by id
+    now: datetime
+    settings: PlanSettings
+    launch: LaunchRecord | None
+    inbox_pending: int
+
+    @property
+    def sid(self) -> str:
+        return self.session.id
+
+    def since(self, at: datetime) -> float:
+        return (self.now - at).total_seconds()
+
+
+# -- entry points ---------------------------------------------------------------------------------
+
+
+def plan(
+    session: Session,
+    machines: Sequence[ObservedMachine],
+    heartbeat: Heartbeat | None,
+    now: datetime,
+    settings: PlanSettings,
+    *,
+    launch: LaunchRecord | None = None,
+    inbox_pending: int = 0,
+) -> list[Action]:
+    """The actions that move one session toward its declaration (see the module docstring)."""
+    mine = sorted(
+        (m for m in machines if m.managed and m.session_id == session.id and m.state not in GONE_STATES),
+        key=lambda m: m.id,
+    )
+    p = _Pass(session, tuple(mine), now, settings, launch, max(inbox_pending, 0))
+    if session.deleted:
+        actions = _plan_deleted(p)
+    elif session.status.phase.finished:
+        actions = _plan_finished(p)
+    else:
+        actions = _plan_live(p, heartbeat)
+    return _ordered(session.id, actions)
+
+
+def plan_orphans(
+    machines: Sequence[ObservedMachine],
+    known_session_ids: set[str] | frozenset[str],
+    now: datetime,
+    settings: PlanSettings,
+) -> list[DestroyMachine]:
+    """Destroy machines tagged as ours whose session does not exist (rule 9).
+
+    The grace covers creates whose launch record and session are still being written and list lag;
+    a machine without ``flyswarm_managed=true`` is never touched, nor one in a state we do not know.
+    """
+    out: list[DestroyMachine] = []
+    for m in sorted(machines, key=lambda m: m.id):
+        if not m.managed or (m.session_id is not None and m.session_id in known_session_ids):
+            continue
+        if m.state in GONE_STATES or m.state not in KNOWN_STATES:
+            continue
+        if (now - m.created_at).total_seconds() < settings.orphan_grace_seconds:
+            continue
+        if m.state == "destroying" and (now - m.last_change).total_seconds() < _wedge_seconds(m, settings):
+            continue  # already going; only a wedged destroy is repeated
+        out.append(
+            DestroyMachine(
+                m.session_id,
+                m.id,
+                force=True,
+                reason=ORPHAN_MACHINE,
+                message=f"machine {m.id} is tagged for session {m.session_id!r}, which does not exist",
+            )
+        )
+    return out
+
+
+def restart_delay(restarts: int, settings: PlanSettings) -> float:
+    """Seconds after restart ``restarts`` (1-based) until the next may happen: base*2^(n-1), capped."""
+    if restarts <= 0:
+        return 0.0
+    exponent = min(restarts - 1, 62)  # 2**62 already exceeds any cap; avoids huge ints
+    return float(
+        min(settings.restart_backoff_base_seconds * (2**exponent), settings.restart_backoff_max_seconds)
+    )
+
+
+def launch_id_for(session: Session, now: datetime) -> str:
+    """A launch id unique per session and attempt, derived from the inputs only (no randomness).
+
+    ``g<generation>r<restarts>-<unix ms in base 36>``; the session id is in the machine's metadata
+    and name, so it is not repeated here.
+    """
+    millis = int(now.timestamp() * 1000)
+    return f"g{session.metadata.generation}r{session.status.restarts}-{_base36(millis)}"
+
+
+# -- rule 1: deleted ------------------------------------------------------------------------------
+
+
+def _plan_deleted(p: _Pass) -> list[Action]:
+    if not p.machines:
+        return [RemoveSession(p.sid, reason=DELETED, message="session deleted and all its machines are gone")]
+    since = p.session.metadata.deletionTimestamp or p.now
+    actions = _write(p, Phase.TERMINATING, DELETED, "session deleted; retiring its machines", conditions=None)
+    return actions + _retire(p, since, passive=False, reason=DELETED)
+
+
+# -- rule 2: finished -----------------------------------------------------------------------------
+
+
+def _plan_finished(p: _Pass) -> list[Action]:
+    """A session already Succeeded/Failed: retire machines, then keep the record until its TTL."""
+    status = p.session.status
+    actions: list[Action] = []
+    finished_at = status.finishedAt
+    if finished_at is None:  # written by an older controller, or lost: start the TTL clock now
+        finished_at = p.now
+        actions += _write(p, status.phase, status.reason, status.message, conditions=None, finishedAt=p.now)
+    if p.machines:
+        return actions + _retire(p, finished_at, passive=_agent_finished(p.session), reason=FINISHED)
+    expires = finished_at + timedelta(seconds=p.session.spec.ttlSecondsAfterFinished)
+    if p.now >= expires:
+        return [RemoveSession(p.sid, reason=TTL_EXPIRED, message="ttlSecondsAfterFinished elapsed")]
+    return actions + [_requeue(p, expires, TTL_EXPIRED, "waiting for ttlSecondsAfterFinished")]
+
+
+def _finish_cause(p: _Pass) -> tuple[Phase, str, str] | None:
+    """Whether a live session is now finished: agent report, task deadline, budget."""
+    session, agent, spec = p.session, p.session.agent, p.session.spec
+    if agent is not None and agent.state == "done":
+        return Phase.SUCCEEDED, agent.reason or COMPLETED, agent.message or "the agent finished"
+    if agent is not None and agent.state == "error":
+        return Phase.FAILED, agent.reason or AGENT_ERROR, agent.message or "the agent reported an error"
+    started = session.status.startedAt
+    if spec.mode == "task" and started is not None and p.since(started) >= spec.timeoutSeconds:
+        return (
+            Phase.FAILED,
+            DEADLINE_EXCEEDED,
+            f"the task ran longer than timeoutSeconds={spec.timeoutSeconds}",
+        )
+    cost = agent.costUsd if agent is not None else None
+    if spec.maxCostUsd is not None and cost is not None and cost >= spec.maxCostUsd:
+        return Phase.FAILED, BUDGET_EXCEEDED, f"cost {cost:.4f} USD reached maxCostUsd={spec.maxCostUsd}"
+    return None
+
+
+def _finish(p: _Pass, phase: Phase, reason: str, message: str) -> list[Action]:
+    conditions: list[_Cond] = [
+        (MACHINE_READY, False, FINISHED, "the session is finished"),
+        (AGENT_HEALTHY, False, FINISHED, "the session is finished"),
+        (SLEEPING, False, FINISHED, "the session is finished"),
+    ]
+    actions = _write(p, phase, reason, message, conditions=conditions, finishedAt=p.now, nextRetryAt=None)
+    if p.machines:
+        return actions + _retire(p, p.now, passive=_agent_finished(p.session), reason=FINISHED)
+    ttl = p.session.spec.ttlSecondsAfterFinished
+    return actions + [_requeue(p, p.now + timedelta(seconds=ttl), TTL_EXPIRED, "waiting for the TTL")]
+
+
+def _agent_finished(session: Session) -> bool:
+    return session.agent is not None and session.agent.state in AGENT_FINISHED_STATES
+
+
+def _retire(p: _Pass, since: datetime, *, passive: bool, reason: str) -> list[Action]:
+    """Make every machine of the session go away, gently first.
+
+    A machine at rest is destroyed without force. A started one is stopped (SIGTERM, so the agent
+    flushes) - or, when ``passive`` because the agent reported and is exiting by itself, left
+    alone - and destroyed with force once ``destroy_grace`` has passed since ``since``. Unknown
+    states are waited on: destroying what we cannot see is how fleets get wiped.
+    """
+    actions: list[Action] = []
+    grace_end = since + timedelta(seconds=p.settings.destroy_grace_seconds)
+    for m in p.machines:
+        if m.state not in KNOWN_STATES:
+            actions.append(
+                _requeue_in(p, p.settings.resync_seconds, UNKNOWN_STATE, f"machine {m.id}: {m.state}")
+            )
+        elif m.state in _AT_REST_DESTROYABLE:
+            actions.append(
+                DestroyMachine(p.sid, m.id, force=False, reason=reason, message=f"{m.state}: destroy")
+            )
+        elif m.state == "destroying":
+            wedge_end = m.last_change + timedelta(seconds=_wedge_seconds(m, p.settings))
+            if p.now >= wedge_end:
+                actions.append(
+                    DestroyMachine(p.sid, m.id, force=True, reason=reason, message="destroy wedged")
+                )
+            else:
+                actions.append(_requeue(p, wedge_end, WAITING, f"machine {m.id} is destroying"))
+        elif p.now >= grace_end:
+            actions.append(
+                DestroyMachine(p.sid, m.id, force=True, reason=reason, message=f"{m.state} past the grace")
+            )
+        else:
+            if m.state == "started" and not passive:
+                actions.append(StopMachine(p.sid, m.id, reason=reason, message="stop before destroy"))
+            actions.append(_requeue(p, grace_end, WAITING, f"machine {m.id} is {m.state}"))
+    return actions
+
+
+# -- rules 3-8: live sessions ----------------------------------------------------------------------
+
+
+def _plan_live(p: _Pass, heartbeat: Heartbeat | None) -> list[Action]:
+    finish = _finish_cause(p)
+    if finish is not None:
+        return _finish(p, *finish)
+    keeper, extras = _choose_keeper(p.machines, heartbeat)
+    actions: list[Action] = [
+        DestroyMachine(p.sid, m.id, force=True, reason=DUPLICATE_MACHINE, message=f"keeping {keeper.id}")
+        for m in extras
+        if keeper is not None and _may_destroy_duplicate(p, m)
+    ]
+    if keeper is None:
+        return actions + _no_machine(p, heartbeat)
+    hb = _heartbeat_of(heartbeat, keeper)
+    if keeper.state not in KNOWN_STATES:
+        return actions + _unknown_state(p, keeper)
+    if keeper.host_status != "ok" and not _fresh(p, hb):
+        return actions + _host_unreachable(p, keeper, hb)
+    if keeper.state in TRANSIENT_STATES:
+        return actions + _transient(p, keeper, hb)
+    if keeper.state == "started":
+        return actions + _started(p, keeper, hb)
+    return actions + _at_rest(p, keeper, hb)
+
+
+def _choose_keeper(
+    machines: Sequence[ObservedMachine], heartbeat: Heartbeat | None
+) -> tuple[ObservedMachine | None, list[ObservedMachine]]:
+    """The machine to keep (newest of the healthiest, ties by id) and the duplicates."""
+    if not machines:
+        return None, []
+
+    def health(m: ObservedMachine) -> int:
+        if m.state == "started" and m.host_status == "ok":
+            beating = heartbeat is not None and heartbeat.machineId == m.id
+            return 5 if beating else 4
+        if m.state in _IN_PROGRESS:
+            return 3
+        if m.state in _RESTING:
+            return 2
+        return 1  # failed, launch_failed, destroying, replaced, migrated, unknown, host not ok
+
+    keeper = max(machines, key=lambda m: (health(m), m.created_at, m.id))
+    return keeper, [m for m in machines if m.id != keeper.id]
+
+
+def _may_destroy_duplicate(p: _Pass, m: ObservedMachine) -> bool:
+    if m.state not in KNOWN_STATES:
+        return False
+    if m.state == "destroying":
+        return p.since(m.last_change) >= _wedge_seconds(m, p.settings)
+    return True
+
+
+def _no_machine(p: _Pass, heartbeat: Heartbeat | None) -> list[Action]:
+    status, launch = p.session.status, p.launch
+    if launch is not None:
+        expected_until = launch.requested_at + timedelta(seconds=p.settings.create_expectation_seconds)
+        if p.now < expected_until:
+            reason, message = _keep(
+                p, Phase.CREATING, CREATE_REQUESTED, f"launch {launch.launch_id} in flight"
+            )
+            conds = _live_conditions(None, False, False)
+            return _write(p, Phase.CREATING, reason, message, conditions=conds) + [
+                _requeue(p, expected_until, WAITING, "waiting for the created machine to be listed")
+            ]
+    if _fresh(p, heartbeat) and heartbeat is not None:
+        # An agent still beats although no machine is listed: list lag, or a machine that just went.
+        # Unknown is not dead: look again when the heartbeat would expire.
+        deadline = heartbeat.at + timedelta(seconds=p.settings.heartbeat_ttl_seconds)
+        return [_requeue(p, deadline, WAITING, "heartbeat without a listed machine")]
+    if status.phase is Phase.SLEEPING:
+        if p.inbox_pending:
+            return _create(p, WAKE, "waking: a message is pending and the machine is gone", count=False)
+        return _write(
+            p,
+            Phase.SLEEPING,
+            status.reason,
+            status.message,
+            conditions=_live_conditions(None, False, True),
+            machineId=None,
+        )
+    if status.machineId is not None or launch is not None or status.nextRetryAt is not None:
+        gone = status.machineId or (launch.machine_id if launch else None) or "the launched machine"
+        return _restart(p, None, MACHINE_LOST, f"machine {gone} is gone", "create")
+    return _create(p, CREATE_REQUESTED, "creating the session's machine", count=False)
+
+
+def _unknown_state(p: _Pass, keeper: ObservedMachine) -> list[Action]:
+    status = p.session.status
+    conds: list[_Cond] = [(MACHINE_READY, False, UNKNOWN_STATE, f"machine {keeper.id} is {keeper.state!r}")]
+    return _write(p, status.phase, status.reason, status.message, conditions=conds, machineId=keeper.id) + [
+        _requeue_in(p, p.settings.resync_seconds, UNKNOWN_STATE, f"unknown machine state {keeper.state!r}")
+    ]
+
+
+def _host_unreachable(p: _Pass, keeper: ObservedMachine, hb: Heartbeat | None) -> list[Action]:
+    """Fly cannot see the host: the state is unknown. Wait, and only past the wedge time recreate."""
+    seen = max(keeper.last_change, hb.at) if hb is not None else keeper.last_change
+    wedge_end = seen + timedelta(seconds=p.settings.wedge_seconds)
+    if p.now >= wedge_end:
+        msg = f"host of machine {keeper.id} is {keeper.host_status} since {seen.isoformat()}"
+        return _restart(p, keeper, HOST_UNREACHABLE, msg, "recreate")
+    status = p.session.status
+    conds: list[_Cond] = [(MACHINE_READY, False, HOST_UNREACHABLE, f"host is {keeper.host_status}")]
+    return _write(p, status.phase, status.reason, status.message, conditions=conds, machineId=keeper.id) + [
+        _requeue(p, wedge_end, WAITING, "host unreachable")
+    ]
+
+
+def _transient(p: _Pass, keeper: ObservedMachine, hb: Heartbeat | None) -> list[Action]:
+    status = p.session.status
+    ref = _latest(keeper.last_change, status.lastStartAt)
+    wedge_end = ref + timedelta(seconds=_wedge_seconds(keeper, p.settings))
+    if p.now >= wedge_end:
+        msg = f"machine {keeper.id} is {keeper.state} since {ref.isoformat()}"
+        return _restart(p, keeper, MACHINE_WEDGED, msg, "recreate")
+    if keeper.state == "creating":
+        phase = Phase.CREATING
+    elif status.phase in (Phase.PENDING, Phase.CREATING):
+        phase = Phase.STARTING
+    else:
+        phase = status.phase
+    reason, message = _keep(p, phase, MACHINE_STARTING, f"machine {keeper.id} is {keeper.state}")
+    conds = _live_conditions(keeper, _fresh(p, hb), phase is Phase.SLEEPING)
+    fields: dict[str, Any] = {"machineId": keeper.id, "region": keeper.region}
+    return _write(p, phase, reason, message, conditions=conds, **fields) + [
+        _requeue(p, wedge_end, WAITING, f"machine {keeper.id} is {keeper.state}")
+    ]
+
+
+def _started(p: _Pass, keeper: ObservedMachine, hb: Heartbeat | None) -> list[Action]:
+    status, spec, agent = p.session.status, p.session.spec, p.session.agent
+    if status.phase is Phase.SLEEPING and not p.inbox_pending and (agent is None or agent.state != "running"):
+        # We asked it to sleep and the list does not show it yet (or someone woke it for nothing).
+        return [_sleep_action(p, keeper)]
+    fresh = _fresh(p, hb)
+    fields: dict[str, Any] = {
+        "machineId": keeper.id,
+        "region": keeper.region,
+        "startedAt": status.startedAt or p.now,
+        "nextRetryAt": None,
+    }
+    if hb is None or not fresh:
+        boot_end = _latest(keeper.last_change, status.lastStartAt) + timedelta(
+            seconds=p.settings.boot_grace_seconds
+        )
+        if p.now >= boot_end:
+            last = hb.at.isoformat() if hb is not None else "never"
+            return _restart(
+                p, keeper, HEARTBEAT_LOST, f"no heartbeat from {keeper.id} (last {last})", "restart"
+            )
+        reason, message = _keep(
+            p, Phase.STARTING, MACHINE_STARTING, f"machine {keeper.id} started; waiting for the agent"
+        )
+        conds = _live_conditions(keeper, False, False)
+        return _write(p, Phase.STARTING, reason, message, conditions=conds, **fields) + [
+            _requeue(p, boot_end, WAITING, "boot grace")
+        ]
+    reason, message = _keep(p, Phase.RUNNING, AGENT_READY, f"agent on {keeper.id} is heart-beating")
+    conds = _live_conditions(keeper, True, False)
+    actions = _write(p, Phase.RUNNING, reason, message, conditions=conds, heartbeat_at=hb.at, **fields)
+    hb_deadline = hb.at + timedelta(seconds=p.settings.heartbeat_ttl_seconds)
+    deadlines = [hb_deadline]
+    if spec.mode == "task":
+        deadlines.append(fields["startedAt"] + timedelta(seconds=spec.timeoutSeconds))
+    idle = _idle_deadline(p, keeper)
+    if idle is not None and p.now >= idle:
+        conds = _live_conditions(keeper, True, True)
+        msg = f"idle for {spec.idleTimeoutSeconds}s with an empty inbox; {spec.sleep}"
+        return _write(p, Phase.SLEEPING, IDLE, msg, conditions=conds, **fields) + [_sleep_action(p, keeper)]
+    if idle is not None:
+        deadlines.append(idle)
+    return actions + [_requeue(p, min(deadlines), WAITING, "next deadline")]
+
+
+def _idle_deadline(p: _Pass, keeper: ObservedMachine) -> datetime | None:
+    """When an idle chat session should go to sleep, or None when it should not."""
+    spec, agent, status = p.session.spec, p.session.agent, p.session.status
+    if spec.mode != "chat" or spec.idleTimeoutSeconds <= 0 or p.inbox_pending:
+        return None
+    if agent is None or agent.state != "idle":
+        return None
+    since = _latest(_latest(keeper.last_change, agent.updatedAt), status.lastStartAt)
+    return since + timedelta(seconds=spec.idleTimeoutSeconds)
+
+
+def _sleep_action(p: _Pass, keeper: ObservedMachine) -> Action:
+    if p.session.spec.sleep == "suspend":
+        return SuspendMachine(p.sid, keeper.id, reason=IDLE, message="suspend idle chat session")
+    return StopMachine(p.sid, keeper.id, reason=IDLE, message="stop idle chat session")
+
+
+def _at_rest(p: _Pass, keeper: ObservedMachine, hb: Heartbeat | None) -> list[Action]:
+    """Machine ``stopped``, ``suspended``, ``failed`` or ``created``."""
+    status, spec = p.session.status, p.session.spec
+    kicked = status.lastStartAt
+    if kicked is not None and keeper.last_change <= kicked:
+        settle_end = kicked + timedelta(seconds=p.settings.boot_grace_seconds)
+        if p.now < settle_end:  # our start/create has not shown in the list yet
+            return [_requeue(p, settle_end, WAITING, f"waiting for machine {keeper.id} to start")]
+    sleeping_fields: dict[str, Any] = {"machineId": keeper.id, "region": keeper.region}
+    if status.phase is Phase.SLEEPING:
+        if p.inbox_pending:
+            return _start(p, keeper, WAKE, "waking: a message is pending")
+        conds = _live_conditions(keeper, False, True)
+        return _write(p, Phase.SLEEPING, status.reason, status.message, conditions=conds, **sleeping_fields)
+    if keeper.state == "created":
+        start_by = keeper.last_change + timedelta(seconds=p.settings.boot_grace_seconds)
+        if p.now < start_by:
+            return [_requeue(p, start_by, WAITING, f"machine {keeper.id} created, not started yet")]
+        message = f"machine {keeper.id} was created but never started"
+        if kicked is not None and kicked >= keeper.created_at:
+            # We already started this very machine once and it is still only created: a failure.
+            return _restart(p, keeper, NOT_STARTED, message, "start")
+        return _start(p, keeper, NOT_STARTED, message)
+    cause, message = _exit_cause(keeper)
+    if (
+        spec.mode == "chat"
+        and spec.restartPolicy.policy != "always"
+        and cause in (MACHINE_STOPPED, MACHINE_SUSPENDED)
+    ):
+        # A chat machine that stopped cleanly (host maintenance, an operator) is asleep, not dead:
+        # the next message wakes it. Policy `always` restarts it instead.
+        conds = _live_conditions(keeper, False, True)
+        return _write(p, Phase.SLEEPING, cause, message, conditions=conds, **sleeping_fields)
+    settle = keeper.last_change + timedelta(seconds=p.settings.heartbeat_ttl_seconds)
+    if spec.mode == "task" and cause == MACHINE_STOPPED and p.now < settle:
+        # A clean exit of a task usually comes with a result that may not have been read yet.
+        return [_requeue(p, settle, WAITING, "clean exit; waiting for the agent's report")]
+    return _restart(p, keeper, cause, message, "start")
+
+
+def _exit_cause(m: ObservedMachine) -> tuple[str, str]:
+    if m.state == "failed":
+        return MACHINE_FAILED, f"machine {m.id} failed"
+    if m.state == "suspended":
+        return MACHINE_SUSPENDED, f"machine {m.id} was suspended"
+    if m.last_exit_oom:
+        return OOM_KILLED, f"machine {m.id} ran out of memory"
+    if m.last_exit_code not in (None, 0):
+        return CRASHED, f"machine {m.id} exited with code {m.last_exit_code}"
+    return MACHINE_STOPPED, f"machine {m.id} stopped"
+
+
+# -- restarts and creates --------------------------------------------------------------------------
+
+
+def _restart(p: _Pass, keeper: ObservedMachine | None, cause: str, message: str, how: str) -> list[Action]:
+    """Rule 3: restart per policy and backoff, or give up.
+
+    ``how``: ``start`` (machine at rest), ``restart`` (Fly restart of a started machine),
+    ``recreate`` (destroy with force + create), ``create`` (machine gone).
+    """
+    status, policy = p.session.status, p.session.spec.restartPolicy
+    if policy.policy == "never":
+        return _finish(p, Phase.FAILED, cause, f"{message} (restartPolicy never)")
+    if status.restarts >= policy.maxRetries:
+        msg = f"{message}; gave up after {status.restarts} restarts (maxRetries={policy.maxRetries})"
+        return _finish(p, Phase.FAILED, BACKOFF_LIMIT_EXCEEDED, msg)
+    due = p.now
+    if status.restarts > 0 and status.lastStartAt is not None:
+        due = status.lastStartAt + timedelta(seconds=restart_delay(status.restarts, p.settings))
+    attempt = f"restart {status.restarts + 1}/{policy.maxRetries}"
+    if p.now < due:
+        conds = _live_conditions(keeper, False, False)
+        msg = f"{message}; {attempt} at {due.isoformat()}"
+        fields: dict[str, Any] = {"nextRetryAt": due, "machineId": keeper.id if keeper else status.machineId}
+        return _write(p, Phase.PENDING, cause, msg, conditions=conds, **fields) + [
+            _requeue(p, due, "BackOff", attempt)
+        ]
+    msg = f"{message}; {attempt}"
+    if how == "create" or keeper is None:
+        return _create(p, cause, msg, count=True)
+    if how == "recreate":
+        destroy = DestroyMachine(p.sid, keeper.id, force=True, reason=cause, message=msg)
+        return [destroy] + _create(p, cause, msg, count=True)
+    action: Action = (
+        RestartMachine(p.sid, keeper.id, reason=cause, message=msg)
+        if how == "restart"
+        else StartMachine(p.sid, keeper.id, reason=cause, message=msg)
+    )
+    return _write(
+        p,
+        Phase.STARTING,
+        cause,
+        msg,
+        conditions=_live_conditions(keeper, False, False),
+        **_started_fields(p, keeper, count=True),
+    ) + [action]
+
+
+def _start(p: _Pass, keeper: ObservedMachine, reason: str, message: str) -> list[Action]:
+    """Start a machine at rest without counting a restart (wake, or a never-started machine)."""
+    conds = _live_conditions(keeper, False, False)
+    fields = _started_fields(p, keeper, count=False)
+    return _write(p, Phase.STARTING, reason, message, conditions=conds, **fields) + [
+        StartMachine(p.sid, keeper.id, reason=reason, message=message)
+    ]
+
+
+def _started_fields(p: _Pass, keeper: ObservedMachine, *, count: bool) -> dict[str, Any]:
+    status = p.session.status
+    return {
+        "machineId": keeper.id,
+        "region": keeper.region,
+        "lastStartAt": p.now,
+        "nextRetryAt": None,
+        "restarts": status.restarts + 1 if count else status.restarts,
+    }
+
+
+def _create(p: _Pass, reason: str, message: str, *, count: bool) -> list[Action]:
+    status, spec = p.session.status, p.session.spec
+    region = spec.machine.region or p.settings.default_region
+    fields: dict[str, Any] = {
+        "machineId": None,
+        "region": region,
+        "lastStartAt": p.now,
+        "nextRetryAt": None,
+        "restarts": status.restarts + 1 if count else status.restarts,
+    }
+    conds = _live_conditions(None, False, False)
+    return _write(p, Phase.CREATING, reason, message, conditions=conds, **fields) + [
+        CreateMachine(p.sid, launch_id_for(p.session, p.now), region, reason=reason, message=message)
+    ]
+
+
+# -- status ---------------------------------------------------------------------------------------
+
+
+def _write(
+    p: _Pass,
+    phase: Phase,
+    reason: str | None,
+    message: str | None,
+    *,
+    conditions: Sequence[_Cond] | None,
+    heartbeat_at: datetime | None = None,
+    **fields: Any,
+) -> list[Action]:
+    """A SetStatus when the status would change, else nothing; a lifecycle event on transitions."""
+    old = p.session.status
+    update: dict[str, Any] = {
+        "phase": phase,
+        "reason": reason,
+        "message": message,
+        "observedGeneration": p.session.metadata.generation,
+        **fields,
+    }
+    if conditions is not None:
+        update["conditions"] = _merge_conditions(old.conditions, conditions, p.now)
+    new = old.model_copy(update=update)
+    if new == old:
+        return []
+    if heartbeat_at is not None:
+        new = new.model_copy(update={"lastHeartbeatAt": heartbeat_at})
+    events: tuple[SessionEvent, ...] = ()
+    if (new.phase, new.reason) != (old.phase, old.reason) or new.restarts != old.restarts:
+        events = (
+            SessionEvent(
+                type="lifecycle",
+                source="controller",
+                reason=reason or phase.value,
+                message=message,
+                data={
+                    "phase": phase.value,
+                    "previousPhase": old.phase.value,
+                    "restarts": new.restarts,
+                    "machineId": new.machineId,
+                },
+                time=p.now,
+            ),
+        )
+    return [SetStatus(p.sid, new, events, reason=reason or phase.value, message=message or "")]
+
+
+def _keep(p: _Pass, phase: Phase, reason: str, message: str) -> tuple[str | None, str | None]:
+    """Keep the current reason/message while the phase does not change (no churn), else the new ones."""
+    status = p.session.status
+    if status.phase is phase:
+        return status.reason, status.message
+    return reason, message
+
+
+def _live_conditions(keeper: ObservedMachine | None, healthy: bool, sleeping: bool) -> list[_Cond]:
+    if keeper is None:
+        ready: _Cond = (MACHINE_READY, False, "NoMachine", "the session has no machine")
+    elif keeper.state == "started":
+        ready = (MACHINE_READY, True, "MachineStarted", f"machine {keeper.id} is started")
+    else:
+        ready = (
+            MACHINE_READY,
+            False,
+            _camel("machine_" + keeper.state),
+            f"machine {keeper.id} is {keeper.state}",
+        )
+    agent: _Cond = (
+        (AGENT_HEALTHY, True, "HeartbeatFresh", "the agent is heart-beating")
+        if healthy
+        else (AGENT_HEALTHY, False, "NoHeartbeat", "no fresh heartbeat")
+    )
+    sleep: _Cond = (
+        (SLEEPING, True, IDLE, "the machine sleeps until a message arrives")
+        if sleeping
+        else (SLEEPING, False, "Awake", "the session is not sleeping")
+    )
+    return [ready, agent, sleep]
+
+
+def _merge_conditions(old: Sequence[Condition], new: Sequence[_Cond], now: datetime) -> list[Condition]:
+    """Replace conditions by type; lastTransitionTime moves only when the status flips."""
+    previous = {c.type: c for c in old}
+    merged: list[Condition] = []
+    for type_, ok, reason, message in new:
+        value = "True" if ok else "False"
+        prev = previous.get(type_)
+        since = prev.lastTransitionTime if prev is not None and prev.status == value else now
+        merged.append(
+            Condition(type=type_, status=value, reason=reason, message=message, lastTransitionTime=since)
+        )
+    replaced = {c[0] for c in new}
+    return merged + [c for c in old if c.type not in replaced]
+
+
+# -- small helpers ---------------------------------------------------------------------------------
+
+
+def _heartbeat_of(heartbeat: Heartbeat | None, keeper: ObservedMachine) -> Heartbeat | None:
+    """The heartbeat if it can be this machine's (one naming another machine is stale)."""
+    if heartbeat is None or (heartbeat.machineId is not None and heartbeat.machineId != keeper.id):
+        return None
+    return heartbeat
+
+
+def _fresh(p: _Pass, hb: Heartbeat | None) -> bool:
+    return hb is not None and p.since(hb.at) <= p.settings.heartbeat_ttl_seconds
+
+
+def _wedge_seconds(m: ObservedMachine, settings: PlanSettings) -> float:
+    return settings.wedge_updating_seconds if m.state in SLOW_STATES else settings.wedge_seconds
+
+
+def _latest(a: datetime, b: datetime | None) -> datetime:
+    return a if b is None or a >= b else b
+
+
+def _requeue(p: _Pass, at: datetime, reason: str, message: str) -> RequeueAfter:
+    return _requeue_in(p, (at - p.now).total_seconds(), reason, message)
+
+
+def _requeue_in(p: _Pass, seconds: float, reason: str, message: str) -> RequeueAfter:
+    return RequeueAfter(p.sid, max(seconds, MIN_REQUEUE_SECONDS), reason=reason, message=message)
+
+
+def _ordered(session_id: str, actions: list[Action]) -> list[Action]:
+    """Status first, machine actions (one per machine), removal, then the soonest requeue only."""
+    statuses = [a for a in actions if isinstance(a, SetStatus)][-1:]
+    machine_actions: list[Action] = []
+    seen: set[tuple[str, str]] = set()
+    for a in actions:
+        if isinstance(a, SetStatus | RemoveSession | RequeueAfter):
+            continue
+        key = ("create", a.launch_id) if isinstance(a, CreateMachine) else (a.kind, a.machine_id)
+        destroy_key = ("destroy", key[1])
+        if key in seen or destroy_key in seen:
+            continue
+        seen.add(key)
+        machine_actions.append(a)
+    removes = [a for a in actions if isinstance(a, RemoveSession)][:1]
+    requeues = [a for a in actions if isinstance(a, RequeueAfter)]
+    soonest = [min(requeues, key=lambda r: r.seconds)] if requeues and not removes else []
+    return [*statuses, *machine_actions, *removes, *soonest]
+
+
+def _base36(value: int) -> str:
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    out = ""
+    while True:
+        value, rem = divmod(value, 36)
+        out = digits[rem] + out
+        if not value:
+            return out
+
+
+def _camel(snake: str) -> str:
+    return "".join(part.capitalize() for part in snake.split("_"))

@@ -1,0 +1,293 @@
+"""The controller's configuration, from the environment (and ``.env``), in one place.
+
+Two kinds of names are read:
+
+- the seed's own, unprefixed names where they already exist (``REDIS_URL``, ``FLY_API_TOKEN``,
+  ``FLY_APP_NAME``, ``FLY_AGENT_IMAGE``, ``FLY_API_HOSTNAME``, ``LOG_LEVEL``), so an existing
+  deployment keeps working;
+- ``FLYSWARM_``-prefixed names for everything the controller adds.
+
+Each field names its variable in ``validation_alias`` and explains itself in ``description``;
+:func:`settings_table` turns that into the README's settings table, so the docs cannot drift.
+
+:class:`PlanSettings` is the small frozen value the pure ``plan()`` needs. Tests build it directly
+(every field has the production default); the runtime builds it with
+:meth:`ControllerSettings.plan_settings`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Defaults are named so the plan's value type and the settings agree without repeating numbers.
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_FLY_APP_NAME = "flyswarm-agents"
+DEFAULT_FLY_AGENT_IMAGE = "flyswarm-agent"
+DEFAULT_FLY_API_HOSTNAME = "https://api.machines.dev"
+DEFAULT_RESYNC_SECONDS = 15.0
+DEFAULT_HEARTBEAT_TTL_SECONDS = 30.0
+DEFAULT_BOOT_GRACE_SECONDS = 60.0
+DEFAULT_ORPHAN_GRACE_SECONDS = 120.0
+DEFAULT_CREATE_EXPECTATION_SECONDS = 120.0
+# Fly's documented wedge thresholds (fly-machines-api.md §4): 5 min, 10 min for `updating`.
+DEFAULT_WEDGE_SECONDS = 300.0
+DEFAULT_WEDGE_UPDATING_SECONDS = 600.0
+DEFAULT_RESTART_BACKOFF_BASE_SECONDS = 5.0
+DEFAULT_RESTART_BACKOFF_MAX_SECONDS = 300.0
+DEFAULT_STOP_GRACE_SECONDS = 30.0
+DEFAULT_DESTROY_GRACE_SECONDS = 30.0
+DEFAULT_REGION = "fra"
+
+
+def default_controller_id() -> str:
+    """``<hostname>-<pid>``: unique enough to tell replicas apart in the leader lease and logs."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class ControllerSettings(BaseSettings):
+    """Everything the controller process reads at start."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        populate_by_name=True,
+        case_sensitive=False,
+    )
+
+    # -- connections ------------------------------------------------------------------------------
+    redis_url: SecretStr = Field(
+        default=SecretStr(DEFAULT_REDIS_URL),
+        validation_alias="REDIS_URL",
+        description="Redis the controller uses (may carry a password, so it is treated as a secret).",
+    )
+    agent_redis_url: SecretStr | None = Field(
+        default=None,
+        validation_alias="FLYSWARM_AGENT_REDIS_URL",
+        description=(
+            "Redis address as agents on Fly reach it (e.g. over 6PN); defaults to REDIS_URL. Any "
+            "credentials in it are replaced by the session's own before it is handed to a machine."
+        ),
+    )
+    fly_api_token: SecretStr | None = Field(
+        default=None,
+        validation_alias="FLY_API_TOKEN",
+        description="Fly Machines API token (never passed to machines, never logged).",
+    )
+    fly_app_name: str = Field(
+        default=DEFAULT_FLY_APP_NAME,
+        validation_alias="FLY_APP_NAME",
+        description="Fly app that holds the agent machines.",
+    )
+    fly_agent_image: str = Field(
+        default=DEFAULT_FLY_AGENT_IMAGE,
+        validation_alias="FLY_AGENT_IMAGE",
+        description="Image of agent machines when the session's spec names none.",
+    )
+    fly_api_hostname: str = Field(
+        default=DEFAULT_FLY_API_HOSTNAME,
+        validation_alias="FLY_API_HOSTNAME",
+        description="Base URL of the Fly Machines API (point it at the local emulator for `make up`).",
+    )
+
+    # -- reconcile timing -------------------------------------------------------------------------
+    resync_seconds: float = Field(
+        default=DEFAULT_RESYNC_SECONDS,
+        gt=0,
+        validation_alias="FLYSWARM_RESYNC_SECONDS",
+        description="Interval of the full resync pass over every session and machine.",
+    )
+    heartbeat_ttl_seconds: float = Field(
+        default=DEFAULT_HEARTBEAT_TTL_SECONDS,
+        gt=0,
+        validation_alias="FLYSWARM_HEARTBEAT_TTL_SECONDS",
+        description="A heartbeat older than this means the agent is gone (agents beat every TTL/3).",
+    )
+    boot_grace_seconds: float = Field(
+        default=DEFAULT_BOOT_GRACE_SECONDS,
+        ge=0,
+        validation_alias="FLYSWARM_BOOT_GRACE_SECONDS",
+        description="Time a started machine gets to send its first heartbeat before it counts as lost.",
+    )
+    orphan_grace_seconds: float = Field(
+        default=DEFAULT_ORPHAN_GRACE_SECONDS,
+        ge=0,
+        validation_alias="FLYSWARM_ORPHAN_GRACE_SECONDS",
+        description="Age a machine tagged as ours must reach before it is destroyed for having no session.",
+    )
+    create_expectation_seconds: float = Field(
+        default=DEFAULT_CREATE_EXPECTATION_SECONDS,
+        gt=0,
+        validation_alias="FLYSWARM_CREATE_EXPECTATION_SECONDS",
+        description="How long an issued create is expected to show up in Fly's (lagging) list before "
+        "another create may be issued.",
+    )
+    wedge_seconds: float = Field(
+        default=DEFAULT_WEDGE_SECONDS,
+        gt=0,
+        validation_alias="FLYSWARM_WEDGE_SECONDS",
+        description="A machine in a transient state (starting, stopping, ...) longer than this is stuck "
+        "and is replaced.",
+    )
+    wedge_updating_seconds: float = Field(
+        default=DEFAULT_WEDGE_UPDATING_SECONDS,
+        gt=0,
+        validation_alias="FLYSWARM_WEDGE_UPDATING_SECONDS",
+        description="Same as FLYSWARM_WEDGE_SECONDS for the `updating` state.",
+    )
+    restart_backoff_base_seconds: float = Field(
+        default=DEFAULT_RESTART_BACKOFF_BASE_SECONDS,
+        ge=0,
+        validation_alias="FLYSWARM_RESTART_BACKOFF_BASE_SECONDS",
+        description="First delay before restarting a failed session; doubles with every restart.",
+    )
+    restart_backoff_max_seconds: float = Field(
+        default=DEFAULT_RESTART_BACKOFF_MAX_SECONDS,
+        ge=0,
+        validation_alias="FLYSWARM_RESTART_BACKOFF_MAX_SECONDS",
+        description="Cap of the per-session restart backoff.",
+    )
+    stop_grace_seconds: float = Field(
+        default=DEFAULT_STOP_GRACE_SECONDS,
+        ge=0,
+        validation_alias="FLYSWARM_STOP_GRACE_SECONDS",
+        description="Machine stop_config timeout: time between SIGTERM and SIGKILL for the agent to flush.",
+    )
+    destroy_grace_seconds: float = Field(
+        default=DEFAULT_DESTROY_GRACE_SECONDS,
+        ge=0,
+        validation_alias="FLYSWARM_DESTROY_GRACE_SECONDS",
+        description="When retiring a machine, stop it first; after this long destroy it with force.",
+    )
+    default_region: str = Field(
+        default=DEFAULT_REGION,
+        validation_alias="FLYSWARM_DEFAULT_REGION",
+        description="Region of machines whose spec names none.",
+    )
+
+    # -- execution --------------------------------------------------------------------------------
+    concurrency: int = Field(
+        default=8,
+        ge=1,
+        validation_alias="FLYSWARM_CONCURRENCY",
+        description="Sessions reconciled in parallel (one key is never in two workers).",
+    )
+    max_destroys_per_pass: int = Field(
+        default=20,
+        ge=1,
+        validation_alias="FLYSWARM_MAX_DESTROYS_PER_PASS",
+        description="Cap on machine destroys per pass, so a bad read cannot wipe the fleet at once.",
+    )
+    pass_timeout_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        validation_alias="FLYSWARM_PASS_TIMEOUT_SECONDS",
+        description="Deadline of one reconcile pass.",
+    )
+    call_timeout_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        validation_alias="FLYSWARM_CALL_TIMEOUT_SECONDS",
+        description="Deadline of one Fly or Redis call.",
+    )
+    machine_lease_ttl_seconds: int = Field(
+        default=13,
+        ge=1,
+        validation_alias="FLYSWARM_MACHINE_LEASE_TTL_SECONDS",
+        description="TTL of the Fly lease taken on a machine around a multi-step action (flyctl's 13 s).",
+    )
+    leader_lease_seconds: float = Field(
+        default=15.0,
+        gt=0,
+        validation_alias="FLYSWARM_LEADER_LEASE_SECONDS",
+        description="TTL of the Redis leader lease; a replica that cannot renew stops acting before it ends.",
+    )
+
+    # -- process ----------------------------------------------------------------------------------
+    controller_host: str = Field(
+        default="127.0.0.1",
+        validation_alias="FLYSWARM_CONTROLLER_HOST",
+        description="Address of the controller's /healthz, /readyz and /metrics endpoint.",
+    )
+    controller_port: int = Field(
+        default=9090,
+        ge=0,
+        le=65535,
+        validation_alias="FLYSWARM_CONTROLLER_PORT",
+        description="Port of the controller's /healthz, /readyz and /metrics endpoint.",
+    )
+    controller_id: str = Field(
+        default_factory=default_controller_id,
+        validation_alias="FLYSWARM_CONTROLLER_ID",
+        description="Identity of this replica in the leader lease and the logs (default hostname-pid).",
+    )
+    log_level: str = Field(
+        default="info",
+        validation_alias="LOG_LEVEL",
+        description="Log level: debug, info, warning or error.",
+    )
+
+    @model_validator(mode="after")
+    def _agent_redis_defaults_to_redis(self) -> ControllerSettings:
+        if self.agent_redis_url is None:
+            self.agent_redis_url = self.redis_url
+        return self
+
+    def plan_settings(self) -> PlanSettings:
+        """The subset the pure plan needs."""
+        return PlanSettings(
+            heartbeat_ttl_seconds=self.heartbeat_ttl_seconds,
+            boot_grace_seconds=self.boot_grace_seconds,
+            orphan_grace_seconds=self.orphan_grace_seconds,
+            create_expectation_seconds=self.create_expectation_seconds,
+            wedge_seconds=self.wedge_seconds,
+            wedge_updating_seconds=self.wedge_updating_seconds,
+            restart_backoff_base_seconds=self.restart_backoff_base_seconds,
+            restart_backoff_max_seconds=self.restart_backoff_max_seconds,
+            destroy_grace_seconds=self.destroy_grace_seconds,
+            default_region=self.default_region,
+            resync_seconds=self.resync_seconds,
+        )
+
+
+@dataclass(frozen=True)
+class PlanSettings:
+    """What ``plan()`` needs to decide; every default is the production default."""
+
+    heartbeat_ttl_seconds: float = DEFAULT_HEARTBEAT_TTL_SECONDS
+    boot_grace_seconds: float = DEFAULT_BOOT_GRACE_SECONDS
+    orphan_grace_seconds: float = DEFAULT_ORPHAN_GRACE_SECONDS
+    create_expectation_seconds: float = DEFAULT_CREATE_EXPECTATION_SECONDS
+    wedge_seconds: float = DEFAULT_WEDGE_SECONDS
+    wedge_updating_seconds: float = DEFAULT_WEDGE_UPDATING_SECONDS
+    restart_backoff_base_seconds: float = DEFAULT_RESTART_BACKOFF_BASE_SECONDS
+    restart_backoff_max_seconds: float = DEFAULT_RESTART_BACKOFF_MAX_SECONDS
+    destroy_grace_seconds: float = DEFAULT_DESTROY_GRACE_SECONDS
+    default_region: str = DEFAULT_REGION
+    resync_seconds: float = DEFAULT_RESYNC_SECONDS
+
+    @classmethod
+    def from_settings(cls, settings: ControllerSettings) -> PlanSettings:
+        return settings.plan_settings()
+
+
+def settings_table() -> list[tuple[str, str, str]]:
+    """``(variable, default, description)`` for every setting, in declaration order (for the README)."""
+    rows: list[tuple[str, str, str]] = []
+    for name, field in ControllerSettings.model_fields.items():
+        env = field.validation_alias if isinstance(field.validation_alias, str) else name.upper()
+        default: Any = field.default
+        if field.default_factory is not None:
+            default = "hostname-pid" if name == "controller_id" else "(computed)"
+        elif isinstance(default, SecretStr):
+            default = default.get_secret_value()
+        elif default is None:
+            default = "REDIS_URL" if name == "agent_redis_url" else ""
+        rows.append((env, str(default), field.description or ""))
+    return rows
