@@ -37,6 +37,8 @@ from typing import Any, Literal, ParamSpec, TypeVar
 
 import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
 
 from api import keys
 from api.models import (
@@ -250,13 +252,27 @@ class Store:
         self._field_if_exists = redis.register_script(_FIELD_IF_EXISTS_LUA)
 
     @classmethod
-    def from_url(cls, url: str, **kwargs: Any) -> Store:
+    def from_url(
+        cls,
+        url: str,
+        *,
+        socket_timeout: float = 5.0,
+        connect_timeout: float = 2.0,
+        retries: int = 0,
+        **kwargs: Any,
+    ) -> Store:
+        """A store on its own connection pool.
+
+        ``retries`` > 0 retries a command on connection errors with a short jittered backoff
+        (capped at 0.2 s) so a blip is absorbed while an outage still fails fast (503, not a hang).
+        """
         client = aioredis.Redis.from_url(
             url,
             decode_responses=True,
-            socket_timeout=5.0,
-            socket_connect_timeout=2.0,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=min(connect_timeout, socket_timeout),
             health_check_interval=15,
+            retry=Retry(ExponentialWithJitterBackoff(cap=0.2, base=0.02), retries) if retries else None,
         )
         return cls(client, **kwargs)
 

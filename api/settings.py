@@ -1,0 +1,173 @@
+"""The API process's configuration, from the environment (and ``.env``), in one place.
+
+The seed orchestrator's names are kept where they exist (``REDIS_URL``, ``PORT``, ``LOG_LEVEL``) so an
+existing deployment keeps working; ``HOST`` and ``API_TOKENS`` are the obvious unprefixed names; every
+other knob is ``FLYSWARM_``-prefixed. Each field names its variable in ``validation_alias`` and explains
+itself in ``description``; :func:`settings_table` turns that into the README table.
+
+Secrets are ``SecretStr`` (``REDIS_URL`` may carry a password, ``API_TOKENS`` are bearer tokens), so
+printing the settings object never shows them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Annotated, Any
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6399/0"  # the port `make up` gives its Redis
+DEFAULT_PORT = 8080
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PROMPT_MAX_CHARS = 100_000
+DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+
+
+class ApiSettings(BaseSettings):
+    """Everything the API process reads at start."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        populate_by_name=True,
+        case_sensitive=False,
+    )
+
+    # -- connections ------------------------------------------------------------------------------
+    redis_url: SecretStr = Field(
+        default=SecretStr(DEFAULT_REDIS_URL),
+        validation_alias="REDIS_URL",
+        description="Redis that holds the sessions (may carry a password, so it is treated as a secret).",
+    )
+    redis_timeout_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        le=60,
+        validation_alias="FLYSWARM_REDIS_TIMEOUT_SECONDS",
+        description="Socket timeout of one Redis call; past it the request answers 503.",
+    )
+    host: str = Field(
+        default=DEFAULT_HOST,
+        validation_alias="HOST",
+        description="Address to bind. A non-loopback address is refused unless API_TOKENS is set.",
+    )
+    port: int = Field(
+        default=DEFAULT_PORT, ge=0, le=65535, validation_alias="PORT", description="Port to bind."
+    )
+    api_tokens: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        validation_alias="API_TOKENS",
+        description=(
+            "Comma-separated bearer tokens; every request but /health and /readyz must carry one "
+            "(`Authorization: Bearer <token>`). Empty = no auth, allowed on loopback only."
+        ),
+    )
+    metrics_public: bool = Field(
+        default=False,
+        validation_alias="FLYSWARM_METRICS_PUBLIC",
+        description="Serve /metrics without a token (when API_TOKENS is set; it is always open without).",
+    )
+
+    # -- limits -----------------------------------------------------------------------------------
+    prompt_max_chars: int = Field(
+        default=DEFAULT_PROMPT_MAX_CHARS,
+        ge=1,
+        le=1_000_000,
+        validation_alias="FLYSWARM_PROMPT_MAX_CHARS",
+        description="Longest accepted prompt and chat message, in characters (longer: 422).",
+    )
+    max_body_bytes: int = Field(
+        default=DEFAULT_MAX_BODY_BYTES,
+        ge=1024,
+        validation_alias="FLYSWARM_MAX_BODY_BYTES",
+        description="Largest accepted request body; enforced while reading (larger: 413).",
+    )
+
+    # -- streaming --------------------------------------------------------------------------------
+    sse_keepalive_seconds: float = Field(
+        default=15.0,
+        gt=0,
+        le=300,
+        validation_alias="FLYSWARM_SSE_KEEPALIVE_SECONDS",
+        description="Interval of `: keep-alive` comments on idle event streams (SSE) and of liveness checks.",
+    )
+
+    # -- observability ----------------------------------------------------------------------------
+    log_level: str = Field(
+        default="info", validation_alias="LOG_LEVEL", description="debug, info, warning or error."
+    )
+    log_json: bool | None = Field(
+        default=None,
+        validation_alias="FLYSWARM_LOG_JSON",
+        description="Force JSON (true) or console (false) logs; default: JSON unless stderr is a TTY.",
+    )
+    metrics_sessions_refresh_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        validation_alias="FLYSWARM_METRICS_SESSIONS_REFRESH_SECONDS",
+        description="How long the sessions-by-phase gauge of /metrics is cached (it reads every session).",
+    )
+
+    # -- server -----------------------------------------------------------------------------------
+    shutdown_grace_seconds: float = Field(
+        default=5.0,
+        ge=1,
+        validation_alias="FLYSWARM_SHUTDOWN_GRACE_SECONDS",
+        description="On SIGTERM, time open requests and event streams get before they are cut.",
+    )
+
+    @field_validator("api_tokens", mode="before")
+    @classmethod
+    def _split_tokens(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, (list, tuple)):
+            return [
+                p for p in value if (p.get_secret_value() if isinstance(p, SecretStr) else str(p)).strip()
+            ]
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        level = value.strip().lower()
+        if level not in ("debug", "info", "warning", "error", "critical"):
+            raise ValueError("must be one of debug, info, warning, error, critical")
+        return level
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_tokens)
+
+    def token_values(self) -> list[str]:
+        return [token.get_secret_value() for token in self.api_tokens]
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for addresses only this machine can reach (127.0.0.0/8, ::1, ``localhost``)."""
+    name = host.strip().strip("[]")
+    if name.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        # A host name other than localhost may resolve to anything: treat it as public.
+        return False
+
+
+def settings_table() -> list[tuple[str, str, str]]:
+    """``(variable, default, description)`` for every setting, in declaration order (for the README)."""
+    rows: list[tuple[str, str, str]] = []
+    for name, field in ApiSettings.model_fields.items():
+        env = field.validation_alias if isinstance(field.validation_alias, str) else name.upper()
+        default: Any = field.default
+        if field.default_factory is not None:
+            default = ""
+        elif isinstance(default, SecretStr):
+            default = default.get_secret_value()
+        elif default is None:
+            default = ""
+        rows.append((env, str(default), field.description or ""))
+    return rows
