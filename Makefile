@@ -14,7 +14,7 @@ help:
 	@echo "make down      stop everything make up started"
 	@echo "make status    show components, sessions by phase, machines by state"
 	@echo "make logs      follow the components' logs"
-	@echo "make demo      apply manifests/examples/ and follow one session to completion"
+	@echo "make demo      (make up, then) apply manifests/examples/ and follow one session to completion"
 	@echo "make test      run the whole test suite"
 	@echo "make lint      ruff (lint + format check) and mypy --strict"
 	@echo "make bench     run the benchmarks in bench/"
@@ -56,6 +56,7 @@ logs: $(STAMP)
 	$(BIN)/flyswarm logs-follow
 
 demo: $(STAMP)
+	$(BIN)/flyswarm up
 	$(BIN)/flyswarm demo
 
 bench: $(STAMP)
@@ -64,5 +65,5 @@ bench: $(STAMP)
 	$(BIN)/python bench/agent.py
 
 clean:
-	-$(BIN)/flyswarm down 2>/dev/null
-	rm -rf .local
+	-test -x $(BIN)/flyswarm && $(BIN)/flyswarm down
+	rm -rf "$${FLYSWARM_LOCAL_DIR:-.local}"
