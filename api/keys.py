@@ -59,6 +59,36 @@ def transcript_prefix(session_id: str) -> str:
     return f"{_tag(session_id)}:tr:"
 
 
+def transcript_entries(session_id: str, transcript: str) -> str:
+    """List: one JSON transcript entry per element (``transcript`` = encoded SDK session key)."""
+    return f"{transcript_prefix(session_id)}e:{transcript}"
+
+
+def transcript_uuids(session_id: str, transcript: str) -> str:
+    """Set: entry uuids already stored for one transcript (append idempotency)."""
+    return f"{transcript_prefix(session_id)}u:{transcript}"
+
+
+def transcript_sessions(session_id: str, project: str) -> str:
+    """Hash: Claude session id -> mtime (epoch ms) of the main transcripts of one project key."""
+    return f"{transcript_prefix(session_id)}s:{project}"
+
+
+def transcript_summaries(session_id: str, project: str) -> str:
+    """Hash: Claude session id -> the SDK's summary sidecar (JSON) for one project key."""
+    return f"{transcript_prefix(session_id)}m:{project}"
+
+
+def transcript_subkeys(session_id: str, transcript: str) -> str:
+    """Set: subpaths (subagent transcripts) under one main transcript."""
+    return f"{transcript_prefix(session_id)}k:{transcript}"
+
+
+def transcript_projects(session_id: str) -> str:
+    """Set: every project key that holds a main transcript (to find a session after a cwd change)."""
+    return f"{transcript_prefix(session_id)}projects"
+
+
 def session_key_pattern(session_id: str) -> str:
     """The glob that matches every key of one session (used for ACLs and cleanup)."""
     return f"{_tag(session_id)}:*"

@@ -70,6 +70,14 @@ class StoreUnavailable(RuntimeError):
     """Redis could not be reached or answered with an error we cannot act on."""
 
 
+class StoreAuthFailed(StoreUnavailable):
+    """Redis refused the credentials (wrong password or a disabled per-session user)."""
+
+
+class StorePermissionDenied(RuntimeError):
+    """The credentials are valid but may not touch these keys (another session's, for an agent)."""
+
+
 class InvalidCursor(ValueError):
     """A pagination cursor that this store did not hand out."""
 
@@ -79,6 +87,10 @@ def _unavailable_on_redis_error(func: Callable[P, Awaitable[T]]) -> Callable[P, 
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
             return await func(*args, **kwargs)
+        except redis_errors.AuthenticationError as exc:
+            raise StoreAuthFailed("redis refused the credentials") from exc
+        except redis_errors.NoPermissionError as exc:
+            raise StorePermissionDenied("redis denied access to these keys") from exc
         except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
             raise StoreUnavailable("redis is unreachable") from exc
         except redis_errors.BusyLoadingError as exc:

@@ -26,7 +26,7 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Defaults are named so the plan's value type and the settings agree without repeating numbers.
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6399/0"  # the port `make up` gives its Redis
 DEFAULT_FLY_APP_NAME = "flyswarm-agents"
 DEFAULT_FLY_AGENT_IMAGE = "flyswarm-agent"
 DEFAULT_FLY_API_HOSTNAME = "https://api.machines.dev"

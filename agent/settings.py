@@ -1,0 +1,142 @@
+"""The agent's configuration: environment variables only (the controller sets them on the machine).
+
+Everything the agent needs to know about *what* to run comes from the session's spec in Redis;
+the environment only says *which* session, how to reach Redis, and how the agent paces itself.
+Redis credentials are the per-session ACL user the controller created, either inside
+``FLYSWARM_REDIS_URL`` or as ``FLYSWARM_REDIS_USERNAME`` / ``FLYSWARM_REDIS_PASSWORD``.
+They are removed from the process environment once read, so the CLI and its tools (which the
+model drives) never see them.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from urllib.parse import quote, urlsplit, urlunsplit
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from api.models import validate_session_id
+
+# Variables the agent reads and then scrubs from its environment (children must not inherit them).
+SECRET_ENV = ("FLYSWARM_REDIS_URL", "FLYSWARM_REDIS_USERNAME", "FLYSWARM_REDIS_PASSWORD")
+# Never present on an agent machine; scrubbed defensively should an operator set them anyway.
+FORBIDDEN_ENV = ("FLY_API_TOKEN", "FLY_ACCESS_TOKEN")
+
+
+class AgentSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FLYSWARM_", extra="ignore", use_attribute_docstrings=True)
+
+    session_id: str
+    """The flyswarm session this machine runs (``FLYSWARM_SESSION_ID``)."""
+
+    redis_url: SecretStr
+    """Redis URL, possibly with the per-session ACL user's credentials in it."""
+
+    redis_username: str | None = None
+    """Overrides the user name of ``redis_url`` (the per-session ACL user)."""
+
+    redis_password: SecretStr | None = None
+    """Overrides the password of ``redis_url``."""
+
+    machine_id: str | None = Field(
+        default=None, validation_alias=AliasChoices("FLYSWARM_MACHINE_ID", "FLY_MACHINE_ID")
+    )
+    """The Fly machine id (Fly sets ``FLY_MACHINE_ID``); reported and put in heartbeats."""
+
+    heartbeat_interval_seconds: float = Field(default=10.0, gt=0)
+    """How often the heartbeat is written."""
+
+    heartbeat_ttl_seconds: int = Field(default=30, ge=1)
+    """Heartbeat key TTL: the controller treats a missing heartbeat as a dead agent."""
+
+    work_root: Path = Path(tempfile.gettempdir()) / "flyswarm"
+    """Per-session dirs live below: ``<root>/<session>/work`` (the cwd) and ``<root>/<session>/home``.
+    Keep it the same on every machine of a deployment: the SDK keys transcripts by the cwd."""
+
+    stderr_tail_lines: int = Field(default=40, ge=1, le=1000)
+    """How many lines of the CLI's diagnostics (stderr and its debug log's errors) a report keeps."""
+
+    stderr_tail_chars: int = Field(default=4000, ge=100, le=100_000)
+    """Character cap of the stderr tail in a report."""
+
+    event_text_chars: int = Field(default=2000, ge=50, le=100_000)
+    """Texts (assistant text, tool input, tool output) are cut to this length in events."""
+
+    stop_timeout_seconds: float = Field(default=5.0, gt=0.5)
+    """After SIGTERM/SIGINT the agent exits within this time (match the machine's stop timeout)."""
+
+    inbox_block_ms: int = Field(default=2000, ge=10, le=4000)
+    """How long one inbox read blocks (below the Redis client's 5 s socket timeout)."""
+
+    startup_redis_timeout_seconds: float = Field(default=30.0, ge=0)
+    """How long start-up keeps retrying an unreachable Redis before giving up."""
+
+    cli_debug_log: bool = True
+    """Run the CLI with ``--debug-file`` so errors it only logs there reach the stderr tail."""
+
+    cli_path: str | None = None
+    """A Claude Code CLI to use instead of the one bundled with the SDK."""
+
+    log_level: str = "info"
+
+    @field_validator("session_id")
+    @classmethod
+    def _session_id(cls, value: str) -> str:
+        return validate_session_id(value)
+
+    @model_validator(mode="after")
+    def _heartbeat_fits_ttl(self) -> AgentSettings:
+        if self.heartbeat_interval_seconds >= self.heartbeat_ttl_seconds:
+            raise ValueError("heartbeat_interval_seconds must be shorter than heartbeat_ttl_seconds")
+        return self
+
+    def redis_connection_url(self) -> str:
+        """The Redis URL with the username/password overrides applied (a secret: never log it)."""
+        url = self.redis_url.get_secret_value()
+        if self.redis_username is None and self.redis_password is None:
+            return url
+        parts = urlsplit(url)
+        user = self.redis_username if self.redis_username is not None else (parts.username or "")
+        password = (
+            self.redis_password.get_secret_value()
+            if self.redis_password is not None
+            else (parts.password or "")
+        )
+        host = parts.hostname or "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
+        netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{host}"
+        if parts.port:
+            netloc += f":{parts.port}"
+        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+    @property
+    def session_dir(self) -> Path:
+        return self.work_root / self.session_id
+
+    @property
+    def work_dir(self) -> Path:
+        """The cwd of the CLI: where the session's files are written."""
+        return self.session_dir / "work"
+
+    @property
+    def home_dir(self) -> Path:
+        """``HOME`` of the CLI (shell snapshots, caches)."""
+        return self.session_dir / "home"
+
+    @property
+    def config_dir(self) -> Path:
+        """``CLAUDE_CONFIG_DIR`` of the CLI (its local transcripts; the store holds the durable copy)."""
+        return self.home_dir / ".claude"
+
+
+def scrub_environment() -> list[str]:
+    """Remove secrets from ``os.environ`` so that no child process inherits them; returns the names."""
+    removed = []
+    for name in (*SECRET_ENV, *FORBIDDEN_ENV):
+        if os.environ.pop(name, None) is not None:
+            removed.append(name)
+    return removed
