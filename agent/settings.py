@@ -81,6 +81,7 @@ class AgentSettings(BaseSettings):
     """A Claude Code CLI to use instead of the one bundled with the SDK."""
 
     log_level: str = "info"
+    """Log level of the agent's structured log lines (JSON on stderr): debug, info, warning or error."""
 
     @field_validator("session_id")
     @classmethod
