@@ -26,7 +26,9 @@ def default_images() -> dict[str, list[str]]:
 class EmulatorSettings(BaseSettings):
     """Everything the emulator needs to know at start; the fault knobs can change at run time."""
 
-    model_config = SettingsConfigDict(env_prefix="FLYSWARM_EMULATOR_", extra="ignore", use_attribute_docstrings=True)
+    model_config = SettingsConfigDict(
+        env_prefix="FLYSWARM_EMULATOR_", extra="ignore", use_attribute_docstrings=True
+    )
 
     transition_delay: float = Field(default=0.2, ge=0.0)
     """Seconds each transient state (starting, stopping, suspending, destroying, ...) stays visible."""

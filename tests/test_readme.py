@@ -87,7 +87,9 @@ def _current_block(text: str) -> str:
 def test_readme_configuration_tables_match_the_settings_classes() -> None:
     text = README.read_text()
     assert BEGIN in text and END in text, "README.md lost its settings markers"
-    assert _current_block(text) == render(), "README settings are stale: run `python -m tests.test_readme --write`"
+    assert _current_block(text) == render(), (
+        "README settings are stale: run `python -m tests.test_readme --write`"
+    )
 
 
 def test_every_setting_is_documented() -> None:
