@@ -231,6 +231,16 @@ async def apply_session(request: Request, id: str) -> Response:
     outcome = await ctx.store.apply(ctx.store.new_session(session_id, parsed.spec, parsed.labels))
     if outcome.result == "deleting":
         raise ApiError("conflict", f"session {session_id} is being deleted")
+    # The checks above give the precise messages; these two catch a racing writer between them
+    # and the atomic apply (the store re-checks both rules inside it).
+    if outcome.result == "mode_conflict":
+        raise invalid([FieldProblem("spec.mode" if manifest else "mode", "is immutable")])
+    if outcome.result == "finished":
+        raise ApiError(
+            "conflict",
+            f"session {session_id} has finished; its spec can no longer change",
+            fields=[FieldProblem("spec", "the session has finished")],
+        )
     if outcome.session is None:  # pragma: no cover
         raise StoreUnavailable("apply returned no session")
     if outcome.result != "unchanged":

@@ -63,7 +63,9 @@ DEFAULT_CHANGES_MAXLEN = 100_000
 DEFAULT_EVENTS_MAXLEN = 2_000
 DEFAULT_INBOX_MAXLEN = 10_000
 
-ApplyResult = Literal["created", "configured", "unchanged", "exists", "deleting", "missing"]
+ApplyResult = Literal[
+    "created", "configured", "unchanged", "exists", "deleting", "missing", "mode_conflict", "finished"
+]
 
 
 class StoreUnavailable(RuntimeError):
@@ -142,7 +144,28 @@ if redis.call('HEXISTS', KEYS[1], 'deleted') == 1 then
   return {'deleting', redis.call('HGETALL', KEYS[1])}
 end
 local result = 'unchanged'
-if redis.call('HGET', KEYS[1], 'spec') ~= ARGV[4] then
+local current = redis.call('HGET', KEYS[1], 'spec')
+if current ~= ARGV[4] then
+  -- Checked here, inside the atomic step, so two racing applies cannot slip past them:
+  -- spec.mode is immutable, and a finished session's spec is frozen.
+  local new_mode = cjson.decode(ARGV[4])['mode']
+  if cjson.decode(current)['mode'] ~= new_mode then
+    return {'mode_conflict', redis.call('HGETALL', KEYS[1])}
+  end
+  local status = redis.call('HGET', KEYS[1], 'status')
+  if status then
+    local phase = cjson.decode(status)['phase']
+    if phase == 'Succeeded' or phase == 'Failed' then
+      return {'finished', redis.call('HGETALL', KEYS[1])}
+    end
+  end
+  local agent = redis.call('HGET', KEYS[1], 'agent')
+  if agent and new_mode == 'task' then
+    local state = cjson.decode(agent)['state']
+    if state == 'done' or state == 'error' then
+      return {'finished', redis.call('HGETALL', KEYS[1])}
+    end
+  end
   redis.call('HSET', KEYS[1], 'spec', ARGV[4])
   redis.call('HINCRBY', KEYS[1], 'gen', 1)
   result = 'configured'

@@ -249,3 +249,17 @@ async def test_unreachable_redis_raises_store_unavailable() -> None:
             await dead.get("x")
     finally:
         await dead.close()
+
+
+async def test_apply_refuses_mode_change_and_finished_spec_change_atomically(store: Store) -> None:
+    await store.apply(store.new_session("imm", task("a")))
+    changed_mode = await store.apply(store.new_session("imm", task("a", mode="chat")))
+    assert changed_mode.result == "mode_conflict"
+    await store.write_status("imm", SessionStatus(phase=Phase.SUCCEEDED))
+    finished = await store.apply(store.new_session("imm", task("b")))
+    assert finished.result == "finished"
+    got = await store.get("imm")
+    assert got is not None and got.spec.prompt == "a" and got.spec.mode == "task"
+    assert got.metadata.generation == 1
+    # Re-applying the identical spec of a finished session is still fine.
+    assert (await store.apply(store.new_session("imm", task("a")))).result == "unchanged"

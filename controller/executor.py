@@ -1,0 +1,567 @@
+"""The executor: turns one planned :data:`~controller.actions.Action` into Fly calls and store writes.
+
+``plan()`` decides; this module only applies, and reports what came of it as an
+:data:`~controller.actions.Outcome` value (done, requeue, transient, permanent). It never decides
+*whether* to act, with three safety exceptions that belong to the runtime, not the plan:
+
+* **Only the leader acts.** Every action first checks :class:`Authority` (the leader lease); a
+  Fly call's deadline never outlives the current term (``authority.remaining()``), and status
+  writes carry the fencing token so Redis refuses them after a newer leader took over.
+* **Safe creates.** The launch id is recorded in Redis *before* the create call and the machine
+  carries it in metadata (``flyswarm_launch``). An ambiguous failure (408/5xx/timeout after the
+  request may have reached Fly) is never retried blindly: the machine is looked up by that
+  metadata; if the (lagging) list does not show it yet, the launch record stays in place and the
+  plan holds off until the create expectation expires. Every create is also an in-memory
+  expectation (:mod:`controller.expectations`), so a lagging list never causes a second create.
+* **Create pacing.** Creates are admitted at Fly's per-app create rate (:class:`CreatePacer`): a
+  session whose turn is later is requeued for exactly then instead of holding a worker.
+* **Destroy budget.** At most ``max_destroys_per_pass`` destroys per resync pass; the rest wait.
+
+Multi-step actions (restart; stop-then-destroy) run under a short Fly lease (13 s, refreshed by
+the client) with the nonce on every call, and the lease is always released (the client's context
+manager shields the release from cancellation).
+
+The agent's Redis URL is built here from the operator's ``FLYSWARM_AGENT_REDIS_URL`` host and the
+session's own ACL user (``Store.ensure_session_credentials``), so the controller's Redis password
+and the Fly token never reach a machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import Any, Protocol
+from urllib.parse import quote, urlsplit, urlunsplit
+
+from api.logs import get_logger
+from api.models import Session, SessionCredentials, SessionEvent
+from api.store import Store, StoreUnavailable
+from controller import fly_errors
+from controller.actions import (
+    Action,
+    CreateMachine,
+    DestroyMachine,
+    Done,
+    Outcome,
+    Permanent,
+    RemoveSession,
+    Requeue,
+    RequeueAfter,
+    RestartMachine,
+    SetStatus,
+    StartMachine,
+    StopMachine,
+    SuspendMachine,
+    Transient,
+)
+from controller.expectations import Expectations
+from controller.fly import FLY_ACTION_LIMIT, FlyClient
+from controller.fly_types import Machine, MachineConfig
+from controller.machine_config import machine_name
+from controller.metrics import ControllerMetrics
+from controller.observed import MANAGED_VALUE, TAG_LAUNCH, TAG_MANAGED, ObservedMachine, parse_tags
+from controller.ratelimit import Limit, TokenBucket
+
+_log = get_logger("controller.executor")
+
+#: Machine states from which Fly destroys without ``force`` (fly-machines-api.md §2).
+_AT_REST = frozenset({"stopped", "suspended", "failed", "created"})
+#: Below this much leadership left, do not start a Fly mutation.
+_MIN_TERM_SECONDS = 0.5
+#: How often and how long an ambiguous create is looked up before giving the decision to the plan.
+_LOOKUP_ATTEMPTS = 3
+_LOOKUP_PAUSE_SECONDS = 0.5
+
+
+class Authority(Protocol):
+    """Who may act: the leader lease (:class:`controller.leader.LeaderElector`) or a sole controller."""
+
+    def is_leader(self) -> bool: ...
+
+    def remaining(self) -> float: ...
+
+    @property
+    def fence(self) -> tuple[str, int] | None: ...
+
+
+class SoleAuthority:
+    """Always leading, unfenced: for a controller that is the only one by construction (tests, bench)."""
+
+    def is_leader(self) -> bool:
+        return True
+
+    def remaining(self) -> float:
+        return float("inf")
+
+    @property
+    def fence(self) -> tuple[str, int] | None:
+        return None
+
+
+class ConfigBuilder(Protocol):
+    """Builds the machine config of a session's launch (``controller.machine_config.machine_config_for``)."""
+
+    def __call__(self, session: Session, *, launch_id: str, region: str, redis_url: str) -> MachineConfig: ...
+
+
+@dataclass(frozen=True)
+class ExecutorSettings:
+    """The executor's knobs (from :class:`controller.settings.ControllerSettings`)."""
+
+    call_timeout_seconds: float = 30.0
+    machine_lease_ttl_seconds: int = 13
+    stop_grace_seconds: float = 30.0
+    max_destroys_per_pass: int = 20
+    #: How long to wait before looking again at a machine that refused an action in its state (412).
+    precondition_requeue_seconds: float = 2.0
+    #: How long to wait when another holder has the machine's Fly lease.
+    lease_held_requeue_seconds: float = 5.0
+
+
+class CreatePacer:
+    """Hands out create slots at Fly's per-app create rate, so workers never sleep on a create token.
+
+    Fly allows 1 create per second per app (burst 3). With a hundred sessions waiting, a worker that
+    called create would sit in the client's token bucket for up to a minute, and the rest of the
+    fleet (restarts, wakes) would wait behind it. Instead each session takes a *slot* in a token
+    bucket run at the client's pace: a slot due now proceeds at once; a later one answers "requeue
+    in N s" and frees the worker, and the key comes back exactly when its slot is due (first come,
+    first served; nothing is recorded in Redis before the slot is due). Slots never claimed expire.
+    """
+
+    _TOLERANCE = 0.05
+
+    def __init__(self, limit: Limit | None, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._bucket = TokenBucket(limit, clock()) if limit is not None else None
+        self._slots: dict[str, float] = {}
+
+    def admit(self, session_id: str) -> float:
+        """0 when ``session_id`` may send its create now, else the seconds until its slot."""
+        if self._bucket is None:
+            return 0.0
+        now = self._clock()
+        slot = self._slots.get(session_id)
+        if slot is not None:
+            if now + self._TOLERANCE >= slot:
+                del self._slots[session_id]
+                return 0.0
+            return slot - now
+        self._expire(now)
+        wait = self._bucket.reserve(now) or 0.0
+        if wait <= self._TOLERANCE:
+            return 0.0
+        self._slots[session_id] = now + wait
+        return wait
+
+    def _expire(self, now: float) -> None:
+        for key in [k for k, due in self._slots.items() if due < now - 60.0]:
+            del self._slots[key]
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+
+class DestroyBudget:
+    """At most ``limit`` destroys per resync pass, shared by every worker; reset by each resync."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self) -> bool:
+        if self.used >= self.limit:
+            return False
+        self.used += 1
+        return True
+
+    def give_back(self) -> None:
+        self.used = max(0, self.used - 1)
+
+    def reset(self) -> None:
+        self.used = 0
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def parse_time(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+
+def observed_from_fly(machine: Machine, *, now: datetime | None = None) -> ObservedMachine:
+    """The plan's view of one Fly machine (tags from metadata, last exit from embedded events)."""
+    managed, session_id, launch_id = parse_tags(machine.metadata)
+    exit_event = machine.last_exit
+    created = parse_time(machine.created_at) or now or utcnow()
+    return ObservedMachine(
+        id=machine.id,
+        state=machine.state or "unknown",
+        region=machine.region,
+        session_id=session_id,
+        launch_id=launch_id,
+        managed=managed,
+        created_at=created,
+        updated_at=parse_time(machine.updated_at),
+        instance_id=machine.current_version,
+        last_exit_code=exit_event.exit_code if exit_event is not None else None,
+        last_exit_oom=bool(exit_event.oom_killed) if exit_event is not None else False,
+        host_status=machine.host_status or "ok",
+        last_exit_requested=bool(exit_event.requested_stop) if exit_event is not None else False,
+    )
+
+
+def agent_redis_url(base_url: str, credentials: SessionCredentials | None) -> str:
+    """``base_url``'s scheme, host, port and db with the session's own user (never the controller's).
+
+    Without per-session credentials (a Redis without ACLs) the URL carries no user info at all.
+    """
+    parts = urlsplit(base_url)
+    host = parts.hostname or "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = host if parts.port is None else f"{host}:{parts.port}"
+    if credentials is not None:
+        netloc = f"{quote(credentials.username, safe='')}:{quote(credentials.password, safe='')}@{netloc}"
+    return urlunsplit((parts.scheme or "redis", netloc, parts.path, parts.query, ""))
+
+
+class Executor:
+    """Applies actions for the reconciler; one instance per controller, shared by all workers."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        fly: FlyClient,
+        authority: Authority,
+        expectations: Expectations,
+        config_builder: ConfigBuilder,
+        agent_redis_base_url: str,
+        settings: ExecutorSettings | None = None,
+        metrics: ControllerMetrics | None = None,
+        destroy_budget: DestroyBudget | None = None,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.store = store
+        self.fly = fly
+        self.authority = authority
+        self.expectations = expectations
+        self.config_builder = config_builder
+        self.agent_redis_base_url = agent_redis_base_url
+        self.settings = settings or ExecutorSettings()
+        self.metrics = metrics
+        self.destroy_budget = destroy_budget or DestroyBudget(self.settings.max_destroys_per_pass)
+        fly_config = fly.config
+        self.create_pacer = CreatePacer(
+            FLY_ACTION_LIMIT.scaled(fly_config.rate_margin) if fly_config.rate_limits else None
+        )
+        self._now = clock
+
+    # -- entry point ------------------------------------------------------------------------------
+
+    async def apply(self, action: Action, *, session: Session | None = None, log: Any = None) -> Outcome:
+        """Apply one action; never raises for an expected failure (it becomes an outcome value)."""
+        log = (log or _log).bind(action=action.kind, reason=action.reason)
+        if action.session_id is not None:
+            log = log.bind(session_id=action.session_id)
+        machine_id = getattr(action, "machine_id", None)
+        if machine_id is not None:
+            log = log.bind(machine_id=machine_id)
+        if isinstance(action, RequeueAfter):
+            outcome: Outcome = Requeue(action.seconds)
+        elif not self.authority.is_leader():
+            outcome = Transient("not the leader")
+        else:
+            try:
+                outcome = await self._dispatch(action, session, log)
+            except StoreUnavailable as err:
+                outcome = Transient(f"redis unavailable: {err}")
+            except fly_errors.FlyError as err:
+                outcome = self._fly_outcome(err)
+        self._count(action, outcome)
+        if isinstance(outcome, Transient | Permanent):
+            log.warning("action_failed", outcome=outcome.kind, error=outcome.error)
+        return outcome
+
+    async def _dispatch(self, action: Action, session: Session | None, log: Any) -> Outcome:
+        if isinstance(action, SetStatus):
+            return await self._set_status(action, log)
+        if isinstance(action, RemoveSession):
+            return await self._remove(action, log)
+        if self._term_left() < _MIN_TERM_SECONDS:
+            return Transient("leadership ending; no new Fly call")
+        if isinstance(action, CreateMachine):
+            if session is None:
+                return Permanent("create without the session resource")
+            return await self._create(action, session, log)
+        if isinstance(action, StartMachine):
+            return await self._simple(action, "start", log)
+        if isinstance(action, StopMachine):
+            return await self._simple(action, "stop", log)
+        if isinstance(action, SuspendMachine):
+            return await self._simple(action, "suspend", log)
+        if isinstance(action, RestartMachine):
+            return await self._restart(action, log)
+        if isinstance(action, DestroyMachine):
+            return await self._destroy(action, log)
+        return Permanent(f"unknown action {type(action).__name__}")
+
+    # -- store actions ----------------------------------------------------------------------------
+
+    async def _set_status(self, action: SetStatus, log: Any) -> Outcome:
+        result = await self.store.write_status(action.session_id, action.status, fence=self.authority.fence)
+        if result == "fenced":
+            return Transient("status write fenced: a newer leader exists")
+        if result == "written":
+            for event in action.events:
+                await self.store.append_event(action.session_id, event)
+            log.info(
+                "session_status_written",
+                phase=action.status.phase.value,
+                status_reason=action.status.reason,
+                events=len(action.events),
+            )
+        elif result == "refused":
+            log.info("session_status_refused", phase=action.status.phase.value)
+        return Done()
+
+    async def _remove(self, action: RemoveSession, log: Any) -> Outcome:
+        await self.store.remove(action.session_id)
+        self.expectations.forget_session(action.session_id)
+        log.info("session_removed")
+        return Done()
+
+    # -- create -----------------------------------------------------------------------------------
+
+    async def _create(self, action: CreateMachine, session: Session, log: Any) -> Outcome:
+        log = log.bind(launch_id=action.launch_id, region=action.region)
+        wait = self.create_pacer.admit(action.session_id)
+        if wait > 0:
+            # Not our turn yet under Fly's create limit: come back when the slot is due.
+            return Requeue(wait)
+        credentials = await self.store.ensure_session_credentials(action.session_id)
+        redis_url = agent_redis_url(self.agent_redis_base_url, credentials)
+        try:
+            config = self.config_builder(
+                session, launch_id=action.launch_id, region=action.region, redis_url=redis_url
+            )
+        except ValueError as err:
+            return Permanent(f"machine config refused: {err}")
+        requested_at = self._now()
+        # The record goes to Redis *before* the call: if we die after Fly created the machine, the
+        # next controller finds it by this launch id instead of creating another one.
+        await self.store.record_launch(action.session_id, action.launch_id, {"region": action.region})
+        self.expectations.launch_requested(action.session_id, action.launch_id, requested_at)
+        try:
+            machine = await self.fly.create_machine(
+                config,
+                # A name per launch: should the same launch ever be sent twice, Fly refuses the
+                # second with 409 instead of creating a twin.
+                name=machine_name(action.session_id, action.launch_id),
+                region=action.region,
+                deadline=self._deadline(),
+            )
+        except fly_errors.AmbiguousCreate as err:
+            log.warning("machine_create_ambiguous", error=err.message)
+            return await self._find_launch(action, log)
+        except fly_errors.FlyError as err:
+            # The client raises AmbiguousCreate whenever the request may have reached Fly; any other
+            # error means nothing was created, so the expectation is withdrawn and the plan may
+            # launch again on the key's backoff schedule instead of waiting for it to expire.
+            await self.store.clear_launch(action.session_id)
+            self.expectations.launch_cancelled(action.session_id, action.launch_id)
+            if isinstance(err, fly_errors.Capacity):
+                log.warning("machine_create_no_capacity", error=err.message)
+            elif not err.transient:
+                # Retrying will not help (bad image, bad config): say why on the session's events.
+                await self.store.append_event(
+                    action.session_id,
+                    SessionEvent(
+                        type="warning", reason="CreateFailed", message=f"Fly refused the create: {err}"
+                    ),
+                )
+            raise
+        return await self._adopt(action, machine, log, looked_up=False)
+
+    async def _find_launch(self, action: CreateMachine, log: Any) -> Outcome:
+        """After an ambiguous create: find the machine by its launch tag; never create blindly."""
+        tags = {TAG_MANAGED: MANAGED_VALUE, TAG_LAUNCH: action.launch_id}
+        for attempt in range(_LOOKUP_ATTEMPTS):
+            if attempt:
+                await asyncio.sleep(_LOOKUP_PAUSE_SECONDS)
+            try:
+                page = await self.fly.list_machines(metadata=tags, deadline=self._deadline())
+            except fly_errors.FlyError as err:
+                if not err.transient:
+                    raise
+                continue
+            found = [m for m in page.machines if m.state != "destroyed"]
+            if found:
+                return await self._adopt(action, found[0], log, looked_up=True)
+        # Not visible yet (the list lags) or never created: the launch record stays, and the plan
+        # waits for it until the create expectation expires before it launches again.
+        log.warning("machine_create_unresolved")
+        return Requeue(_LOOKUP_PAUSE_SECONDS * 4)
+
+    async def _adopt(self, action: CreateMachine, machine: Machine, log: Any, *, looked_up: bool) -> Outcome:
+        now = self._now()
+        observed = observed_from_fly(machine, now=now)
+        if observed.session_id is None:
+            observed = _with_tags(observed, action.session_id, action.launch_id)
+        self.expectations.machine_created(action.session_id, observed, now)
+        await self.store.update_launch(action.session_id, {"machineId": machine.id})
+        log.info(
+            "machine_created",
+            machine_id=machine.id,
+            state=machine.state,
+            found_after_ambiguous_create=looked_up,
+        )
+        return Done()
+
+    # -- machine actions --------------------------------------------------------------------------
+
+    async def _simple(
+        self, action: StartMachine | StopMachine | SuspendMachine, verb: str, log: Any
+    ) -> Outcome:
+        machine_id = action.machine_id
+        deadline = self._deadline()
+        try:
+            if verb == "start":
+                await self.fly.start_machine(machine_id, deadline=deadline)
+            elif verb == "stop":
+                await self.fly.stop_machine(
+                    machine_id, timeout=self.settings.stop_grace_seconds, deadline=deadline
+                )
+            else:
+                await self.fly.suspend_machine(machine_id, deadline=deadline)
+        except fly_errors.NotFound:
+            self.expectations.machine_destroyed(action.session_id, machine_id, self._now())
+            log.info("machine_gone")
+            return Done()
+        await self._look_again(
+            action.session_id, machine_id, {"start": "starting", "stop": "stopping"}.get(verb)
+        )
+        log.info(_PAST[verb])
+        return Done()
+
+    async def _restart(self, action: RestartMachine, log: Any) -> Outcome:
+        machine_id = action.machine_id
+        try:
+            async with self.fly.lease(machine_id, ttl=self.settings.machine_lease_ttl_seconds) as nonce:
+                machine = await self.fly.get_machine(machine_id, deadline=self._deadline())
+                if machine.state in ("stopped", "suspended", "created", "failed"):
+                    # Nothing runs: a restart is a start (Fly answers 412 to restart at rest).
+                    await self.fly.start_machine(machine_id, nonce=nonce, deadline=self._deadline())
+                else:
+                    await self.fly.restart_machine(
+                        machine_id,
+                        timeout=self.settings.stop_grace_seconds,
+                        nonce=nonce,
+                        deadline=self._deadline(),
+                    )
+        except fly_errors.NotFound:
+            self.expectations.machine_destroyed(action.session_id, machine_id, self._now())
+            log.info("machine_gone")
+            return Done()
+        await self._look_again(action.session_id, machine_id, "restarting")
+        log.info("machine_restarted")
+        return Done()
+
+    async def _destroy(self, action: DestroyMachine, log: Any) -> Outcome:
+        if not self.destroy_budget.take():
+            log.info("machine_destroy_deferred", used=self.destroy_budget.used)
+            return Requeue(1.0)
+        machine_id = action.machine_id
+        try:
+            if action.force:
+                await self.fly.destroy_machine(machine_id, force=True, deadline=self._deadline())
+            else:
+                await self._stop_then_destroy(machine_id, log)
+        except fly_errors.NotFound:
+            pass
+        except BaseException:
+            self.destroy_budget.give_back()
+            raise
+        self.expectations.machine_destroyed(action.session_id, machine_id, self._now())
+        log.info("machine_destroyed", force=action.force)
+        return Done()
+
+    async def _stop_then_destroy(self, machine_id: str, log: Any) -> None:
+        """Under one lease: stop (the agent flushes), wait for rest, destroy; force only past the grace."""
+        grace = self.settings.stop_grace_seconds
+        async with self.fly.lease(machine_id, ttl=self.settings.machine_lease_ttl_seconds) as nonce:
+            machine = await self.fly.get_machine(machine_id, deadline=self._deadline())
+            if machine.state == "destroyed":
+                return
+            force = False
+            if machine.state not in _AT_REST:
+                if machine.state not in ("stopping", "destroying"):
+                    await self.fly.stop_machine(
+                        machine_id, timeout=grace, nonce=nonce, deadline=self._deadline()
+                    )
+                wait_for = min(grace + 2.0, max(1.0, self._term_left() - 1.0))
+                try:
+                    await self.fly.wait_machine(
+                        machine_id,
+                        ["stopped", "failed", "destroyed"],
+                        version=machine.current_version,
+                        timeout=wait_for,
+                    )
+                except fly_errors.WaitTimeout:
+                    log.warning("machine_stop_timed_out", grace_seconds=grace)
+                    force = True
+            await self.fly.destroy_machine(machine_id, force=force, nonce=nonce, deadline=self._deadline())
+
+    async def _look_again(self, session_id: str | None, machine_id: str, expected_state: str | None) -> None:
+        """Record the machine's state right after we changed it, so a lagging list cannot undo it."""
+        now = self._now()
+        try:
+            machine = await self.fly.get_machine(machine_id, deadline=min(5.0, self._deadline()))
+        except fly_errors.NotFound:
+            self.expectations.machine_destroyed(session_id, machine_id, now)
+            return
+        except fly_errors.FlyError:
+            return  # the next list will tell; expectations only sharpen the view
+        self.expectations.machine_changed(session_id, observed_from_fly(machine, now=now), now)
+
+    # -- helpers ----------------------------------------------------------------------------------
+
+    def _term_left(self) -> float:
+        return self.authority.remaining()
+
+    def _deadline(self) -> float:
+        """A call's deadline: the configured one, but never past the end of our leadership term."""
+        return max(0.1, min(self.settings.call_timeout_seconds, self._term_left() - 0.1))
+
+    def _fly_outcome(self, err: fly_errors.FlyError) -> Outcome:
+        if isinstance(err, fly_errors.LeaseHeld):
+            return Requeue(self.settings.lease_held_requeue_seconds)
+        if isinstance(err, fly_errors.PreconditionFailed):
+            return Requeue(self.settings.precondition_requeue_seconds)
+        if isinstance(err, fly_errors.NotFound):
+            return Done()
+        if err.transient:
+            return Transient(str(err), retry_after=err.retry_after)
+        return Permanent(str(err), details={"status": str(err.status)})
+
+    def _count(self, action: Action, outcome: Outcome) -> None:
+        if self.metrics is not None:
+            self.metrics.actions.labels(action=action.kind, outcome=outcome.kind).inc()
+
+
+_PAST = {"start": "machine_started", "stop": "machine_stopped", "suspend": "machine_suspended"}
+
+
+def _with_tags(machine: ObservedMachine, session_id: str, launch_id: str) -> ObservedMachine:
+    return replace(machine, managed=True, session_id=session_id, launch_id=launch_id)

@@ -1,0 +1,256 @@
+"""The controller process: settings, logs, leader election, the reconciler while leading, health.
+
+``flyswarm controller`` and ``python -m controller`` both call :func:`main`. One process is one
+:class:`Controller`:
+
+* it campaigns for the Redis leader lease (:mod:`controller.leader`) and runs the reconciler
+  (:mod:`controller.reconciler`) only while it holds it; a term that ends (lease lost or not
+  renewable in time) cancels the reconciler at once;
+* it serves ``/healthz``, ``/readyz`` and ``/metrics`` on ``FLYSWARM_CONTROLLER_PORT`` whether it
+  leads or stands by (a standby checks Fly with a cheap list now and then so its readiness means
+  something);
+* on SIGTERM (or SIGINT) it stops taking work, lets in-flight actions finish within
+  ``shutdown_seconds`` (their Fly leases are released as they end), releases the leader lease so
+  a standby takes over at once, and exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import Generator
+from dataclasses import replace
+from typing import Any
+
+import uvicorn
+
+from api.logs import configure_logging, get_logger, register_secret
+from api.store import Store
+from controller.executor import ConfigBuilder
+from controller.fly import FlyClient, FlyClientConfig, normalize_base_url
+from controller.fly_errors import FlyError
+from controller.health import Readiness, create_health_app
+from controller.leader import LeaderElector, LeaderTiming
+from controller.machine_config import MachineConfigBuilder
+from controller.metrics import ControllerMetrics
+from controller.observed import MANAGED_VALUE, TAG_MANAGED
+from controller.reconciler import Reconciler, ReconcilerOptions
+from controller.settings import ControllerSettings
+
+_log = get_logger("controller.main")
+
+#: Time in-flight actions get to finish after SIGTERM (Fly's own stop timeout is 10 s by default).
+DEFAULT_SHUTDOWN_SECONDS = 20.0
+#: How long a cancelled term may take to unwind (Fly lease releases are shielded, 5 s at most).
+_TERM_UNWIND_SECONDS = 6.0
+
+
+def leader_timing(settings: ControllerSettings) -> LeaderTiming:
+    """client-go's proportions (15 / 10 / 2) scaled to ``FLYSWARM_LEADER_LEASE_SECONDS``."""
+    lease = settings.leader_lease_seconds
+    return LeaderTiming(
+        lease_seconds=lease,
+        renew_deadline_seconds=lease * 2 / 3,
+        retry_period_seconds=lease * 2 / 15,
+    )
+
+
+def fly_client_for(settings: ControllerSettings, metrics: ControllerMetrics, **overrides: Any) -> FlyClient:
+    token = settings.fly_api_token.get_secret_value() if settings.fly_api_token is not None else ""
+    config = FlyClientConfig(
+        app_name=settings.fly_app_name,
+        api_token=token,
+        base_url=normalize_base_url(settings.fly_api_hostname),
+        call_deadline=settings.call_timeout_seconds,
+        on_response=metrics.on_fly_response,
+    )
+    transport = overrides.pop("transport", None)
+    if overrides:
+        config = replace(config, **overrides)
+    return FlyClient(config, transport=transport)
+
+
+class _QuietServer(uvicorn.Server):
+    """uvicorn without its own signal handling: the controller owns SIGTERM."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+class Controller:
+    """One controller replica. ``await Controller(settings).run(stop)`` until ``stop`` is set."""
+
+    def __init__(
+        self,
+        settings: ControllerSettings,
+        *,
+        store: Store | None = None,
+        fly: FlyClient | None = None,
+        metrics: ControllerMetrics | None = None,
+        config_builder: ConfigBuilder | None = None,
+        timing: LeaderTiming | None = None,
+        options: ReconcilerOptions | None = None,
+        serve_health: bool = True,
+        shutdown_seconds: float = DEFAULT_SHUTDOWN_SECONDS,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics or ControllerMetrics()
+        self._owns_store = store is None
+        self._owns_fly = fly is None
+        self.store = store or Store.from_url(settings.redis_url.get_secret_value())
+        self.fly = fly or fly_client_for(settings, self.metrics)
+        self.config_builder = config_builder or MachineConfigBuilder(settings)
+        self.options = options
+        self.serve_health = serve_health
+        self.shutdown_seconds = shutdown_seconds
+        self.elector = LeaderElector(
+            self.store.redis,
+            holder_id=settings.controller_id,
+            timing=timing or leader_timing(settings),
+            on_started=self._start_leading,
+            on_stopped=self._stop_leading,
+        )
+        self.reconciler: Reconciler | None = None
+        self._term: asyncio.Task[None] | None = None
+        self._fly_probe_ok = False
+        self.health_app = create_health_app(self.readiness, self.metrics)
+
+    # -- readiness --------------------------------------------------------------------------------
+
+    def readiness(self) -> Readiness:
+        leading = self.elector.is_leader()
+        reconciler = self.reconciler
+        if leading and reconciler is not None and reconciler.last_pass is not None:
+            redis_ok, fly_ok = reconciler.redis_ok, reconciler.fly_ok
+        else:
+            redis_ok, fly_ok = self.elector.redis_ok, self._fly_probe_ok
+        self.metrics.ready.set(1 if redis_ok and fly_ok else 0)
+        return Readiness(redis=redis_ok, fly=fly_ok, leader=leading, holder=self.elector.current_holder)
+
+    # -- leadership -------------------------------------------------------------------------------
+
+    async def _start_leading(self) -> None:
+        self.metrics.leader.set(1)
+        self.reconciler = Reconciler(
+            store=self.store,
+            fly=self.fly,
+            settings=self.settings,
+            authority=self.elector,
+            config_builder=self.config_builder,
+            metrics=self.metrics,
+            options=self.options,
+        )
+        self._term = asyncio.create_task(self.reconciler.run(), name="controller-term")
+
+    async def _stop_leading(self) -> None:
+        self.metrics.leader.set(0)
+        term, self._term = self._term, None
+        if term is not None and not term.done():
+            # The lease is gone or about to be: stop acting now, do not wait for in-flight work.
+            term.cancel()
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(asyncio.shield(_wait_quietly(term)), _TERM_UNWIND_SECONDS)
+
+    # -- the process ------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Campaign, reconcile while leading, serve health; return after a graceful shutdown."""
+        _log.info(
+            "controller_starting",
+            controller_id=self.settings.controller_id,
+            fly_app=self.settings.fly_app_name,
+            fly_api=normalize_base_url(self.settings.fly_api_hostname),
+            resync_seconds=self.settings.resync_seconds,
+            concurrency=self.settings.concurrency,
+        )
+        background = [
+            asyncio.create_task(self.elector.run(), name="controller-elector"),
+            asyncio.create_task(self._probe_fly_loop(), name="controller-fly-probe"),
+        ]
+        server: _QuietServer | None = None
+        if self.serve_health:
+            config = uvicorn.Config(
+                self.health_app,
+                host=self.settings.controller_host,
+                port=self.settings.controller_port,
+                log_level="warning",
+                lifespan="off",
+                access_log=False,
+            )
+            server = _QuietServer(config)
+            background.append(asyncio.create_task(server.serve(), name="controller-health"))
+        try:
+            await stop.wait()
+        finally:
+            await self._shutdown(background, server)
+
+    async def _shutdown(self, background: list[asyncio.Task[Any]], server: _QuietServer | None) -> None:
+        _log.info("controller_stopping", shutdown_seconds=self.shutdown_seconds)
+        reconciler, term = self.reconciler, self._term
+        finished = True
+        if reconciler is not None and term is not None and not term.done():
+            # Stop taking work; in-flight actions finish (and release their Fly leases).
+            finished = await reconciler.drain(self.shutdown_seconds)
+        if term is not None and not term.done():
+            term.cancel()
+            await _wait_quietly(term)
+        # Release the leader lease so a standby takes over now rather than after the TTL.
+        self.elector.stop()
+        elector_task = background[0]
+        elector_task.cancel()
+        await _wait_quietly(elector_task)
+        if server is not None:
+            server.should_exit = True
+        for task in background[1:]:
+            if task.get_name() != "controller-health":
+                task.cancel()
+        await asyncio.gather(*background[1:], return_exceptions=True)
+        if self._owns_fly:
+            await self.fly.aclose()
+        if self._owns_store:
+            await self.store.close()
+        _log.info("controller_stopped", in_flight_finished=finished)
+
+    async def _probe_fly_loop(self) -> None:
+        """While standing by, check now and then that Fly answers (readiness); one cheap call."""
+        interval = max(self.settings.resync_seconds, 5.0)
+        while True:
+            if not self.elector.is_leader():
+                try:
+                    await self.fly.list_machines(
+                        metadata={TAG_MANAGED: MANAGED_VALUE}, summary=True, limit=1, deadline=5.0
+                    )
+                    self._fly_probe_ok = True
+                except FlyError as err:
+                    self._fly_probe_ok = False
+                    _log.warning("fly_probe_failed", error=str(err))
+            await asyncio.sleep(interval)
+
+
+async def _wait_quietly(task: asyncio.Task[Any]) -> None:
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+
+
+async def run_until_signalled(settings: ControllerSettings) -> int:
+    """Run one controller until SIGTERM/SIGINT; the exit code."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    controller = Controller(settings)
+    await controller.run(stop)
+    return 0
+
+
+def main() -> None:
+    """Entry point of ``flyswarm controller`` / ``python -m controller``."""
+    settings = ControllerSettings()
+    configure_logging(settings.log_level)
+    register_secret(settings.redis_url.get_secret_value())
+    if settings.fly_api_token is not None:
+        register_secret(settings.fly_api_token.get_secret_value())
+    sys.exit(asyncio.run(run_until_signalled(settings)))
