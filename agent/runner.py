@@ -151,6 +151,9 @@ class AgentProcess:
             loop.add_signal_handler(sig, self._on_signal, sig)
         chat = self.session.spec.mode == "chat"
         self.publisher.start()
+        # Beat before the first report: the report wakes the controller, which should then find a
+        # live heartbeat and show Running at once instead of waiting for its next resync.
+        await self.heartbeat.beat()
         await self.reporter.update(
             state="running",
             machineId=self.settings.machine_id,

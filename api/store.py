@@ -687,6 +687,23 @@ class Store:
         await self.redis.hset(keys.launch(session_id), mapping=fields)
 
     @_unavailable_on_redis_error
+    async def record_create_failure(self, session_id: str, reason: str, message: str) -> None:
+        """Withdraw the launch (nothing was created) and remember why Fly refused it.
+
+        The record then has no launch id, so it is no expectation; the next ``record_launch``
+        replaces it whole, so a success leaves no stale failure behind.
+        """
+        mapping = {
+            "failedAt": utcnow().isoformat(),
+            "failureReason": reason,
+            "failureMessage": message[:1000],
+        }
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(keys.launch(session_id))
+            pipe.hset(keys.launch(session_id), mapping=mapping)
+            await pipe.execute()
+
+    @_unavailable_on_redis_error
     async def clear_launch(self, session_id: str) -> None:
         await self.redis.delete(keys.launch(session_id))
 

@@ -332,9 +332,11 @@ class Executor:
                 status_reason=action.status.reason,
                 events=len(action.events),
             )
-        elif result == "refused":
-            log.info("session_status_refused", phase=action.status.phase.value)
-        return Done()
+            return Done()
+        # The session vanished or finished under us: the plan was made on a stale read, so none of
+        # the Fly calls that follow it may run. Look again shortly with fresh data.
+        log.info("session_status_not_written", result=result, phase=action.status.phase.value)
+        return Requeue(1.0)
 
     async def _remove(self, action: RemoveSession, log: Any) -> Outcome:
         await self.store.remove(action.session_id)
@@ -379,7 +381,9 @@ class Executor:
             # The client raises AmbiguousCreate whenever the request may have reached Fly; any other
             # error means nothing was created, so the expectation is withdrawn and the plan may
             # launch again on the key's backoff schedule instead of waiting for it to expire.
-            await self.store.clear_launch(action.session_id)
+            reason = "NoCapacity" if isinstance(err, fly_errors.Capacity) else "CreateFailed"
+            # The failure replaces the launch record, so the next plan says why in the status.
+            await self.store.record_create_failure(action.session_id, reason, str(err))
             self.expectations.launch_cancelled(action.session_id, action.launch_id)
             if isinstance(err, fly_errors.Capacity):
                 log.warning("machine_create_no_capacity", error=err.message)

@@ -73,6 +73,27 @@ class LaunchRecord:
         return cls(launch_id=launch_id, requested_at=requested_at, machine_id=raw.get("machineId") or None)
 
 
+@dataclass(frozen=True)
+class CreateFailure:
+    """Why Fly refused the last create (nothing was created): shown in the session's status."""
+
+    reason: str  #: ``NoCapacity`` or ``CreateFailed``
+    message: str
+    failed_at: datetime
+
+    @classmethod
+    def from_store(cls, raw: Mapping[str, str]) -> CreateFailure | None:
+        """Parse the failure fields ``Store.record_create_failure`` leaves in the launch record."""
+        reason, failed = raw.get("failureReason"), raw.get("failedAt")
+        if not reason or not failed or raw.get("launchId"):
+            return None
+        try:
+            failed_at = datetime.fromisoformat(failed)
+        except ValueError:
+            return None
+        return cls(reason=reason, message=raw.get("failureMessage", ""), failed_at=failed_at)
+
+
 def parse_tags(metadata: Mapping[str, str] | None) -> tuple[bool, str | None, str | None]:
     """``(managed, session_id, launch_id)`` from a machine's ``config.metadata``."""
     meta = metadata or {}

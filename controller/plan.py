@@ -70,6 +70,7 @@ from controller.observed import (
     KNOWN_STATES,
     SLOW_STATES,
     TRANSIENT_STATES,
+    CreateFailure,
     LaunchRecord,
     ObservedMachine,
 )
@@ -81,6 +82,8 @@ MIN_REQUEUE_SECONDS = 1.0
 # -- reasons (machine-readable; the README lists them) --------------------------------------------
 # progress
 CREATE_REQUESTED = "CreateRequested"
+CREATE_FAILED = "CreateFailed"  # Fly refused the last create (bad image, bad config, quota)
+NO_CAPACITY = "NoCapacity"  # Fly had no capacity in the region for the last create
 MACHINE_STARTING = "MachineStarting"
 AGENT_READY = "AgentReady"
 IDLE = "Idle"
@@ -135,6 +138,7 @@ class _Pass:
     settings: PlanSettings
     launch: LaunchRecord | None
     inbox_pending: int
+    create_failure: CreateFailure | None = None
 
     @property
     def sid(self) -> str:
@@ -156,13 +160,18 @@ def plan(
     *,
     launch: LaunchRecord | None = None,
     inbox_pending: int = 0,
+    create_failure: CreateFailure | None = None,
 ) -> list[Action]:
-    """The actions that move one session toward its declaration (see the module docstring)."""
+    """The actions that move one session toward its declaration (see the module docstring).
+
+    ``create_failure`` is why Fly refused the last create, if it did: the next create says so in
+    the status (reason ``NoCapacity`` or ``CreateFailed``) instead of a bland ``CreateRequested``.
+    """
     mine = sorted(
         (m for m in machines if m.managed and m.session_id == session.id and m.state not in GONE_STATES),
         key=lambda m: m.id,
     )
-    p = _Pass(session, tuple(mine), now, settings, launch, max(inbox_pending, 0))
+    p = _Pass(session, tuple(mine), now, settings, launch, max(inbox_pending, 0), create_failure)
     if session.deleted:
         actions = _plan_deleted(p)
     elif session.status.phase.finished:
@@ -417,6 +426,10 @@ def _no_machine(p: _Pass, heartbeat: Heartbeat | None) -> list[Action]:
     if status.machineId is not None or launch is not None or status.nextRetryAt is not None:
         gone = status.machineId or (launch.machine_id if launch else None) or "the launched machine"
         return _restart(p, None, MACHINE_LOST, f"machine {gone} is gone", "create")
+    if p.create_failure is not None:
+        failure = p.create_failure
+        reason = failure.reason if failure.reason in (NO_CAPACITY, CREATE_FAILED) else CREATE_FAILED
+        return _create(p, reason, f"retrying; Fly refused the last create: {failure.message}", count=False)
     return _create(p, CREATE_REQUESTED, "creating the session's machine", count=False)
 
 

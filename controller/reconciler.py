@@ -67,7 +67,7 @@ from controller.executor import (
 from controller.expectations import Expectations
 from controller.fly import FlyClient
 from controller.metrics import ControllerMetrics
-from controller.observed import MANAGED_VALUE, TAG_MANAGED, LaunchRecord, ObservedMachine
+from controller.observed import MANAGED_VALUE, TAG_MANAGED, CreateFailure, LaunchRecord, ObservedMachine
 from controller.plan import plan, plan_orphans
 from controller.queue import WorkQueue
 from controller.settings import ControllerSettings, PlanSettings
@@ -106,6 +106,7 @@ class Snapshot:
     sessions: dict[str, Session]
     heartbeats: dict[str, Heartbeat]
     launches: dict[str, LaunchRecord]
+    create_failures: dict[str, CreateFailure]
     inbox: dict[str, int]
     machines: dict[str, list[ObservedMachine]]  #: by session id (tag); untagged ones under ""
     all_machines: list[ObservedMachine]
@@ -133,6 +134,7 @@ class _KeyView:
     launch: LaunchRecord | None
     inbox: int
     read: str  #: how it was read: snapshot, heartbeat or full
+    create_failure: CreateFailure | None = None
 
 
 @dataclass
@@ -344,6 +346,7 @@ class Reconciler:
         for what in ("sessions", "heartbeats", "launches", "inbox"):
             self.metrics.redis_reads.labels(what=what).inc()
         launches = {sid: rec for sid, raw in raw_launches.items() if (rec := LaunchRecord.from_store(raw))}
+        failures = {sid: f for sid, raw in raw_launches.items() if (f := CreateFailure.from_store(raw))}
         observed = [observed_from_fly(m) for m in machines]
         by_session: dict[str, list[ObservedMachine]] = {}
         for machine in observed:
@@ -355,6 +358,7 @@ class Reconciler:
             sessions={s.id: s for s in sessions},
             heartbeats=heartbeats,
             launches=launches,
+            create_failures=failures,
             inbox=inbox,
             machines=by_session,
             all_machines=observed,
@@ -578,10 +582,11 @@ class Reconciler:
             return await self._read_fresh(key)
         launch = self.expectations.launch(key, snapshot.launches.get(key))
         inbox = snapshot.inbox.get(key, 0)
+        failure = snapshot.create_failures.get(key)
         if from_resync:
-            return _KeyView(session, snapshot.heartbeats.get(key), launch, inbox, "snapshot")
+            return _KeyView(session, snapshot.heartbeats.get(key), launch, inbox, "snapshot", failure)
         heartbeat = await self.store.get_heartbeat(key)
-        return _KeyView(session, heartbeat, launch, inbox, "heartbeat")
+        return _KeyView(session, heartbeat, launch, inbox, "heartbeat", failure)
 
     async def _read_fresh(self, key: str) -> _KeyView:
         """One session's whole input from Redis (four small reads, issued together)."""
@@ -594,7 +599,7 @@ class Reconciler:
         )
         self.redis_ok = True
         launch = self.expectations.launch(key, LaunchRecord.from_store(raw_launch))
-        return _KeyView(session, heartbeat, launch, inbox, "full")
+        return _KeyView(session, heartbeat, launch, inbox, "full", CreateFailure.from_store(raw_launch))
 
     def _plan(self, view: _KeyView, machines: list[ObservedMachine]) -> list[Action]:
         assert view.session is not None
@@ -606,6 +611,7 @@ class Reconciler:
             self.plan_settings,
             launch=view.launch,
             inbox_pending=view.inbox,
+            create_failure=view.create_failure,
         )
 
     async def _refresh_machines(self, key: str, wanted: set[str], log: Any) -> list[ObservedMachine]:

@@ -38,7 +38,14 @@ from controller.actions import (
     SuspendMachine,
     machine_id_of,
 )
-from controller.observed import GONE_STATES, KNOWN_STATES, TRANSIENT_STATES, LaunchRecord, ObservedMachine
+from controller.observed import (
+    GONE_STATES,
+    KNOWN_STATES,
+    TRANSIENT_STATES,
+    CreateFailure,
+    LaunchRecord,
+    ObservedMachine,
+)
 from controller.plan import (
     MIN_REQUEUE_SECONDS,
     launch_id_for,
@@ -183,6 +190,25 @@ def test_creates_machine_for_new_session() -> None:
 def test_creates_machine_in_the_spec_region() -> None:
     session = make_session(phase=Phase.PENDING, machine_id=None, machine={"region": "ams"})
     assert of_type(run(session), CreateMachine)[0].region == "ams"
+
+
+@pytest.mark.parametrize(
+    ("stored", "shown"),
+    [("NoCapacity", "NoCapacity"), ("CreateFailed", "CreateFailed"), ("Odd", "CreateFailed")],
+)
+def test_says_why_fly_refused_the_last_create_when_creating_again(stored: str, shown: str) -> None:
+    session = make_session(phase=Phase.CREATING, machine_id=None, reason="CreateRequested")
+    failure = CreateFailure(reason=stored, message="no room in fra", failed_at=ago(5))
+    actions = plan(session, (), None, T0, CFG, create_failure=failure)
+    status = status_of(actions)
+    assert status is not None and status.phase is Phase.CREATING and status.reason == shown
+    assert status.message is not None and "no room in fra" in status.message
+    assert len(of_type(actions, CreateMachine)) == 1
+    # The same failure on the next attempt keeps phase and reason: no new lifecycle event (no spam).
+    again = session.model_copy(update={"status": status})
+    retry = plan(again, (), None, T0 + timedelta(seconds=15), CFG, create_failure=failure)
+    assert [e for write in of_type(retry, SetStatus) for e in write.events] == []
+    assert len(of_type(retry, CreateMachine)) == 1
 
 
 def test_launch_id_is_deterministic_and_unique_per_attempt() -> None:

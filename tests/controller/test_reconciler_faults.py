@@ -94,6 +94,9 @@ async def test_capacity_in_one_region_blocks_only_that_region(world: World) -> N
     await asyncio.sleep(1.0)
     assert not world.machines("in-ams", live=False)
     assert await world.phase("in-ams") in (Phase.PENDING, Phase.CREATING)
+    # Operators see why in the status, not only in the events.
+    blocked = await world.store.get("in-ams")
+    assert blocked is not None and blocked.status.reason == "NoCapacity"
     await world.set_faults(capacity_regions=[])
     session = await world.until_running("in-ams", timeout=60)
     assert session.status.region == "ams"
