@@ -3,7 +3,7 @@
 The seed orchestrator's names are kept where they exist (``REDIS_URL``, ``PORT``, ``LOG_LEVEL``) so an
 existing deployment keeps working; ``HOST`` and ``API_TOKENS`` are the obvious unprefixed names; every
 other knob is ``FLYSWARM_``-prefixed. Each field names its variable in ``validation_alias`` and explains
-itself in ``description``; :func:`settings_table` turns that into the README table.
+itself in ``description``; ``tests/test_readme.py`` turns that into the README's table.
 
 Secrets are ``SecretStr`` (``REDIS_URL`` may carry a password, ``API_TOKENS`` are bearer tokens), so
 printing the settings object never shows them.
@@ -155,19 +155,3 @@ def is_loopback_host(host: str) -> bool:
     except ValueError:
         # A host name other than localhost may resolve to anything: treat it as public.
         return False
-
-
-def settings_table() -> list[tuple[str, str, str]]:
-    """``(variable, default, description)`` for every setting, in declaration order (for the README)."""
-    rows: list[tuple[str, str, str]] = []
-    for name, field in ApiSettings.model_fields.items():
-        env = field.validation_alias if isinstance(field.validation_alias, str) else name.upper()
-        default: Any = field.default
-        if field.default_factory is not None:
-            default = ""
-        elif isinstance(default, SecretStr):
-            default = default.get_secret_value()
-        elif default is None:
-            default = ""
-        rows.append((env, str(default), field.description or ""))
-    return rows

@@ -445,17 +445,23 @@ class FlyClient:
         )
         return Machine.model_validate(_json(response, _UPDATE, machine_id=machine_id))
 
-    async def start_machine(
-        self, machine_id: str, *, nonce: str | None = None, deadline: float | None = None
+    async def _post_verb(
+        self, action: _Op, machine_id: str, verb: str, *, nonce: str | None, deadline: float | None
     ) -> None:
+        """``POST /machines/{id}/{verb}`` with no body: start, suspend, cordon, uncordon."""
         await self._call(
-            _START,
+            action,
             "POST",
-            self._machine_path(machine_id, "start"),
+            self._machine_path(machine_id, verb),
             machine_id=machine_id,
             nonce=nonce,
             deadline=deadline,
         )
+
+    async def start_machine(
+        self, machine_id: str, *, nonce: str | None = None, deadline: float | None = None
+    ) -> None:
+        await self._post_verb(_START, machine_id, "start", nonce=nonce, deadline=deadline)
 
     async def stop_machine(
         self,
@@ -481,14 +487,7 @@ class FlyClient:
     async def suspend_machine(
         self, machine_id: str, *, nonce: str | None = None, deadline: float | None = None
     ) -> None:
-        await self._call(
-            _SUSPEND,
-            "POST",
-            self._machine_path(machine_id, "suspend"),
-            machine_id=machine_id,
-            nonce=nonce,
-            deadline=deadline,
-        )
+        await self._post_verb(_SUSPEND, machine_id, "suspend", nonce=nonce, deadline=deadline)
 
     async def restart_machine(
         self,
@@ -626,26 +625,12 @@ class FlyClient:
     async def cordon_machine(
         self, machine_id: str, *, nonce: str | None = None, deadline: float | None = None
     ) -> None:
-        await self._call(
-            _CORDON,
-            "POST",
-            self._machine_path(machine_id, "cordon"),
-            machine_id=machine_id,
-            nonce=nonce,
-            deadline=deadline,
-        )
+        await self._post_verb(_CORDON, machine_id, "cordon", nonce=nonce, deadline=deadline)
 
     async def uncordon_machine(
         self, machine_id: str, *, nonce: str | None = None, deadline: float | None = None
     ) -> None:
-        await self._call(
-            _UNCORDON,
-            "POST",
-            self._machine_path(machine_id, "uncordon"),
-            machine_id=machine_id,
-            nonce=nonce,
-            deadline=deadline,
-        )
+        await self._post_verb(_UNCORDON, machine_id, "uncordon", nonce=nonce, deadline=deadline)
 
     # --- metadata ---------------------------------------------------------------------------
 

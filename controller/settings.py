@@ -8,7 +8,7 @@ Two kinds of names are read:
 - ``FLYSWARM_``-prefixed names for everything the controller adds.
 
 Each field names its variable in ``validation_alias`` and explains itself in ``description``;
-:func:`settings_table` turns that into the README's settings table, so the docs cannot drift.
+``tests/test_readme.py`` turns that into the README's settings table, so the docs cannot drift.
 
 :class:`PlanSettings` is the small frozen value the pure ``plan()`` needs. Tests build it directly
 (every field has the production default); the runtime builds it with
@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
-from typing import Any
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -275,19 +274,3 @@ class PlanSettings:
     @classmethod
     def from_settings(cls, settings: ControllerSettings) -> PlanSettings:
         return settings.plan_settings()
-
-
-def settings_table() -> list[tuple[str, str, str]]:
-    """``(variable, default, description)`` for every setting, in declaration order (for the README)."""
-    rows: list[tuple[str, str, str]] = []
-    for name, field in ControllerSettings.model_fields.items():
-        env = field.validation_alias if isinstance(field.validation_alias, str) else name.upper()
-        default: Any = field.default
-        if field.default_factory is not None:
-            default = "hostname-pid" if name == "controller_id" else "(computed)"
-        elif isinstance(default, SecretStr):
-            default = default.get_secret_value()
-        elif default is None:
-            default = "REDIS_URL" if name == "agent_redis_url" else ""
-        rows.append((env, str(default), field.description or ""))
-    return rows
