@@ -29,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from api.logs import configure_logging  # noqa: E402
 from api.models import SessionSpec  # noqa: E402
 from api.store import Store  # noqa: E402
 from local.model import ModelServer, start_in_thread  # noqa: E402
@@ -160,6 +161,8 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
+    # The in-process model server logs every request; the figures are what this prints.
+    configure_logging("warning")
     with tempfile.TemporaryDirectory(prefix="flyswarm-bench-") as raw_tmp:
         tmp = Path(raw_tmp)
         redis = start_redis(tmp / "redis")
