@@ -1,4 +1,4 @@
-"""The README's configuration tables are generated from the settings classes and must stay in sync.
+"""The README's configuration tables (and manifests/.env.example) must stay in sync with the settings.
 
 ``python -m tests.test_readme --write`` rewrites the block between the ``settings`` markers of
 README.md; the test fails (with that instruction) when a setting was added, renamed or redocumented
@@ -109,3 +109,15 @@ if __name__ == "__main__":
         print("README.md settings tables regenerated")
     else:
         print(render())
+
+
+def test_env_example_names_every_setting() -> None:
+    text = (ROOT / "manifests" / ".env.example").read_text()
+    missing = [
+        env
+        for _title, _where, cls in _classes()
+        for name, field in cls.model_fields.items()
+        for env in _env_name(cls, name, field).split(" / ")
+        if env not in text
+    ]
+    assert missing == []
