@@ -135,7 +135,7 @@ if exists == 0 then
   redis.call('HSET', KEYS[1], 'status', ARGV[5], 'gen', 1)
   redis.call('ZADD', KEYS[2], 0, ARGV[1])
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', 'id', ARGV[1], 'kind', 'created')
-  return {'created', redis.call('HGETALL', KEYS[1])}
+  return {'created'}
 end
 if ARGV[7] == 'create' then
   return {'exists', redis.call('HGETALL', KEYS[1])}
@@ -336,11 +336,9 @@ class Store:
         )
 
     async def _run_apply(self, session: Session, mode: str) -> ApplyOutcome:
-        meta = {
-            "name": session.metadata.name,
-            "uid": session.metadata.uid or str(uuid.uuid4()),
-            "createdAt": (session.metadata.createdAt or utcnow()).isoformat(),
-        }
+        uid = session.metadata.uid or str(uuid.uuid4())
+        created_at = session.metadata.createdAt or utcnow()
+        meta = {"name": session.metadata.name, "uid": uid, "createdAt": created_at.isoformat()}
         reply = await self._apply(
             keys=[keys.session(session.id), keys.INDEX, keys.CHANGES],
             args=[
@@ -354,6 +352,13 @@ class Store:
             ],
         )
         result: ApplyResult = reply[0]
+        if result == "created":
+            # What was just written, without reading it back (the hottest path of POST /sessions).
+            metadata = session.metadata.model_copy(
+                update={"uid": uid, "createdAt": created_at, "generation": 1, "deletionTimestamp": None}
+            )
+            created = Session(metadata=metadata, spec=session.spec, status=SessionStatus())
+            return ApplyOutcome(result=result, session=created)
         stored = _session_from_hash(_flat_to_dict(reply[1])) if len(reply) > 1 else None
         return ApplyOutcome(result=result, session=stored)
 

@@ -263,3 +263,11 @@ async def test_apply_refuses_mode_change_and_finished_spec_change_atomically(sto
     assert got.metadata.generation == 1
     # Re-applying the identical spec of a finished session is still fine.
     assert (await store.apply(store.new_session("imm", task("a")))).result == "unchanged"
+
+
+async def test_created_session_returned_equals_what_a_read_returns(store: Store) -> None:
+    outcome = await store.create_or_get(
+        store.new_session("same", task(machine={"env": {"B": "1", "A": "2"}}))
+    )
+    assert outcome.result == "created" and outcome.session is not None
+    assert outcome.session == await store.get("same")
