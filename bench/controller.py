@@ -104,23 +104,19 @@ def settings_for(redis_url: str, fly_url: str, **overrides: Any) -> ControllerSe
 
 
 @contextlib.contextmanager
-def emulator_process(port: int, work: Path, *extra: str) -> Iterator[subprocess.Popen[bytes]]:
-    """This file run as ``--serve-emulator``: an emulator in its own process, seeded if asked."""
-    log = open(work / f"emulator-{port}.log", "wb")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "FLYSWARM_LOG_LEVEL": "warning"}
-    proc = subprocess.Popen(
-        [sys.executable, __file__, "--serve-emulator", str(port), str(work), *extra],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
+def child_process(
+    cmd: list[str], env: dict[str, str], log_path: Path, ready_url: str, ready_seconds: float
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A server child process, yielded once ``ready_url`` answers 200; always stopped afterwards."""
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + ready_seconds
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise RuntimeError(f"emulator exited early; see {log.name}")
+                raise RuntimeError(f"{cmd[1:3]} exited early; see {log_path}")
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/_admin/health", timeout=1).status_code == 200:
+                if httpx.get(ready_url, timeout=1).status_code == 200:
                     break
             except httpx.HTTPError:
                 time.sleep(0.1)
@@ -133,6 +129,16 @@ def emulator_process(port: int, work: Path, *extra: str) -> Iterator[subprocess.
             proc.kill()
             proc.wait()
         log.close()
+
+
+@contextlib.contextmanager
+def emulator_process(port: int, work: Path, *extra: str) -> Iterator[subprocess.Popen[bytes]]:
+    """This file run as ``--serve-emulator``: an emulator in its own process, seeded if asked."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "FLYSWARM_LOG_LEVEL": "warning"}
+    cmd = [sys.executable, __file__, "--serve-emulator", str(port), str(work), *extra]
+    health = f"http://127.0.0.1:{port}/_admin/health"
+    with child_process(cmd, env, work / f"emulator-{port}.log", health, 120) as proc:
+        yield proc
 
 
 def serve_emulator(port: int, work: Path, seed: int, rate_limits: bool, cheap: bool) -> None:
@@ -361,25 +367,9 @@ def api_process(port: int, redis_url: str, work: Path) -> Iterator[subprocess.Po
     env = {**os.environ, "PYTHONPATH": str(ROOT), "REDIS_URL": redis_url, "HOST": "127.0.0.1"}
     env.update({"PORT": str(port), "LOG_LEVEL": "warning"})
     env.pop("API_TOKENS", None)
-    log = open(work / "api.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "api.server"], stdout=log, stderr=subprocess.STDOUT, env=env
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"api exited early; see {log.name}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+    cmd = [sys.executable, "-m", "api.server"]
+    with child_process(cmd, env, work / "api.log", f"http://127.0.0.1:{port}/health", 60) as proc:
         yield proc
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
-        log.close()
 
 
 async def bench_reaction(redis_url: str, work: Path, count: int, spacing: float) -> dict[str, Any]:
