@@ -37,7 +37,7 @@ from typing import Any, Protocol
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from api.logs import get_logger
-from api.models import Session, SessionCredentials, SessionEvent
+from api.models import Session, SessionCredentials, SessionEvent, utcnow
 from api.store import Store, StoreUnavailable
 from controller import fly_errors
 from controller.actions import (
@@ -183,10 +183,6 @@ class DestroyBudget:
 
     def reset(self) -> None:
         self.used = 0
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def parse_time(value: str | None) -> datetime | None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from controller.observed import LaunchRecord, ObservedMachine
 
@@ -168,7 +168,3 @@ def _newer(ours: ObservedMachine, listed: ObservedMachine) -> bool:
     ours_at = ours.updated_at or ours.created_at
     listed_at = listed.updated_at or listed.created_at
     return ours_at > listed_at
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)

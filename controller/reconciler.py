@@ -36,12 +36,12 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from api import keys
 from api.logs import get_logger
-from api.models import Heartbeat, Session
+from api.models import Heartbeat, Session, utcnow
 from api.store import Store, StoreUnavailable
 from controller import fly_errors
 from controller.actions import (
@@ -86,10 +86,6 @@ _TRIGGER_RETRY_SECONDS = 1.0
 
 #: Machine states a machine rests in; any other state is worth a fresh look when a trigger fires.
 _SETTLED_STATES = frozenset({"started", "stopped", "suspended", "failed", "destroyed"})
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def new_reconcile_id() -> str:
@@ -183,7 +179,8 @@ class Reconciler:
             authority=authority,
             expectations=self.expectations,
             config_builder=config_builder,
-            agent_redis_base_url=_secret(settings.agent_redis_url) or _secret(settings.redis_url),
+            # The settings fill agent_redis_url from REDIS_URL when it is not set.
+            agent_redis_base_url=(settings.agent_redis_url or settings.redis_url).get_secret_value(),
             settings=ExecutorSettings(
                 call_timeout_seconds=settings.call_timeout_seconds,
                 machine_lease_ttl_seconds=settings.machine_lease_ttl_seconds,
@@ -665,10 +662,3 @@ class Reconciler:
         async with asyncio.timeout(timeout):
             while len(self.queue) or self.queue.processing:
                 await asyncio.sleep(0.01)
-
-
-def _secret(value: Any) -> str:
-    if value is None:
-        return ""
-    getter = getattr(value, "get_secret_value", None)
-    return str(getter()) if callable(getter) else str(value)

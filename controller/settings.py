@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from api.settings import DEFAULT_REDIS_URL  # the port `make up` gives its Redis
+
 # Defaults are named so the plan's value type and the settings agree without repeating numbers.
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6399/0"  # the port `make up` gives its Redis
 DEFAULT_FLY_APP_NAME = "flyswarm-agents"
 DEFAULT_FLY_AGENT_IMAGE = "flyswarm-agent"
 DEFAULT_FLY_API_HOSTNAME = "https://api.machines.dev"

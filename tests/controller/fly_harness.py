@@ -24,6 +24,7 @@ from controller.fly import FlyClient, FlyClientConfig
 from controller.fly_types import MachineConfig, MachineInit, MachineRestart, StopConfig
 from local.emulator import EmulatorSettings, create_app, emulator_state
 from local.emulator_faults import FaultSettings
+from local.redis_server import free_port
 from tests.controller.fly_contract import RecordingTransport
 
 APP = "flyswarm-test"
@@ -143,7 +144,4 @@ async def served_on_loopback(harness: FlyHarness) -> AsyncIterator[str]:
 
 def closed_loopback_port() -> int:
     """A loopback port nobody listens on (connections are refused)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
+    return free_port()  # bound and released at once: nothing listens there

@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,19 +16,14 @@ from pathlib import Path
 import httpx
 import pytest
 
+from local.redis_server import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 SLEEPER = {
     "image": "python:3.11-slim",
     "init": {"exec": [sys.executable, "-c", "import time\nwhile True: time.sleep(0.05)"]},
     "restart": {"policy": "no"},
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass
