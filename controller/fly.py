@@ -55,6 +55,7 @@ from urllib.parse import quote
 import httpx
 
 from api.logs import get_logger
+from controller.backoff import exponential_delay
 from controller.fly_errors import (
     AmbiguousCreate,
     FlyError,
@@ -996,8 +997,7 @@ def backoff_delay(
 
     A ``Retry-After`` from the server is a floor: we never come back sooner than asked.
     """
-    ceiling = min(cap, base * 2.0 ** (attempt - 1))
-    delay = ceiling * rng.uniform(0.5, 1.0)
+    delay = exponential_delay(attempt, base=base, cap=cap, jitter=0.5, rng=rng)
     return max(delay, retry_after) if retry_after is not None else delay
 
 

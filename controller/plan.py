@@ -65,6 +65,7 @@ from controller.actions import (
     StopMachine,
     SuspendMachine,
 )
+from controller.backoff import exponential_delay
 from controller.observed import (
     GONE_STATES,
     KNOWN_STATES,
@@ -216,11 +217,12 @@ def plan_orphans(
 
 def restart_delay(restarts: int, settings: PlanSettings) -> float:
     """Seconds after restart ``restarts`` (1-based) until the next may happen: base*2^(n-1), capped."""
-    if restarts <= 0:
-        return 0.0
-    exponent = min(restarts - 1, 62)  # 2**62 already exceeds any cap; avoids huge ints
-    return float(
-        min(settings.restart_backoff_base_seconds * (2**exponent), settings.restart_backoff_max_seconds)
+    # No jitter: the plan is deterministic (spreading restarts out is the work queue's job).
+    return exponential_delay(
+        restarts,
+        base=settings.restart_backoff_base_seconds,
+        cap=settings.restart_backoff_max_seconds,
+        jitter=0.0,
     )
 
 
