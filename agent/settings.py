@@ -13,12 +13,13 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from api.models import validate_session_id
+from api.store import redis_url_with_credentials
 
 # Variables the agent reads and then scrubs from its environment (children must not inherit them).
 SECRET_ENV = ("FLYSWARM_REDIS_URL", "FLYSWARM_REDIS_USERNAME", "FLYSWARM_REDIS_PASSWORD")
@@ -106,13 +107,7 @@ class AgentSettings(BaseSettings):
             if self.redis_password is not None
             else (parts.password or "")
         )
-        host = parts.hostname or "127.0.0.1"
-        if ":" in host:
-            host = f"[{host}]"
-        netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{host}"
-        if parts.port:
-            netloc += f":{parts.port}"
-        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+        return redis_url_with_credentials(url, user, password)
 
     @property
     def session_dir(self) -> Path:

@@ -34,6 +34,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal, ParamSpec, TypeVar
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
@@ -99,6 +100,21 @@ def _unavailable_on_redis_error(func: Callable[P, Awaitable[T]]) -> Callable[P, 
             raise StoreUnavailable("redis is loading its data set") from exc
 
     return wrapper
+
+
+def redis_url_with_credentials(url: str, username: str | None, password: str | None) -> str:
+    """``url`` (scheme, host, port, db) with its user info replaced by ``username``/``password``.
+
+    Both None: no user info at all. The result carries a secret: never log it.
+    """
+    parts = urlsplit(url)
+    host = parts.hostname or "127.0.0.1"
+    if ":" in host:  # IPv6
+        host = f"[{host}]"
+    netloc = host if parts.port is None else f"{host}:{parts.port}"
+    if username is not None or password is not None:
+        netloc = f"{quote(username or '', safe='')}:{quote(password or '', safe='')}@{netloc}"
+    return urlunsplit((parts.scheme or "redis", netloc, parts.path, parts.query, ""))
 
 
 def canonical_spec(spec: SessionSpec) -> str:

@@ -34,11 +34,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
-from urllib.parse import quote, urlsplit, urlunsplit
 
 from api.logs import get_logger
 from api.models import Session, SessionCredentials, SessionEvent, utcnow
-from api.store import Store, StoreUnavailable
+from api.store import Store, StoreUnavailable, redis_url_with_credentials
 from controller import fly_errors
 from controller.actions import (
     Action,
@@ -222,14 +221,9 @@ def agent_redis_url(base_url: str, credentials: SessionCredentials | None) -> st
 
     Without per-session credentials (a Redis without ACLs) the URL carries no user info at all.
     """
-    parts = urlsplit(base_url)
-    host = parts.hostname or "127.0.0.1"
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = host if parts.port is None else f"{host}:{parts.port}"
-    if credentials is not None:
-        netloc = f"{quote(credentials.username, safe='')}:{quote(credentials.password, safe='')}@{netloc}"
-    return urlunsplit((parts.scheme or "redis", netloc, parts.path, parts.query, ""))
+    if credentials is None:
+        return redis_url_with_credentials(base_url, None, None)
+    return redis_url_with_credentials(base_url, credentials.username, credentials.password)
 
 
 class Executor:

@@ -29,10 +29,10 @@ import re
 import signal
 import sys
 from dataclasses import dataclass
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from api.models import AgentReport, AgentState
-from api.store import Store, StoreUnavailable
+from api.store import Store, StoreUnavailable, redis_url_with_credentials
 
 _DIRECTIVE_RE = re.compile(r"(finish-after|result)=(\S+)")
 _COMMANDS = ("done", "error", "crash", "hang")
@@ -68,13 +68,7 @@ def redis_url_from_env(env: dict[str, str]) -> str:
     if user is None and password is None:
         return url
     parts = urlsplit(url)
-    netloc = (
-        f"{quote(user or parts.username or '', safe='')}:{quote(password or parts.password or '', safe='')}@"
-    )
-    netloc += parts.hostname or "127.0.0.1"
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    return redis_url_with_credentials(url, user or parts.username or "", password or parts.password or "")
 
 
 class HeartbeatAgent:

@@ -271,3 +271,14 @@ async def test_created_session_returned_equals_what_a_read_returns(store: Store)
     )
     assert outcome.result == "created" and outcome.session is not None
     assert outcome.session == await store.get("same")
+
+
+def test_redis_url_with_credentials_replaces_user_info_only() -> None:
+    from api.store import redis_url_with_credentials
+
+    base = "rediss://admin:controller-pw@10.0.0.5:6380/2"
+    assert redis_url_with_credentials(base, "fs-session-a", "p@ss/word") == (
+        "rediss://fs-session-a:p%40ss%2Fword@10.0.0.5:6380/2"
+    )
+    assert redis_url_with_credentials(base, None, None) == "rediss://10.0.0.5:6380/2"
+    assert redis_url_with_credentials("redis://[::1]:6379/0", "u", "p") == "redis://u:p@[::1]:6379/0"
