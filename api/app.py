@@ -64,7 +64,7 @@ from api.middleware import EdgeMiddleware
 from api.models import Phase, generate_session_id
 from api.selector import SelectorError, parse_selector
 from api.settings import ApiSettings
-from api.store import InvalidCursor, Store, StoreUnavailable, canonical_spec
+from api.store import InvalidCursor, Store, StoreUnavailable
 from api.streaming import SSE_KEEPALIVE, End, Tick, follow_events, parse_stream_id, sse_end_frame, sse_frame
 from api.websocket import SessionSocket
 from api.wire import (
@@ -178,7 +178,7 @@ async def create_session(request: Request) -> Response:
     session_id = parsed.name or generate_session_id()
     outcome = await ctx.store.create_or_get(ctx.store.new_session(session_id, parsed.spec, parsed.labels))
     stored = outcome.session
-    if stored is None:  # pragma: no cover - the script always returns the hash
+    if stored is None:  # pragma: no cover - the store always returns the session
         raise StoreUnavailable("create returned no session")
     location = {"Location": f"/sessions/{session_id}"}
     if outcome.result == "created":
@@ -211,34 +211,24 @@ async def apply_session(request: Request, id: str) -> Response:
     if parsed.name is not None and parsed.name != session_id:
         reason = f"must equal the id in the path ({session_id}) or be omitted"
         raise invalid([FieldProblem("metadata.name" if manifest else "session_id", reason)])
-    existing = await ctx.store.get(session_id)
-    if existing is not None:
-        if existing.deleted:
-            raise ApiError("conflict", f"session {session_id} is being deleted")
-        if existing.spec.mode != parsed.spec.mode:
-            reason = f"is immutable (the session is a {existing.spec.mode} session)"
-            raise invalid(
-                [FieldProblem("spec.mode" if manifest else "mode", reason)],
-                "spec.mode cannot change; delete the session and create a new one",
-            )
-        phase = existing.effective_phase()
-        if phase.finished and canonical_spec(existing.spec) != canonical_spec(parsed.spec):
-            raise ApiError(
-                "conflict",
-                f"session {session_id} has finished ({phase.value}); its spec can no longer change",
-                fields=[FieldProblem("spec", "the session has finished")],
-            )
+    # The store applies atomically and checks the rules itself (mode is immutable, a finished
+    # session's spec is frozen, a deleting session takes no change); the messages come from the
+    # session it returns with the refusal.
     outcome = await ctx.store.apply(ctx.store.new_session(session_id, parsed.spec, parsed.labels))
     if outcome.result == "deleting":
         raise ApiError("conflict", f"session {session_id} is being deleted")
-    # The checks above give the precise messages; these two catch a racing writer between them
-    # and the atomic apply (the store re-checks both rules inside it).
     if outcome.result == "mode_conflict":
-        raise invalid([FieldProblem("spec.mode" if manifest else "mode", "is immutable")])
+        current = outcome.session.spec.mode if outcome.session is not None else "different"
+        reason = f"is immutable (the session is a {current} session)"
+        raise invalid(
+            [FieldProblem("spec.mode" if manifest else "mode", reason)],
+            "spec.mode cannot change; delete the session and create a new one",
+        )
     if outcome.result == "finished":
+        phase = outcome.session.effective_phase().value if outcome.session is not None else "finished"
         raise ApiError(
             "conflict",
-            f"session {session_id} has finished; its spec can no longer change",
+            f"session {session_id} has finished ({phase}); its spec can no longer change",
             fields=[FieldProblem("spec", "the session has finished")],
         )
     if outcome.session is None:  # pragma: no cover
