@@ -23,7 +23,7 @@ from agent.heartbeat import Heartbeat
 from agent.publisher import EventPublisher
 from agent.reporter import Reporter
 from agent.settings import AgentSettings
-from api.models import Session, SessionEvent, SessionSpec
+from api.models import Session, SessionSpec
 from api.store import Store
 from api.transcripts import RedisTranscriptStore
 
@@ -64,14 +64,7 @@ class AgentContext:
 
     def emit(self, type_: str, message: str | None = None, **data: Any) -> None:
         """A lifecycle event of the agent itself."""
-        self.publisher.emit(
-            SessionEvent(
-                type=type_,
-                source="agent",
-                message=message,
-                data={k: v for k, v in data.items() if v is not None},
-            )
-        )
+        self.publisher.emit_lifecycle(type_, message, **data)
 
     async def observe(self, message: Any) -> None:
         """One SDK message: its events, and the report fields it changes."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Any
 
 from api.logs import get_logger
 from api.models import SessionEvent
@@ -38,6 +39,11 @@ class EventPublisher:
                 self._queue.task_done()
                 self.dropped += 1
         self._queue.put_nowait(event)
+
+    def emit_lifecycle(self, type_: str, message: str | None = None, **data: Any) -> None:
+        """A lifecycle event of the agent itself (``agent_started``, ``turn_finished``, ...)."""
+        clean = {k: v for k, v in data.items() if v is not None}
+        self.emit(SessionEvent(type=type_, source="agent", message=message, data=clean))
 
     async def _run(self) -> None:
         while True:

@@ -51,7 +51,7 @@ from agent.publisher import EventPublisher
 from agent.reporter import Reporter
 from agent.settings import AgentSettings, scrub_environment
 from api.logs import configure_logging, get_logger, register_secret
-from api.models import AgentReport, Session, SessionEvent
+from api.models import AgentReport, Session
 from api.store import Store, StoreAuthFailed, StorePermissionDenied, StoreUnavailable
 from api.transcripts import RedisTranscriptStore
 
@@ -142,8 +142,7 @@ class AgentProcess:
         return self.settings.session_dir / "cli-debug.log" if self.settings.cli_debug_log else None
 
     def _emit(self, type_: str, message: str | None = None, **data: Any) -> None:
-        clean = {k: v for k, v in data.items() if v is not None}
-        self.publisher.emit(SessionEvent(type=type_, source="agent", message=message, data=clean))
+        self.publisher.emit_lifecycle(type_, message, **data)
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
