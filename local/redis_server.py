@@ -48,7 +48,8 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _ping(port: int, timeout: float = 0.2) -> bool:
+def redis_answers(port: int, timeout: float = 0.2) -> bool:
+    """Whether a redis-server answers PING on loopback ``port``."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
             sock.sendall(b"PING\r\n")
@@ -158,7 +159,7 @@ def start_redis(
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"redis-server exited with code {process.returncode} on start")
-        if _ping(port):
+        if redis_answers(port):
             return RedisServer(port=port, process=process, data_dir=data_dir, password=password)
         time.sleep(0.02)
     process.kill()

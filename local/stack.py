@@ -71,7 +71,7 @@ from pathlib import Path
 
 import httpx
 
-from local.redis_server import redis_args
+from local.redis_server import redis_answers, redis_args
 
 Echo = Callable[[str], None]
 
@@ -264,15 +264,6 @@ def _port_open(port: int, timeout: float = 0.3) -> bool:
         return False
 
 
-def _redis_ping(port: int) -> bool:
-    try:
-        with socket.create_connection((HOST, port), timeout=0.5) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith((b"+PONG", b"-NOAUTH"))
-    except OSError:
-        return False
-
-
 def _http_ok(url: str, token: str | None = None) -> bool:
     headers = {"authorization": f"Bearer {token}"} if token else {}
     try:
@@ -454,7 +445,7 @@ class Stack:
             argv=tuple(redis_args(port=cfg.redis_port, data_dir=self.root / "redis", appendonly=True)),
             env=base,
             url=cfg.redis_url,
-            probe=lambda: _redis_ping(cfg.redis_port),
+            probe=lambda: redis_answers(cfg.redis_port, timeout=0.5),
             marker="redis-server",
             port_variable="FLYSWARM_REDIS_PORT",
         )
