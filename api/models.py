@@ -42,6 +42,17 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def parse_timestamp(value: Any) -> datetime | None:
+    """An RFC 3339 / ISO 8601 string as an aware datetime (UTC when it names no zone); None if unreadable."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+
 def generate_session_id() -> str:
     """A short, DNS-safe, roughly time-ordered id: ``s-<base36 ms>-<random>``."""
     millis = int(time.time() * 1000)

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from api.client import effective_phase
-from api.models import TERMINAL_PHASES
+from api.models import TERMINAL_PHASES, parse_timestamp
 
 GAP = "   "
 ELLIPSIS = "…"
@@ -31,19 +31,9 @@ def terminal_width() -> int:
 # -- small value formatting -------------------------------------------------------------------------
 
 
-def parse_time(value: Any) -> datetime | None:
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-
-
 def age(value: Any, now: datetime | None = None) -> str:
     """kubectl-style age: ``45s``, ``12m``, ``3h``, ``2d``; ``<unknown>`` without a time."""
-    then = parse_time(value)
+    then = parse_timestamp(value)
     if then is None:
         return "<unknown>"
     seconds = max(0, int(((now or datetime.now(UTC)) - then).total_seconds()))
@@ -374,7 +364,7 @@ def event_message(event: Mapping[str, Any]) -> str:
 
 def event_line(event: Mapping[str, Any], width: int | None = None) -> str:
     """``HH:MM:SS source type [reason] message`` for ``flyswarm logs``."""
-    when = parse_time(event.get("time"))
+    when = parse_timestamp(event.get("time"))
     stamp = when.astimezone().strftime("%H:%M:%S") if when else "--:--:--"
     kind = str(event.get("type", "event"))
     reason = event.get("reason")

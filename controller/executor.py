@@ -32,11 +32,11 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Protocol
 
 from api.logs import get_logger
-from api.models import Session, SessionCredentials, SessionEvent, utcnow
+from api.models import Session, SessionCredentials, SessionEvent, parse_timestamp, utcnow
 from api.store import Store, StoreUnavailable, redis_url_with_credentials
 from controller import fly_errors
 from controller.actions import (
@@ -184,21 +184,11 @@ class DestroyBudget:
         self.used = 0
 
 
-def parse_time(value: str | None) -> datetime | None:
-    if not value:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
-
-
 def observed_from_fly(machine: Machine, *, now: datetime | None = None) -> ObservedMachine:
     """The plan's view of one Fly machine (tags from metadata, last exit from embedded events)."""
     managed, session_id, launch_id = parse_tags(machine.metadata)
     exit_event = machine.last_exit
-    created = parse_time(machine.created_at) or now or utcnow()
+    created = parse_timestamp(machine.created_at) or now or utcnow()
     return ObservedMachine(
         id=machine.id,
         state=machine.state or "unknown",
@@ -207,7 +197,7 @@ def observed_from_fly(machine: Machine, *, now: datetime | None = None) -> Obser
         launch_id=launch_id,
         managed=managed,
         created_at=created,
-        updated_at=parse_time(machine.updated_at),
+        updated_at=parse_timestamp(machine.updated_at),
         instance_id=machine.current_version,
         last_exit_code=exit_event.exit_code if exit_event is not None else None,
         last_exit_oom=bool(exit_event.oom_killed) if exit_event is not None else False,
