@@ -15,22 +15,13 @@ import pytest
 import redis.asyncio as aioredis
 
 from api import keys
-from api.app import create_app, store_from_settings
+from api.app import create_app
 from api.models import AgentReport, Phase, SessionStatus
 from api.store import Store
 from api.wire import APPLY_RESULT_HEADER
 from tests.api.app_harness import api_settings
 
 TOKENS = ["tok-alpha-0123456789", "tok-bravo-9876543210"]
-
-
-@pytest.fixture
-async def store(redis_client: aioredis.Redis, redis_url: str) -> AsyncIterator[Store]:
-    s = store_from_settings(api_settings(redis_url))
-    try:
-        yield s
-    finally:
-        await s.close()
 
 
 def client_for(app: Any, **headers: str) -> httpx.AsyncClient:

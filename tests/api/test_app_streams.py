@@ -18,19 +18,10 @@ import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
 from api import keys
-from api.app import create_app, store_from_settings
+from api.app import create_app
 from api.models import Phase, SessionEvent, SessionSpec, SessionStatus
 from api.store import Store
 from tests.api.app_harness import api_settings, live_server
-
-
-@pytest.fixture
-async def store(redis_client: aioredis.Redis, redis_url: str) -> AsyncIterator[Store]:
-    s = store_from_settings(api_settings(redis_url))
-    try:
-        yield s
-    finally:
-        await s.close()
 
 
 @pytest.fixture

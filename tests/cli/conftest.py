@@ -4,19 +4,22 @@ over the real Redis of tests/conftest.py (flushed before each test).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import redis
 from click.testing import CliRunner, Result
 
+from api.store import Store
 from cli.main import main
 from local.redis_server import RedisServer, free_port
 
@@ -119,3 +122,16 @@ class Cli:
 @pytest.fixture
 def cli() -> Cli:
     return Cli()
+
+
+def store_call(redis_url: str, call: Callable[[Store], Any]) -> Any:
+    """Run one store call from synchronous test code (the CLI tests run no event loop)."""
+
+    async def run() -> Any:
+        store = Store.from_url(redis_url)
+        try:
+            return await call(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(run())

@@ -19,22 +19,11 @@ from api.client import FlyswarmClient
 from api.models import AgentReport, Phase, SessionEvent, SessionStatus
 from api.store import Store
 from local.redis_server import free_port
-from tests.cli.conftest import Cli, LiveApi
+from tests.cli.conftest import Cli, LiveApi, store_call
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "manifests" / "examples"
 T = TypeVar("T")
-
-
-def _store_call(redis_url: str, call: Callable[[Store], Any]) -> Any:
-    async def run() -> Any:
-        store = Store.from_url(redis_url)
-        try:
-            return await call(store)
-        finally:
-            await store.close()
-
-    return asyncio.run(run())
 
 
 def _manifest(tmp_path: Path, text: str, name: str = "m.yaml") -> Path:
@@ -182,7 +171,7 @@ def test_server_side_rejection_is_reported_per_session(cli: Cli, api_url: str, t
 
 def test_get_sessions_filters_by_selector_and_phase(cli: Cli, api_url: str, redis_url: str) -> None:
     assert cli("apply", "-f", str(EXAMPLES / "batch.yaml")).exit_code == 0
-    _store_call(redis_url, lambda s: s.write_status("batch-07", SessionStatus(phase=Phase.RUNNING)))
+    store_call(redis_url, lambda s: s.write_status("batch-07", SessionStatus(phase=Phase.RUNNING)))
 
     by_label = cli("get", "sessions", "-l", "item in (3,4)", "-o", "name")
     by_phase = cli("get", "sessions", "--phase", "running", "-o", "name")
@@ -270,7 +259,7 @@ def test_describe_shows_spec_status_conditions_agent_result_and_events(
             AgentReport(state="done", turns=2, resultText="I wrote hello into hello.txt.", costUsd=0.0123),
         )
 
-    _store_call(redis_url, progress)
+    store_call(redis_url, progress)
     result = cli("describe", "session", "described")
 
     assert result.exit_code == 0, result.stderr
@@ -296,7 +285,7 @@ def test_logs_prints_the_history_in_order(cli: Cli, api_url: str, redis_url: str
                 "talky", SessionEvent(type="assistant_text", source="agent", message=f"step {i}")
             )
 
-    _store_call(redis_url, events)
+    store_call(redis_url, events)
     text = cli("logs", "talky")
     raw = cli("logs", "talky", "-o", "json")
 
@@ -329,7 +318,7 @@ def test_logs_follow_streams_new_events_and_returns_when_the_session_finishes(
         await store.write_agent_report("live", AgentReport(state="done", resultText="ok"))
         await store.append_event("live", SessionEvent(type="result", source="agent", message="done"))
 
-    _store_call(redis_url, work)
+    store_call(redis_url, work)
     thread.join(30)
 
     assert not thread.is_alive()
@@ -358,7 +347,7 @@ def test_send_queues_a_chat_message_and_refuses_task_sessions(
     refused = cli("send", "tasky", "hello?")
 
     assert sent.exit_code == 0 and sent.stdout.startswith("session/chatty message ")
-    inbox = _store_call(redis_url, lambda s: s.inbox_next("chatty"))
+    inbox = store_call(redis_url, lambda s: s.inbox_next("chatty"))
     assert inbox is not None and inbox.text == "how far should I run today?"
     assert refused.exit_code == 1
     assert "only chat sessions take messages" in refused.stderr
@@ -400,7 +389,7 @@ def test_delete_marks_sessions_and_reports_missing_ones(cli: Cli, api_url: str, 
     assert result.exit_code == 1
     assert result.stdout.split("\n")[:2] == ["session/batch-01 deleted", "session/batch-02 deleted"]
     assert "session/ghost not found" in result.stderr
-    deleted = _store_call(redis_url, lambda s: s.get("batch-01"))
+    deleted = store_call(redis_url, lambda s: s.get("batch-01"))
     assert deleted is not None and deleted.deleted
     assert cli("delete", "ghost", "--ignore-not-found").exit_code == 0
 
@@ -443,7 +432,7 @@ def test_wait_returns_when_the_phase_is_reached(
         await asyncio.sleep(1.0)
         await store.write_status("waited", SessionStatus(phase=Phase.SUCCEEDED, machineId="m1"))
 
-    _store_call(redis_url, finish)
+    store_call(redis_url, finish)
     thread.join(30)
 
     result = box[0]
@@ -460,7 +449,7 @@ def test_wait_fails_when_the_session_lands_in_another_terminal_phase(
     cli: Cli, api_url: str, redis_url: str, tmp_path: Path
 ) -> None:
     assert cli("apply", "-f", str(_manifest(tmp_path, TASK.format(name="doomed", prompt="x")))).exit_code == 0
-    _store_call(
+    store_call(
         redis_url,
         lambda s: s.write_status("doomed", SessionStatus(phase=Phase.FAILED, reason="BudgetExceeded")),
     )

@@ -3,10 +3,8 @@ survive a server restart without losing or repeating an event."""
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,18 +14,7 @@ from api.client import Event, FlyswarmClient, Invalid, NotFound, ServerUnreachab
 from api.models import AgentReport, SessionEvent
 from api.store import Store
 from local.redis_server import RedisServer, free_port
-from tests.cli.conftest import serve_api, stop_api
-
-
-def _store_call(redis_url: str, call: Callable[[Store], Any]) -> Any:
-    async def run() -> Any:
-        store = Store.from_url(redis_url)
-        try:
-            return await call(store)
-        finally:
-            await store.close()
-
-    return asyncio.run(run())
+from tests.cli.conftest import serve_api, stop_api, store_call
 
 
 def _event(store: Store, message: str) -> Any:
@@ -88,7 +75,7 @@ def test_followed_events_survive_an_api_restart_without_loss_or_repeats(
             for i in range(3):
                 await _event(store, f"e{i}")
 
-        _store_call(redis_server.url, first)
+        store_call(redis_server.url, first)
 
         def follow() -> None:
             with FlyswarmClient(url) as client:
@@ -110,14 +97,14 @@ def test_followed_events_survive_an_api_restart_without_loss_or_repeats(
             for i in range(3, 6):
                 await _event(store, f"e{i}")
 
-        _store_call(redis_server.url, while_down)
+        store_call(redis_server.url, while_down)
         api = serve_api(tmp_path, redis_server.url, port, **env)
 
         async def after(store: Store) -> None:
             await _event(store, "e6")
             await store.write_agent_report("streamed", AgentReport(state="done", resultText="ok"))
 
-        _store_call(redis_server.url, after)
+        store_call(redis_server.url, after)
         reader.join(30)
         assert not reader.is_alive()
     finally:
