@@ -7,7 +7,6 @@ contract of every request is in test_fly_spec.py.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -16,15 +15,6 @@ from controller.fly import FlyClientConfig, normalize_base_url
 from controller.fly_errors import Conflict, LeaseHeld, NotFound, Permanent, PreconditionFailed, WaitTimeout
 from controller.fly_types import MachineGuest
 from tests.controller.fly_harness import TOKEN, FlyHarness, exiting_config, sleeper_config
-
-
-@pytest.fixture
-async def fly(tmp_path: Path) -> AsyncIterator[FlyHarness]:
-    harness = FlyHarness(tmp_path)
-    try:
-        yield harness
-    finally:
-        await harness.aclose()
 
 
 async def test_machine_goes_through_its_whole_lifecycle(fly: FlyHarness) -> None:

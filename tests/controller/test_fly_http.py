@@ -8,23 +8,12 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
 from controller.fly import FlyClient
 from controller.fly_errors import AmbiguousCreate, Transient
 from tests.controller.fly_harness import FlyHarness, closed_loopback_port, served_on_loopback, sleeper_config
-
-
-@pytest.fixture
-async def fly(tmp_path: Path) -> AsyncIterator[FlyHarness]:
-    harness = FlyHarness(tmp_path)
-    try:
-        yield harness
-    finally:
-        await harness.aclose()
 
 
 async def test_create_timing_out_after_it_was_sent_is_ambiguous_and_never_resent(fly: FlyHarness) -> None:

@@ -8,10 +8,7 @@ declared type, required headers present, and a JSON body valid against the reque
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
-
-import pytest
 
 from controller.fly_types import MachineCheck, MachineGuest, MachineService, StopConfig
 from tests.controller.fly_contract import KNOWN_SPEC_OMISSIONS, OpenAPIContract
@@ -43,15 +40,6 @@ EVERY_OPERATION = {
     ("DELETE", MACHINE + "/metadata/{key}"),
 }
 MUTATIONS = {"POST", "PATCH", "DELETE"}
-
-
-@pytest.fixture
-async def fly(tmp_path: Path) -> AsyncIterator[FlyHarness]:
-    harness = FlyHarness(tmp_path)
-    try:
-        yield harness
-    finally:
-        await harness.aclose()
 
 
 async def exercise_every_operation(fly: FlyHarness) -> None:
