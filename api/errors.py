@@ -42,6 +42,8 @@ from typing import Any
 from pydantic import BaseModel, Field, ValidationError
 from starlette.responses import JSONResponse
 
+from api.models import field_path
+
 CODE_STATUS: Mapping[str, int] = {
     "malformed_json": 400,
     "bad_request": 400,
@@ -145,16 +147,6 @@ def error_response(
 # -- pydantic errors -> field problems ------------------------------------------------------------
 
 
-def _path(prefix: str, loc: Sequence[int | str]) -> str:
-    path = prefix
-    for part in loc:
-        if isinstance(part, int):
-            path += f"[{part}]"
-        else:
-            path = f"{path}.{part}" if path else str(part)
-    return path
-
-
 def _reason(error: Mapping[str, Any]) -> str:
     kind = error.get("type", "")
     if kind == "extra_forbidden":
@@ -177,5 +169,5 @@ def field_problems(exc: ValidationError, prefix: str = "") -> list[FieldProblem]
         if (named := _NAMED_REASON_RE.match(reason)) and error.get("type") == "value_error":
             loc = [*loc, *named["field"].split(".")]
             reason = named["reason"]
-        problems.append(FieldProblem(field=_path(prefix, loc) or "body", reason=reason))
+        problems.append(FieldProblem(field=field_path(loc, prefix) or "body", reason=reason))
     return problems

@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 import secrets
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Literal
@@ -78,6 +79,27 @@ def validate_label_key(key: str) -> None:
         raise ValueError(f"label key {key!r} has an invalid prefix")
     if not _LABEL_NAME_RE.match(name):
         raise ValueError(f"label key {key!r} must be 1-63 chars of [A-Za-z0-9._-], alphanumeric at both ends")
+
+
+def validate_labels(labels: dict[str, str]) -> dict[str, str]:
+    """A whole label map: at most 64 labels, each key and value valid."""
+    if len(labels) > 64:
+        raise ValueError("at most 64 labels")
+    for key, val in labels.items():
+        validate_label_key(key)
+        validate_label_value(key, val)
+    return labels
+
+
+def field_path(loc: Sequence[int | str], prefix: str = "") -> str:
+    """A pydantic error location as the dotted path a user wrote (``spec.machine.env``, ``items[2]``)."""
+    path = prefix
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path = f"{path}.{part}" if path else str(part)
+    return path
 
 
 def validate_label_value(key: str, value: str) -> None:
@@ -209,12 +231,7 @@ class Metadata(BaseModel):
     @field_validator("labels")
     @classmethod
     def _labels(cls, value: dict[str, str]) -> dict[str, str]:
-        if len(value) > 64:
-            raise ValueError("at most 64 labels")
-        for key, val in value.items():
-            validate_label_key(key)
-            validate_label_value(key, val)
-        return value
+        return validate_labels(value)
 
 
 class Condition(BaseModel):

@@ -38,8 +38,7 @@ from api.models import (
     Phase,
     Session,
     SessionSpec,
-    validate_label_key,
-    validate_label_value,
+    validate_labels,
     validate_session_id,
 )
 from api.store import canonical_labels, canonical_spec
@@ -70,16 +69,7 @@ class ManifestMetadata(BaseModel):
     @field_validator("labels")
     @classmethod
     def _labels(cls, value: dict[str, str]) -> dict[str, str]:
-        return _check_labels(value)
-
-
-def _check_labels(value: dict[str, str]) -> dict[str, str]:
-    if len(value) > 64:
-        raise ValueError("at most 64 labels")
-    for key, val in value.items():
-        validate_label_key(key)
-        validate_label_value(key, val)
-    return value
+        return validate_labels(value)
 
 
 class SessionManifest(BaseModel):
@@ -257,7 +247,7 @@ def parse_session_body(data: dict[str, Any], prompt_max_chars: int) -> ParsedSes
                 problems.append(FieldProblem("labels", "must be an object of string values"))
             else:
                 try:
-                    labels = _check_labels(raw_labels)
+                    labels = validate_labels(raw_labels)
                 except ValueError as exc:
                     problems.append(FieldProblem("labels", str(exc)))
         try:

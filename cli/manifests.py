@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -24,7 +24,7 @@ from typing import IO, Any
 import yaml
 from pydantic import ValidationError
 
-from api.models import API_VERSION, KIND, Session
+from api.models import API_VERSION, KIND, Session, field_path
 
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
 SERVER_METADATA = ("uid", "generation", "createdAt", "deletionTimestamp")
@@ -108,16 +108,6 @@ def _parse(text: str, source: str) -> list[Any]:
     return expanded
 
 
-def _field_path(loc: Iterable[int | str]) -> str:
-    path = ""
-    for part in loc:
-        if isinstance(part, int):
-            path += f"[{part}]"
-        else:
-            path = f"{path}.{part}" if path else str(part)
-    return path
-
-
 def _reason(error: dict[str, Any]) -> tuple[str, str]:
     """``(extra field path, reason)`` of one pydantic error, in the API's wording."""
     kind = error.get("type", "")
@@ -180,7 +170,7 @@ def validate(document: Any, source: str, index: int) -> tuple[dict[str, Any] | N
             extra, reason = _reason(dict(error))
             if extra:
                 loc = [*loc, *extra.split(".")]
-            problems.append(Problem(source, index, _field_path(loc) or "document", reason))
+            problems.append(Problem(source, index, field_path(loc) or "document", reason))
         return None, problems
     return resource, []
 
