@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 
 import pytest
 import redis.asyncio as aioredis
@@ -36,15 +35,9 @@ from controller.leader import LeaderElector, LeaderTiming
 from controller.machine_config import MachineConfigBuilder
 from controller.observed import LaunchRecord
 from controller.ratelimit import Limit
-from tests.controller.world import APP, World, make_world
+from tests.controller.world import APP, World
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-async def world(redis_url: str, redis_client: aioredis.Redis, tmp_path: Path) -> AsyncIterator[World]:
-    async with make_world(redis_url, redis_client, tmp_path) as w:
-        yield w
 
 
 def make_executor(world: World, authority: Authority | None = None, **settings: object) -> Executor:

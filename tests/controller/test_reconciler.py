@@ -7,25 +7,16 @@ checked on the state of Redis and the emulator (World.assert_invariants).
 from __future__ import annotations
 
 import sys
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-import redis.asyncio as aioredis
 
 from api.models import Phase, SessionSpec
 from controller.fly_types import MachineConfig, MachineInit, MachineRestart
 from controller.observed import TAG_LAUNCH, TAG_MANAGED, TAG_SESSION
-from tests.controller.world import IMAGE, World, make_world
+from tests.controller.world import IMAGE, World
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture
-async def world(redis_url: str, redis_client: aioredis.Redis, tmp_path: Path) -> AsyncIterator[World]:
-    async with make_world(redis_url, redis_client, tmp_path) as w:
-        yield w
 
 
 async def test_creates_one_machine_per_session_and_reports_running(world: World) -> None:

@@ -3,23 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
-import redis.asyncio as aioredis
 
 from api.models import Phase
 from controller.observed import LaunchRecord
-from tests.controller.world import World, make_world
+from tests.controller.world import World
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-async def world(redis_url: str, redis_client: aioredis.Redis, tmp_path: Path) -> AsyncIterator[World]:
-    async with make_world(redis_url, redis_client, tmp_path) as w:
-        yield w
 
 
 async def test_sessions_converge_under_rate_limits_5xx_ambiguous_creates_and_list_lag(world: World) -> None:

@@ -7,25 +7,18 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
-import redis.asyncio as aioredis
 
 from api import keys
-from tests.controller.world import APP, IMAGE, RunningController, World, make_world
+from tests.controller.world import APP, IMAGE, RunningController, World
 
 pytestmark = pytest.mark.timeout(120)
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-async def world(redis_url: str, redis_client: aioredis.Redis, tmp_path: Path) -> AsyncIterator[World]:
-    async with make_world(redis_url, redis_client, tmp_path) as w:
-        yield w
 
 
 async def test_two_racing_controllers_make_one_machine_per_session_and_only_the_leader_acts(
