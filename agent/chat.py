@@ -54,7 +54,8 @@ async def find_resume_target(ctx: AgentContext) -> str | None:
 
 async def _go_idle(ctx: AgentContext, **fields: Any) -> None:
     if ctx.reporter.state != "idle" or fields:
-        await ctx.reporter.update(state="idle", **fields)
+        # With fields, this is the end of a turn: its result must reach Redis (durable).
+        await ctx.reporter.update(state="idle", durable=bool(fields), **fields)
         ctx.heartbeat.poke()
         ctx.emit("agent_idle", None, turns=ctx.reporter.report.turns)
 
@@ -118,12 +119,10 @@ async def _handle(
     if result is not None:
         fields.update(resultText=result.result, usage=result.usage or {})
     if reason == "BudgetExceeded":
-        if message_id is not None:
-            await ctx.store.inbox_ack(ctx.session_id, message_id)
-        await ctx.reporter.update(**fields)
+        await _ack(ctx, message_id)
+        await ctx.reporter.update(durable=True, **fields)
         return Outcome.error("BudgetExceeded", detail)
-    if message_id is not None:
-        await ctx.store.inbox_ack(ctx.session_id, message_id)
+    await _ack(ctx, message_id)
     ctx.emit(
         "turn_finished" if reason is None else "turn_failed",
         reason,
@@ -134,6 +133,17 @@ async def _handle(
     )
     await _go_idle(ctx, **fields)
     return None
+
+
+async def _ack(ctx: AgentContext, message_id: str | None) -> None:
+    """Acknowledge a finished turn, retrying through a Redis outage: an ack lost to an outage would
+    replay a turn that already happened."""
+    if message_id is None:
+        return
+    session_id = ctx.session_id
+    await ctx.reporter.persist(
+        lambda: ctx.store.inbox_ack(session_id, message_id), what="inbox_ack", durable=True
+    )
 
 
 async def _next_message(ctx: AgentContext) -> tuple[str, str] | None:

@@ -10,7 +10,8 @@
 3. Report ``running`` with the machine id, start the heartbeat and the event publisher, emit
    ``agent_started``. Only then import the SDK (1-2 s) in a thread: heartbeats already flow.
 4. Run the task or the chat (:mod:`agent.task`, :mod:`agent.chat`) inside a cancel scope.
-5. Report the outcome, beat a last time, flush the events, exit (0 done, 1 error, 128+signal
+5. Report the outcome - retried until Redis stores it, through outages and restarts, unless a
+   signal says to stop -, beat a last time, flush the events, exit (0 done, 1 error, 128+signal
    when a signal interrupted work, 0 when a signal stopped an idle chat).
 
 SIGTERM/SIGINT: the report is locked to ``interrupted`` at once (so it is in Redis whatever happens
@@ -111,7 +112,9 @@ class AgentProcess:
         self.session = session
         previous = session.agent or AgentReport()
         self.previous = previous
-        self.reporter = Reporter(store, session.id, previous)
+        #: Set when the machine is told to stop (a signal): durable writes stop retrying forever.
+        self.give_up = asyncio.Event()
+        self.reporter = Reporter(store, session.id, previous, give_up=self.give_up)
         self.publisher = EventPublisher(store, session.id)
         self.heartbeat = Heartbeat(
             store,
@@ -236,7 +239,9 @@ class AgentProcess:
             fields["costUsd"] = ctx.total_cost
             if outcome.state == "error":
                 fields["stderrTail"] = ctx.diagnostics.tail()
-        await self.reporter.update(**fields)
+        # Retried until stored (heartbeats keep flowing meanwhile): a result lost here would be
+        # computed again by the next machine.
+        await self.reporter.update(durable=True, **fields)
         await self.heartbeat.stop()
         await self.heartbeat.beat()
         self._emit(
@@ -255,8 +260,13 @@ class AgentProcess:
     # -- signals ----------------------------------------------------------------------------------
 
     def _on_signal(self, sig: signal.Signals) -> None:
+        self.give_up.set()
         if self.finishing:
-            log.info("signal_while_finishing", signal=sig.name)  # the outcome is already decided
+            # The outcome is already decided; its report may still be retrying against an
+            # unreachable Redis: a few more attempts, and the stop timeout ends the process.
+            log.info("signal_while_finishing", signal=sig.name)
+            if self._watchdog is None:
+                self._start_watchdog(EXIT_SIGNAL_BASE + int(sig))
             return
         if self.stopping.is_set():
             log.warning("second_signal_cancelling", signal=sig.name)
@@ -268,14 +278,15 @@ class AgentProcess:
         ctx = self.ctx
         self.work_was_interrupted = ctx is None or ctx.turn_in_flight or self.session.spec.mode == "task"
         log.info("agent_stopping", signal=sig.name, turn_in_flight=self.work_was_interrupted)
+        self._start_watchdog(EXIT_SIGNAL_BASE + int(sig))
+        self._stop_task = asyncio.create_task(self._stop(sig), name="agent-stop")
+
+    def _start_watchdog(self, code: int) -> None:
         self._watchdog = threading.Timer(
-            max(0.1, self.settings.stop_timeout_seconds - 0.2),
-            self._force_exit,
-            args=(EXIT_SIGNAL_BASE + int(sig),),
+            max(0.1, self.settings.stop_timeout_seconds - 0.2), self._force_exit, args=(code,)
         )
         self._watchdog.daemon = True
         self._watchdog.start()
-        self._stop_task = asyncio.create_task(self._stop(sig), name="agent-stop")
 
     def _force_exit(self, code: int) -> None:
         log.error("stop_timeout_exceeded", exit_code=code)

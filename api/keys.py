@@ -18,6 +18,10 @@ INDEX = f"{PREFIX}:sessions"  # zset, score 0: every session id, for lexicograph
 LEADER = f"{PREFIX}:leader"  # string with TTL: the controller leader lease (holder id + token)
 LEADER_FENCE = f"{PREFIX}:leader:fence"  # counter: monotonically increasing fencing tokens
 CONTROLLER_SEEN = f"{PREFIX}:controller:seen"  # hash: controller id -> last pass time (for status)
+#: hash: session id -> SHA-256 of its agent's Redis password. ACL users live in the server's memory
+#: only (``ACL SETUSER`` is not in the AOF); this durable copy lets the controller re-create them
+#: after a Redis restart. A global key on purpose: a session's own ACL pattern cannot reach it.
+CREDENTIALS = f"{PREFIX}:credentials"
 
 
 def _tag(session_id: str) -> str:

@@ -27,6 +27,7 @@ import base64
 import binascii
 import builtins
 import functools
+import hashlib
 import json
 import secrets
 import uuid
@@ -750,24 +751,41 @@ class Store:
             return None
         username = keys.acl_user(session_id)
         password = secrets.token_urlsafe(24)
+        digest = hashlib.sha256(password.encode()).hexdigest()
+        # The durable copy first: should we die between the two, a restore re-creates the user with
+        # the password the machine will be given, never an older one.
+        await self.redis.hset(keys.CREDENTIALS, session_id, digest)
         try:
-            await self.redis.execute_command(
-                "ACL",
-                "SETUSER",
-                username,
-                "reset",
-                "resetchannels",
-                "on",
-                f">{password}",
-                f"~{keys.session_key_pattern(session_id)}",
-                f"&{keys.wake_channel(session_id)}",
-                "+@all",
-                "-@dangerous",
-                "-@admin",
-            )
+            await self.redis.execute_command(*_acl_setuser(session_id, digest))
         except redis_errors.ResponseError:
             return None
         return SessionCredentials(username=username, password=password)
+
+    @_unavailable_on_redis_error
+    async def restore_session_credentials(self) -> int:
+        """Re-create every per-session ACL user from its durable password hash; returns how many.
+
+        Redis keeps ACL users in memory only: after a restart (graceful or not) every agent's
+        credentials are gone although its session lives on in the AOF. The controller calls this
+        whenever the server it talks to is new (see :meth:`server_identity`); ``ACL SETUSER`` is
+        idempotent, so repeating it is harmless.
+        """
+        if not await self.acl_supported():
+            return 0
+        digests = await self.redis.hgetall(keys.CREDENTIALS)
+        if not digests:
+            return 0
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for session_id, digest in digests.items():
+                pipe.execute_command(*_acl_setuser(str(session_id), str(digest)))
+            results = await pipe.execute(raise_on_error=False)
+        return sum(1 for r in results if not isinstance(r, Exception))
+
+    @_unavailable_on_redis_error
+    async def server_identity(self) -> tuple[str, float]:
+        """``(run_id, uptime_seconds)`` of the Redis server: a new run id means a restarted server."""
+        info = await self.redis.info("server")
+        return str(info.get("run_id", "")), float(info.get("uptime_in_seconds", 0))
 
     @_unavailable_on_redis_error
     async def delete_session_credentials(self, session_id: str) -> None:
@@ -775,12 +793,31 @@ class Store:
             await self.redis.execute_command("ACL", "DELUSER", keys.acl_user(session_id))
         except redis_errors.ResponseError:
             pass
+        await self.redis.hdel(keys.CREDENTIALS, session_id)
 
     # -- bookkeeping ------------------------------------------------------------------------------
 
     @_unavailable_on_redis_error
     async def count(self) -> int:
         return int(await self.redis.zcard(keys.INDEX))
+
+
+def _acl_setuser(session_id: str, password_sha256: str) -> tuple[str, ...]:
+    """The ``ACL SETUSER`` of a session's agent: its own keys and wake channel, no admin commands."""
+    return (
+        "ACL",
+        "SETUSER",
+        keys.acl_user(session_id),
+        "reset",
+        "resetchannels",
+        "on",
+        f"#{password_sha256}",
+        f"~{keys.session_key_pattern(session_id)}",
+        f"&{keys.wake_channel(session_id)}",
+        "+@all",
+        "-@dangerous",
+        "-@admin",
+    )
 
 
 def session_ids(sessions: Iterable[Session]) -> list[str]:

@@ -19,11 +19,20 @@ The reconcile rules of DESIGN.md, first that applies wins:
    exponential backoff counted from ``status.lastStartAt``; past ``restartPolicy.maxRetries``
    Failed/BackoffLimitExceeded, and at once with policy ``never``.
 4. **No machine** - create one, unless a create is in flight (a launch record younger than the
-   expectation window), because Fly's list lags behind its creates.
-5. **Transient Fly state** - wait; past Fly's wedge thresholds (5 min, 10 min for ``updating``)
-   treat the machine as failed (destroy with force + create). Unknown states: wait, never destroy.
+   expectation window whose create has not been answered yet), because Fly's list lags behind its
+   creates. A launch whose machine id is known is no longer in flight: if that machine is not
+   there (the runtime reads it back by id before acting), it is gone, and the restart backoff of
+   rule 3 - not the expectation window - decides when the replacement is created.
+5. **Transient Fly state** - wait, looking again soon (:func:`transient_recheck_seconds`: a
+   fraction of a second at first, growing to a few seconds), because Fly leaves most transient
+   states within a second and a message for a machine that is going to sleep must not wait for
+   the next resync; past Fly's wedge thresholds (5 min, 10 min for ``updating``) treat the machine
+   as failed (destroy with force + create). Unknown states: wait, never destroy.
 6. **Heartbeat lost** - a started machine without a heartbeat past the TTL *and* past the boot
-   grace (counted from the machine's last change or our last start) is restarted.
+   grace (counted from the machine's last change or our last start) is restarted - but only once
+   heartbeats are known: after Redis (or the controller's view of it) comes back from an outage,
+   absent heartbeats mean "unknown" until ``heartbeats_known_since`` plus one TTL, the time every
+   live agent needs to beat again.
 7. **Chat idle** - an idle agent with an empty inbox past ``idleTimeoutSeconds`` is stopped or
    suspended (phase Sleeping, which is not a failure); a sleeping session with pending messages is
    woken. Under ``on-failure``/``never`` a chat machine that stopped cleanly by itself also sleeps.
@@ -79,6 +88,9 @@ from controller.settings import PlanSettings
 
 #: Never ask to be looked at sooner than this: a plan is not a busy loop.
 MIN_REQUEUE_SECONDS = 1.0
+#: Re-check bounds for a machine in a transient state (Fly's GET allows 5/s per machine).
+TRANSIENT_RECHECK_MIN_SECONDS = 0.25
+TRANSIENT_RECHECK_MAX_SECONDS = 5.0
 
 # -- reasons (machine-readable; the README lists them) --------------------------------------------
 # progress
@@ -116,6 +128,8 @@ TTL_EXPIRED = "TTLExpired"
 # waits (RequeueAfter reasons)
 WAITING = "Waiting"
 UNKNOWN_STATE = "UnknownMachineState"
+RECHECK = "Recheck"  # a machine in a transient state is looked at again soon
+HEARTBEATS_UNKNOWN = "HeartbeatsUnknown"  # after a Redis outage, until agents had time to beat
 
 # condition types
 MACHINE_READY = "MachineReady"
@@ -140,6 +154,7 @@ class _Pass:
     launch: LaunchRecord | None
     inbox_pending: int
     create_failure: CreateFailure | None = None
+    heartbeats_known_since: datetime | None = None
 
     @property
     def sid(self) -> str:
@@ -162,17 +177,33 @@ def plan(
     launch: LaunchRecord | None = None,
     inbox_pending: int = 0,
     create_failure: CreateFailure | None = None,
+    heartbeats_known_since: datetime | None = None,
 ) -> list[Action]:
     """The actions that move one session toward its declaration (see the module docstring).
 
     ``create_failure`` is why Fly refused the last create, if it did: the next create says so in
     the status (reason ``NoCapacity`` or ``CreateFailed``) instead of a bland ``CreateRequested``.
+    ``heartbeats_known_since`` is when the runtime's view of heartbeats became trustworthy again
+    (Redis reachable after an outage, or restarted): a missing heartbeat is not a lost agent until
+    one TTL after it.
     """
     mine = sorted(
         (m for m in machines if m.managed and m.session_id == session.id and m.state not in GONE_STATES),
         key=lambda m: m.id,
     )
-    p = _Pass(session, tuple(mine), now, settings, launch, max(inbox_pending, 0), create_failure)
+    gone = {m.id for m in machines if m.state in GONE_STATES}
+    if heartbeat is not None and heartbeat.machineId in gone:
+        heartbeat = None  # the beating machine is known to be destroyed: its last beat is history
+    p = _Pass(
+        session,
+        tuple(mine),
+        now,
+        settings,
+        launch,
+        max(inbox_pending, 0),
+        create_failure,
+        heartbeats_known_since,
+    )
     if session.deleted:
         actions = _plan_deleted(p)
     elif session.status.phase.finished:
@@ -224,6 +255,16 @@ def restart_delay(restarts: int, settings: PlanSettings) -> float:
         cap=settings.restart_backoff_max_seconds,
         jitter=0.0,
     )
+
+
+def transient_recheck_seconds(in_state_seconds: float) -> float:
+    """When to look again at a machine that has been in a transient state for ``in_state_seconds``.
+
+    Half the time it has spent there, within [0.25 s, 5 s]: a suspend or a start is over in a
+    fraction of a second on Fly, a stop in a few seconds; a machine that takes longer is looked at
+    less often, and the wedge threshold still bounds the wait.
+    """
+    return min(max(in_state_seconds / 2, TRANSIENT_RECHECK_MIN_SECONDS), TRANSIENT_RECHECK_MAX_SECONDS)
 
 
 def launch_id_for(session: Session, now: datetime) -> str:
@@ -329,15 +370,22 @@ def _retire(p: _Pass, since: datetime, *, passive: bool, reason: str) -> list[Ac
                     DestroyMachine(p.sid, m.id, force=True, reason=reason, message="destroy wedged")
                 )
             else:
-                actions.append(_requeue(p, wedge_end, WAITING, f"machine {m.id} is destroying"))
+                actions.append(_recheck(p, m.last_change, wedge_end, f"machine {m.id} is destroying"))
         elif p.now >= grace_end:
             actions.append(
                 DestroyMachine(p.sid, m.id, force=True, reason=reason, message=f"{m.state} past the grace")
             )
         else:
-            if m.state == "started" and not passive:
+            stopping = m.state == "started" and not passive
+            if stopping:
                 actions.append(StopMachine(p.sid, m.id, reason=reason, message="stop before destroy"))
-            actions.append(_requeue(p, grace_end, WAITING, f"machine {m.id} is {m.state}"))
+            # Destroy as soon as it is at rest: a machine we stop, or one in a transient state, is
+            # looked at again shortly; a started one left to exit by itself at the grace's end.
+            since_change = p.now if stopping else m.last_change
+            if stopping or m.state in TRANSIENT_STATES:
+                actions.append(_recheck(p, since_change, grace_end, f"machine {m.id} is {m.state}"))
+            else:
+                actions.append(_requeue(p, grace_end, WAITING, f"machine {m.id} is {m.state}"))
     return actions
 
 
@@ -399,7 +447,9 @@ def _may_destroy_duplicate(p: _Pass, m: ObservedMachine) -> bool:
 
 def _no_machine(p: _Pass, heartbeat: Heartbeat | None) -> list[Action]:
     status, launch = p.session.status, p.launch
-    if launch is not None:
+    if launch is not None and launch.machine_id is None:
+        # Only a create whose answer we have not seen is in flight: once Fly named the machine, the
+        # list (or a GET by id) shows it, and its absence means it is gone.
         expected_until = launch.requested_at + timedelta(seconds=p.settings.create_expectation_seconds)
         if p.now < expected_until:
             reason, message = _keep(
@@ -474,7 +524,7 @@ def _transient(p: _Pass, keeper: ObservedMachine, hb: Heartbeat | None) -> list[
     conds = _live_conditions(keeper, _fresh(p, hb), phase is Phase.SLEEPING)
     fields: dict[str, Any] = {"machineId": keeper.id, "region": keeper.region}
     return _write(p, phase, reason, message, conditions=conds, **fields) + [
-        _requeue(p, wedge_end, WAITING, f"machine {keeper.id} is {keeper.state}")
+        _recheck(p, ref, wedge_end, f"machine {keeper.id} is {keeper.state}")
     ]
 
 
@@ -494,6 +544,11 @@ def _started(p: _Pass, keeper: ObservedMachine, hb: Heartbeat | None) -> list[Ac
         boot_end = _latest(keeper.last_change, status.lastStartAt) + timedelta(
             seconds=p.settings.boot_grace_seconds
         )
+        known_at = _heartbeats_known_at(p)
+        if p.now >= boot_end and known_at is not None and p.now < known_at:
+            # Redis just came back: the heartbeat may have expired while the agent could not write
+            # it. Absent is unknown, not dead, until every live agent has had a TTL to beat again.
+            return [_requeue(p, known_at, HEARTBEATS_UNKNOWN, "heartbeats are unknown after a Redis outage")]
         if p.now >= boot_end:
             last = hb.at.isoformat() if hb is not None else "never"
             return _restart(
@@ -547,7 +602,7 @@ def _at_rest(p: _Pass, keeper: ObservedMachine, hb: Heartbeat | None) -> list[Ac
     if kicked is not None and keeper.last_change <= kicked:
         settle_end = kicked + timedelta(seconds=p.settings.boot_grace_seconds)
         if p.now < settle_end:  # our start/create has not shown in the list yet
-            return [_requeue(p, settle_end, WAITING, f"waiting for machine {keeper.id} to start")]
+            return [_recheck(p, kicked, settle_end, f"waiting for machine {keeper.id} to start")]
     sleeping_fields: dict[str, Any] = {"machineId": keeper.id, "region": keeper.region}
     if status.phase is Phase.SLEEPING:
         if p.inbox_pending:
@@ -557,7 +612,8 @@ def _at_rest(p: _Pass, keeper: ObservedMachine, hb: Heartbeat | None) -> list[Ac
     if keeper.state == "created":
         start_by = keeper.last_change + timedelta(seconds=p.settings.boot_grace_seconds)
         if p.now < start_by:
-            return [_requeue(p, start_by, WAITING, f"machine {keeper.id} created, not started yet")]
+            # Fly starts a created machine within a second: look again soon, start it at the grace.
+            return [_recheck(p, keeper.last_change, start_by, f"machine {keeper.id} created, not started")]
         message = f"machine {keeper.id} was created but never started"
         if kicked is not None and kicked >= keeper.created_at:
             # We already started this very machine once and it is still only created: a failure.
@@ -782,6 +838,15 @@ def _heartbeat_of(heartbeat: Heartbeat | None, keeper: ObservedMachine) -> Heart
     return heartbeat
 
 
+def _heartbeats_known_at(p: _Pass) -> datetime | None:
+    """When a missing heartbeat starts to mean a lost agent, if that is still in the future."""
+    since = p.heartbeats_known_since
+    if since is None:
+        return None
+    known_at = since + timedelta(seconds=p.settings.heartbeat_ttl_seconds)
+    return known_at if p.now < known_at else None
+
+
 def _fresh(p: _Pass, hb: Heartbeat | None) -> bool:
     return hb is not None and p.since(hb.at) <= p.settings.heartbeat_ttl_seconds
 
@@ -796,6 +861,14 @@ def _latest(a: datetime, b: datetime | None) -> datetime:
 
 def _requeue(p: _Pass, at: datetime, reason: str, message: str) -> RequeueAfter:
     return _requeue_in(p, (at - p.now).total_seconds(), reason, message)
+
+
+def _recheck(p: _Pass, since: datetime, deadline: datetime, message: str) -> RequeueAfter:
+    """Look again soon at a machine expected to change (see :func:`transient_recheck_seconds`),
+    and no later than ``deadline``."""
+    soon = transient_recheck_seconds(max(p.since(since), 0.0))
+    seconds = min(soon, (deadline - p.now).total_seconds())
+    return RequeueAfter(p.sid, max(seconds, TRANSIENT_RECHECK_MIN_SECONDS), reason=RECHECK, message=message)
 
 
 def _requeue_in(p: _Pass, seconds: float, reason: str, message: str) -> RequeueAfter:

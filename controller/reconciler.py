@@ -36,7 +36,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from api import keys
@@ -46,6 +46,7 @@ from api.store import Store, StoreUnavailable
 from controller import fly_errors
 from controller.actions import (
     Action,
+    CreateMachine,
     Done,
     Outcome,
     Permanent,
@@ -205,6 +206,14 @@ class Reconciler:
         self._actions_since_pass = 0
         self._resync_now = asyncio.Event()
         self._workers: list[asyncio.Task[None]] = []
+        # Heartbeat trust (rule 6 of the plan): the Redis server we last restored credentials on,
+        # when it started, and when our own view of it last came back from an outage.
+        self._redis_run_id: str | None = None
+        self._redis_started_at: datetime | None = None
+        # A new reconciler (a controller start, a leadership change) has not watched heartbeats
+        # arrive: its view of them begins now, exactly as after an outage.
+        self._redis_recovered_at: datetime | None = clock()
+        self._redis_lost = False
 
     # -- whole-process loop -----------------------------------------------------------------------
 
@@ -331,15 +340,16 @@ class Reconciler:
         self.fly_ok = True
         read_from = self._now()
         try:
+            await self._check_redis_server(read_from)
             sessions = await self.store.all_sessions()
             ids = [s.id for s in sessions]
             heartbeats = await self.store.heartbeats(ids)
             raw_launches = await self.store.get_launches(ids)
             inbox = await self.store.inbox_pending_many(ids) if ids else {}
         except StoreUnavailable:
-            self.redis_ok = False
+            self._redis_down()
             raise
-        self.redis_ok = True
+        self._redis_up()
         for what in ("sessions", "heartbeats", "launches", "inbox"):
             self.metrics.redis_reads.labels(what=what).inc()
         launches = {sid: rec for sid, raw in raw_launches.items() if (rec := LaunchRecord.from_store(raw))}
@@ -361,6 +371,38 @@ class Reconciler:
             all_machines=observed,
         )
         return snapshot, pages
+
+    async def _check_redis_server(self, now: datetime) -> None:
+        """Notice a new Redis server (restarted, failed over) and give its agents their users back.
+
+        ACL users are not persisted by Redis; the store keeps each session's password hash, and
+        this re-creates them before agents give up on their retries. The first pass of a controller
+        restores too: Redis may have restarted while no controller was looking.
+        """
+        run_id, uptime = await self.store.server_identity()
+        self._redis_started_at = now - timedelta(seconds=uptime)
+        if run_id == self._redis_run_id:
+            return
+        restored = await self.store.restore_session_credentials()
+        _log.info("redis_server_seen", restored_credentials=restored, uptime_seconds=round(uptime, 1))
+        self._redis_run_id = run_id
+
+    def _redis_down(self) -> None:
+        self.redis_ok = False
+        self._redis_lost = True
+
+    def _redis_up(self) -> None:
+        self.redis_ok = True
+        if self._redis_lost:
+            # Agents could not beat while we could not read: their heartbeats may have expired.
+            self._redis_lost = False
+            self._redis_recovered_at = self._now()
+
+    @property
+    def heartbeats_known_since(self) -> datetime | None:
+        """Since when a missing heartbeat can mean a lost agent (see ``plan``'s rule 6)."""
+        marks = [t for t in (self._redis_started_at, self._redis_recovered_at) if t is not None]
+        return max(marks) if marks else None
 
     async def _list_machines(self) -> tuple[list[Any], int]:
         """Every machine of ours, in as few pages as Fly allows.
@@ -438,7 +480,7 @@ class Reconciler:
                     last = await self.store.last_change_id()
                 changes = await self.store.read_changes(last, block_ms=self.options.change_block_ms)
             except StoreUnavailable as err:
-                self.redis_ok = False
+                self._redis_down()
                 _log.warning("change_feed_failed", error=str(err))
                 await asyncio.sleep(_TRIGGER_RETRY_SECONDS)
                 continue
@@ -507,9 +549,9 @@ class Reconciler:
                 return []
             machines = self.expectations.view(key, snapshot.machines.get(key, []), snapshot.listed_from)
             moving = {m.id for m in machines if m.state not in _SETTLED_STATES}
-            if view.read == "full" and moving:
-                # A trigger woke us (often the agent's first report) while the machine was last
-                # seen booting: look at it now rather than wait for the next list to say "started".
+            if view.read != "snapshot" and moving:
+                # A trigger or the plan's re-check woke us while the machine was last seen in a
+                # transient state: look at it now rather than wait for the next list.
                 machines = await self._refresh_machines(key, moving, log)
             actions = self._plan(view, machines)
             if any(is_fly_call(a) for a in actions):
@@ -521,10 +563,15 @@ class Reconciler:
                         self._forget(key)
                         return []
                 touched = {mid for a in actions if (mid := machine_id_of(a)) is not None}
+                launched = view.launch.machine_id if view.launch is not None else None
+                if launched and any(isinstance(a, CreateMachine) for a in actions):
+                    # About to replace the launched machine because it is not in the view: read it
+                    # back by id first (a list that lags behind its create must not cause a twin).
+                    touched.add(launched)
                 machines = await self._refresh_machines(key, touched, log)
                 actions = self._plan(view, machines)
         except StoreUnavailable as err:
-            self.redis_ok = False
+            self._redis_down()
             self._needs_read.add(key)
             self.queue.add_rate_limited(key)
             log.warning("reconcile_read_failed", error=str(err))
@@ -594,7 +641,7 @@ class Reconciler:
             self.store.get_launch(key),
             self.store.inbox_pending(key, cap=1),
         )
-        self.redis_ok = True
+        self._redis_up()
         launch = self.expectations.launch(key, LaunchRecord.from_store(raw_launch))
         return _KeyView(session, heartbeat, launch, inbox, "full", CreateFailure.from_store(raw_launch))
 
@@ -609,6 +656,7 @@ class Reconciler:
             launch=view.launch,
             inbox_pending=view.inbox,
             create_failure=view.create_failure,
+            heartbeats_known_since=self.heartbeats_known_since,
         )
 
     async def _refresh_machines(self, key: str, wanted: set[str], log: Any) -> list[ObservedMachine]:

@@ -48,10 +48,13 @@ from controller.observed import (
 )
 from controller.plan import (
     MIN_REQUEUE_SECONDS,
+    TRANSIENT_RECHECK_MAX_SECONDS,
+    TRANSIENT_RECHECK_MIN_SECONDS,
     launch_id_for,
     plan,
     plan_orphans,
     restart_delay,
+    transient_recheck_seconds,
 )
 from controller.settings import PlanSettings
 
@@ -143,8 +146,18 @@ def run(
     settings_: PlanSettings = CFG,
     launch: LaunchRecord | None = None,
     inbox: int = 0,
+    heartbeats_known_since: datetime | None = None,
 ) -> list[Action]:
-    return plan(session, machines, heartbeat, now, settings_, launch=launch, inbox_pending=inbox)
+    return plan(
+        session,
+        machines,
+        heartbeat,
+        now,
+        settings_,
+        launch=launch,
+        inbox_pending=inbox,
+        heartbeats_known_since=heartbeats_known_since,
+    )
 
 
 def status_of(actions: Sequence[Action]) -> SessionStatus | None:
@@ -235,6 +248,25 @@ def test_in_flight_create_that_never_shows_up_is_relaunched_and_counted() -> Non
     assert status is not None and status.restarts == 1 and status.reason == "MachineLost"
 
 
+def test_launched_machine_that_is_gone_is_replaced_at_once_not_after_the_expectation_window() -> None:
+    """Fly answered the create (the launch names its machine) and that machine is gone: the
+    launch is no longer in flight, so the restart backoff - immediate for the first restart -
+    governs the replacement, not the 120 s create expectation."""
+    session = make_session(phase=Phase.RUNNING, machine_id="m1", last_start_at=ago(20))
+    launch = LaunchRecord("g1r0-abc", requested_at=ago(20), machine_id="m1")
+    actions = run(session, launch=launch)
+    assert len(of_type(actions, CreateMachine)) == 1
+    status = status_of(actions)
+    assert status is not None and status.restarts == 1 and status.reason == "MachineLost"
+
+
+def test_heartbeat_of_a_destroyed_machine_does_not_delay_its_replacement() -> None:
+    session = make_session(phase=Phase.RUNNING, machine_id="m1", last_start_at=ago(20))
+    launch = LaunchRecord("g1r0-abc", requested_at=ago(20), machine_id="m1")
+    actions = run(session, [make_machine(state="destroyed", changed=1)], beat(2), launch=launch)
+    assert len(of_type(actions, CreateMachine)) == 1
+
+
 def test_adopts_listed_machine_of_in_flight_create() -> None:
     session = make_session(phase=Phase.CREATING, machine_id=None, started_at=None)
     launch = LaunchRecord("g1r0-x", requested_at=ago(10))
@@ -250,9 +282,28 @@ def test_adopts_listed_machine_of_in_flight_create() -> None:
 @pytest.mark.parametrize("state", sorted(TRANSIENT_STATES))
 def test_waits_on_transient_state_until_wedge_threshold(state: str) -> None:
     session = make_session()
-    actions = run(session, [make_machine(state=state, changed=CFG.wedge_seconds - 10)], beat(60))
+    actions = run(session, [make_machine(state=state, changed=CFG.wedge_seconds - 2)], beat(60))
     assert not fly_actions(actions)
-    assert requeue(actions) == pytest.approx(10 if state != "updating" else 310)
+    # Looked at again soon (the re-check), never later than the wedge threshold.
+    assert requeue(actions) == pytest.approx(2 if state != "updating" else TRANSIENT_RECHECK_MAX_SECONDS)
+
+
+@pytest.mark.parametrize("state", sorted(TRANSIENT_STATES))
+def test_rechecks_a_machine_that_just_entered_a_transient_state_within_a_second(state: str) -> None:
+    """A machine going to sleep (or starting, stopping...) is looked at again as soon as Fly can
+    have moved it on, not at the wedge deadline minutes later."""
+    session = make_session(phase=Phase.SLEEPING)
+    actions = run(session, [make_machine(state=state, changed=0.1)], beat(1), inbox=1)
+    assert not fly_actions(actions)
+    assert requeue(actions) == pytest.approx(TRANSIENT_RECHECK_MIN_SECONDS)
+    later = run(session, [make_machine(state=state, changed=4.0)], beat(1), inbox=1)
+    assert requeue(later) == pytest.approx(2.0)
+
+
+def test_transient_recheck_grows_with_time_in_state_and_stays_bounded() -> None:
+    assert transient_recheck_seconds(0) == TRANSIENT_RECHECK_MIN_SECONDS
+    assert transient_recheck_seconds(3) == 1.5
+    assert transient_recheck_seconds(3600) == TRANSIENT_RECHECK_MAX_SECONDS
 
 
 @pytest.mark.parametrize("state", sorted(TRANSIENT_STATES - {"updating"}))
@@ -314,7 +365,7 @@ def test_every_fly_state_has_a_defined_answer(state: str) -> None:
     machine = make_machine(state=state, changed=10, exit_code=1 if state == "stopped" else None)
     actions = run(make_session(), [machine])
     assert {type(a) for a in fly_actions(actions)} == EXPECTED_BY_STATE[state]
-    assert all(a.seconds >= MIN_REQUEUE_SECONDS for a in of_type(actions, RequeueAfter))
+    assert all(a.seconds >= TRANSIENT_RECHECK_MIN_SECONDS for a in of_type(actions, RequeueAfter))
 
 
 def test_expected_table_covers_every_known_state() -> None:
@@ -353,6 +404,25 @@ def test_restarts_machine_when_heartbeat_is_lost() -> None:
         T0,
     )
     assert isinstance(actions[0], SetStatus), "the restart is counted before it is made"
+
+
+def test_missing_heartbeat_right_after_a_redis_outage_is_unknown_not_death() -> None:
+    """Redis came back 5 s ago: heartbeats that expired while agents could not write them say
+    nothing; no restart until every agent had a whole TTL to beat again."""
+    session = make_session()
+    known = ago(5)
+    for heartbeat in (None, beat(CFG.heartbeat_ttl_seconds + 40)):
+        actions = run(session, [make_machine(changed=500)], heartbeat, heartbeats_known_since=known)
+        assert not fly_actions(actions)
+        assert requeue(actions) == pytest.approx(CFG.heartbeat_ttl_seconds - 5)
+    after = run(
+        session,
+        [make_machine(changed=500)],
+        None,
+        now=T0 + timedelta(seconds=CFG.heartbeat_ttl_seconds),
+        heartbeats_known_since=known,
+    )
+    assert [a.machine_id for a in of_type(after, RestartMachine)] == ["m1"]
 
 
 def test_missing_heartbeat_during_boot_grace_is_not_death() -> None:
@@ -985,7 +1055,7 @@ def test_plan_invariants_hold_for_any_world(
     assert len(of_type(actions, CreateMachine)) <= 1
     assert len(of_type(actions, SetStatus)) <= 1
     assert len(of_type(actions, RequeueAfter)) <= 1
-    assert all(a.seconds >= MIN_REQUEUE_SECONDS for a in of_type(actions, RequeueAfter))
+    assert all(a.seconds >= TRANSIENT_RECHECK_MIN_SECONDS for a in of_type(actions, RequeueAfter))
 
     by_id = {m.id: m for m in machines}
     for action in actions:
