@@ -4,9 +4,10 @@
 
 1. Read the environment (:class:`agent.settings.AgentSettings`) and scrub the secrets out of it.
    Invalid configuration: one ``agent_config_invalid`` log line, exit 2.
-2. Load the session from Redis (retrying an unreachable Redis for a while). Missing session or
+2. Load the session from Redis (retrying an unreachable Redis, or refused credentials - Redis may
+   have restarted and not had them restored yet - for the start-up window). Missing session or
    invalid spec: one ``session_not_found`` / ``session_spec_invalid`` log line, exit 3 (an invalid
-   spec is also reported as ``error``/``SpecInvalid``). Refused credentials: exit 4.
+   spec is also reported as ``error``/``SpecInvalid``). Credentials still refused: exit 4.
 3. Report ``running`` with the machine id, start the heartbeat and the event publisher, emit
    ``agent_started``. Only then import the SDK (1-2 s) in a thread: heartbeats already flow.
 4. Run the task or the chat (:mod:`agent.task`, :mod:`agent.chat`) inside a cancel scope.
@@ -81,8 +82,14 @@ async def load_session(store: Store, settings: AgentSettings) -> Session | int:
                 pass
             return EXIT_SESSION
         except StoreAuthFailed:
-            log.error("redis_auth_failed")
-            return EXIT_REDIS
+            # Right after a Redis restart the controller may not have restored our user yet:
+            # refused credentials are retried for the start-up window like an unreachable Redis.
+            if time.monotonic() >= deadline:
+                log.error("redis_auth_failed")
+                return EXIT_REDIS
+            log.warning("redis_auth_failed_retrying", retry_in=delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
         except StorePermissionDenied:
             # Valid credentials for other keys: this machine was handed another session's user.
             log.error("redis_permission_denied")

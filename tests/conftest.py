@@ -16,6 +16,9 @@ import redis.asyncio as aioredis
 
 from local.redis_server import RedisServer, start_redis
 
+#: ``own_redis``: a Redis of the test's own that it may kill and restart.
+pytest_plugins = ["tests.restartable_redis"]
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
 OPENAPI_PATH = SHARED / "fly" / "openapi.json"

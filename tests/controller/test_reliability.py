@@ -11,7 +11,7 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -20,43 +20,10 @@ import redis.asyncio as aioredis
 from api import keys
 from api.models import utcnow
 from api.store import StoreUnavailable
-from local.redis_server import RedisServer, start_redis
 from tests.controller.world import World, make_world
+from tests.restartable_redis import RestartableRedis
 
 pytestmark = pytest.mark.timeout(120)
-
-
-class RestartableRedis:
-    """A redis-server with AOF on a fixed port that a test can kill and bring back."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.data_dir = data_dir
-        self.server: RedisServer = start_redis(data_dir, appendonly=True)
-        self.port = self.server.port
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def kill(self) -> None:
-        """kill -9: no shutdown save; what survives is what the AOF (fsync every second) holds."""
-        self.server.process.kill()
-        self.server.process.wait(timeout=5)
-
-    def start(self) -> None:
-        self.server = start_redis(self.data_dir, port=self.port, appendonly=True)
-
-    def stop(self) -> None:
-        self.server.stop()
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RestartableRedis]:
-    redis = RestartableRedis(tmp_path / "redis-aof")
-    try:
-        yield redis
-    finally:
-        redis.stop()
 
 
 @pytest.fixture
