@@ -123,13 +123,21 @@ async def _machine_state(fly: httpx.AsyncClient, app: str, machine_id: str) -> s
     return str(response.json().get("state")) if response.status_code == 200 else "unknown"
 
 
+#: Milestones of a wake, in order, as the event stream shows them (the last one is the figure).
+MILESTONES = ("lifecycle:Wake", "agent_started", "run_started", "turn_started")
+
+
 async def _turn_started(
     store: Store, session_id: str, message_id: str, after: str | None
-) -> tuple[datetime, str] | None:
+) -> tuple[datetime, str, dict[str, datetime]] | None:
+    seen: dict[str, datetime] = {}
     for stored in await store.read_events(session_id, after_id=after, count=1000):
         event = stored.event
+        key = f"lifecycle:{event.reason}" if event.type == "lifecycle" else event.type
+        if key in MILESTONES:
+            seen.setdefault(key, event.time)
         if event.type == "turn_started" and event.data.get("messageId") == message_id:
-            return event.time, stored.id
+            return event.time, stored.id, seen
     return None
 
 
@@ -143,6 +151,8 @@ async def measure(stack: LocalStack, sleep: str, rounds: int) -> dict[str, list[
     )
     app = stack.env.get("FLY_APP_NAME", "flyswarm-agents")
     results: dict[str, list[float]] = {"at_sleeping": [], "settled": []}
+    #: (kind, milestone) -> seconds after the POST, for the breakdown line.
+    steps: dict[tuple[str, str], list[float]] = {}
     try:
         response = await api.post(
             "/sessions",
@@ -181,8 +191,10 @@ async def measure(stack: LocalStack, sleep: str, rounds: int) -> dict[str, list[
             async def started(mid: str = message_id, after: str | None = cursor) -> Any:
                 return await _turn_started(store, session_id, mid, after)
 
-            at, cursor = await _until(started, 60, "turn_started")
+            at, cursor, seen = await _until(started, 60, "turn_started")
             results[kind].append((at - sent_at).total_seconds())
+            for name, when in seen.items():
+                steps.setdefault((kind, name), []).append((when - sent_at).total_seconds())
 
             async def awake() -> bool:
                 current = await store.get(session_id)
@@ -194,6 +206,8 @@ async def measure(stack: LocalStack, sleep: str, rounds: int) -> dict[str, list[
         await api.aclose()
         await fly.aclose()
         await store.close()
+    for (kind, name), values in sorted(steps.items()):
+        results[f"{kind}:{name}"] = values
     return results
 
 
