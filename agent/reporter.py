@@ -16,13 +16,14 @@ from typing import Any
 
 from api.logs import get_logger
 from api.models import AgentReport, AgentState, utcnow
-from api.store import Store, StoreUnavailable
+from api.store_agent import AgentStore
+from api.store_base import StoreUnavailable
 
 log = get_logger("agent.reporter")
 
 
 class Reporter:
-    def __init__(self, store: Store, session_id: str, report: AgentReport) -> None:
+    def __init__(self, store: AgentStore, session_id: str, report: AgentReport) -> None:
         self._store = store
         self._session_id = session_id
         self.report = report

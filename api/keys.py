@@ -18,6 +18,8 @@ INDEX = f"{PREFIX}:sessions"  # zset, score 0: every session id, for lexicograph
 LEADER = f"{PREFIX}:leader"  # string with TTL: the controller leader lease (holder id + token)
 LEADER_FENCE = f"{PREFIX}:leader:fence"  # counter: monotonically increasing fencing tokens
 CONTROLLER_SEEN = f"{PREFIX}:controller:seen"  # hash: controller id -> last pass time (for status)
+# set: ids of removed sessions whose ACL user may still exist (the removal's finalizer)
+ACL_PENDING_DELETE = f"{PREFIX}:acl:pending-delete"
 
 
 def _tag(session_id: str) -> str:
@@ -89,8 +91,33 @@ def transcript_projects(session_id: str) -> str:
     return f"{transcript_prefix(session_id)}projects"
 
 
+def session_registry(session_id: str) -> str:
+    """Set: the session's keys beyond :func:`session_fixed_keys` (transcripts), for its removal.
+
+    Every writer that creates such a key adds its name here in the same transaction.
+    """
+    return f"{_tag(session_id)}:keys"
+
+
+def session_fixed_keys(session_id: str) -> tuple[str, ...]:
+    """The session's keys with fixed names (the registry lists the others)."""
+    return (
+        session(session_id),
+        heartbeat(session_id),
+        events(session_id),
+        inbox(session_id),
+        inbox_acked(session_id),
+        launch(session_id),
+    )
+
+
+def session_key_prefix(session_id: str) -> str:
+    """What every key of one session starts with."""
+    return f"{_tag(session_id)}:"
+
+
 def session_key_pattern(session_id: str) -> str:
-    """The glob that matches every key of one session (used for ACLs and cleanup)."""
+    """The glob that matches every key of one session (the per-session ACL user's key pattern)."""
     return f"{_tag(session_id)}:*"
 
 
