@@ -31,7 +31,7 @@ import sys
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from api.models import AgentReport, AgentState
+from api.models import AgentReport, AgentState, Reason
 from api.store_agent import AgentStore
 from api.store_base import StoreUnavailable, redis_url_with_credentials
 
@@ -152,7 +152,7 @@ class HeartbeatAgent:
             self._stop.set()
         elif word == "error":
             self.state = "error"
-            await self._report("error", reason="ScriptedError", message="failed by script")
+            await self._report("error", reason=Reason.EXECUTION_ERROR, message="failed by script")
             self.exit_code = 1
             self._stop.set()
         elif word == "crash":
