@@ -25,7 +25,7 @@ Auth
     :mod:`api.server` refuses to bind anything but loopback.
 
 Redis outages
-    Every :class:`~api.store.StoreUnavailable` becomes a 503 with ``Retry-After: 1``; the client's
+    Every :class:`~api.store_base.StoreUnavailable` becomes a 503 with ``Retry-After: 1``; the client's
     connection pool reconnects by itself, so the API serves again as soon as Redis is back.
 """
 
