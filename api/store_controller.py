@@ -3,8 +3,9 @@
 A role of the store (see :mod:`api.store_base`): batched reads of sessions, heartbeats, launch
 records and inbox depth; the status write, fenced by the leader's token; launch records written
 *before* a Fly create; the change feed and the agents' wake channel (the early triggers); the
-controller-seen record; the leader lease (:mod:`controller.leader` drives it); and, through
-:class:`api.store_credentials.SessionTeardown`, per-session credentials and session removal.
+controller-seen record; the leader lease (:class:`api.store_lease.LeaderLease`, which
+:mod:`controller.leader` drives); and per-session credentials and session removal
+(:class:`api.store_credentials.SessionTeardown`).
 
 ``write_status`` validates the status it is given before writing it: a status built around the
 model's validation (``model_copy(update=...)``, ``model_construct``) with a phase or a reason
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -26,6 +27,7 @@ from api import keys
 from api.models import Heartbeat, SessionStatus, utcnow
 from api.store_base import EventWrites, SessionIndexReads, StoreUnavailable, unavailable_on_redis_error
 from api.store_credentials import SessionTeardown
+from api.store_lease import LeaderLease
 
 StatusWrite = Literal["written", "missing", "refused", "fenced"]
 
@@ -47,33 +49,6 @@ redis.call('HSET', KEYS[1], 'status', ARGV[1])
 return 1
 """
 
-# KEYS: lease, fence. ARGV: holder id, ttl ms. Returns {token, ""} when taken, {0, current} when held.
-_ACQUIRE_LUA = """
-local current = redis.call('GET', KEYS[1])
-if current then return {0, current} end
-local token = redis.call('INCR', KEYS[2])
-redis.call('SET', KEYS[1], ARGV[1] .. '/' .. token, 'PX', ARGV[2])
-return {token, ''}
-"""
-
-# KEYS: lease. ARGV: our value, ttl ms. 1 renewed, 0 not ours any more.
-_RENEW_LUA = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
-end
-return 0
-"""
-
-# KEYS: lease. ARGV: our value. 1 released, 0 not ours.
-_RELEASE_LUA = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('DEL', KEYS[1])
-  return 1
-end
-return 0
-"""
-
 
 @dataclass(frozen=True)
 class Change:
@@ -84,15 +59,12 @@ class Change:
     kind: str
 
 
-class ControllerStore(SessionIndexReads, EventWrites, SessionTeardown):
+class ControllerStore(SessionIndexReads, EventWrites, SessionTeardown, LeaderLease):
     """Async access for the controller. One instance per process, shared by all tasks."""
 
     def __init__(self, redis: aioredis.Redis, **kwargs: Any) -> None:
         super().__init__(redis, **kwargs)
         self._status = redis.register_script(_STATUS_LUA)
-        self._acquire = redis.register_script(_ACQUIRE_LUA)
-        self._renew = redis.register_script(_RENEW_LUA)
-        self._release = redis.register_script(_RELEASE_LUA)
 
     # -- status -----------------------------------------------------------------------------------
 
@@ -191,7 +163,7 @@ class ControllerStore(SessionIndexReads, EventWrites, SessionTeardown):
 
     # -- wake channel -----------------------------------------------------------------------------
 
-    async def wake_sessions(self) -> AsyncIterator[str]:
+    async def wake_sessions(self) -> AsyncGenerator[str]:
         """Ids of sessions whose agent announced a report, as they come (until an error).
 
         Pub/sub is fire-and-forget: it only wakes the loop early, the resync is the truth. Any
@@ -220,24 +192,6 @@ class ControllerStore(SessionIndexReads, EventWrites, SessionTeardown):
     async def record_controller_seen(self, holder_id: str, record: str) -> None:
         """When this controller last finished a pass (for ``flyswarm status``)."""
         await self._redis.hset(keys.CONTROLLER_SEEN, holder_id, record)
-
-    # -- leader lease (driven by controller.leader) -----------------------------------------------
-
-    @unavailable_on_redis_error
-    async def acquire_lease(self, holder_id: str, ttl_ms: int) -> tuple[int, str]:
-        """Take the lease if free: ``(token, "")``, the term's fencing token; else ``(0, current value)``."""
-        reply = await self._acquire(keys=[keys.LEADER, keys.LEADER_FENCE], args=[holder_id, ttl_ms])
-        return int(reply[0]), str(reply[1])
-
-    @unavailable_on_redis_error
-    async def renew_lease(self, value: str, ttl_ms: int) -> bool:
-        """Extend the lease if it still holds ``value``; False when another holder has it."""
-        return int(await self._renew(keys=[keys.LEADER], args=[value, ttl_ms])) == 1
-
-    @unavailable_on_redis_error
-    async def release_lease(self, value: str) -> bool:
-        """Give the lease back if it still holds ``value``."""
-        return int(await self._release(keys=[keys.LEADER], args=[value])) == 1
 
     # -- launch records ---------------------------------------------------------------------------
 

@@ -3,7 +3,7 @@
 Several controllers may run; only the holder of the lease acts. The lease is one key
 (:data:`api.keys.LEADER`) set with ``NX PX``; taking it also ``INCR``s the fence counter
 (:data:`api.keys.LEADER_FENCE`) in the same Lua script (the controller's store runs it:
-:meth:`api.store_controller.ControllerStore.acquire_lease`), so every term of leadership has a
+:meth:`api.store_lease.LeaderLease.acquire_lease`), so every term of leadership has a
 token larger than every earlier one. Status writes carry the token
 (``ControllerStore.write_status(fence=...)``) and Redis refuses them once a newer leader exists.
 

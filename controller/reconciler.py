@@ -453,8 +453,9 @@ class Reconciler:
     async def _wake_loop(self) -> None:
         while True:
             try:
-                async for session_id in self.store.wake_sessions():
-                    self.wake(session_id)
+                async with contextlib.aclosing(self.store.wake_sessions()) as wakes:
+                    async for session_id in wakes:
+                        self.wake(session_id)
             except asyncio.CancelledError:
                 raise
             except Exception as err:  # redis errors of any kind: resubscribe after a pause

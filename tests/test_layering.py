@@ -74,6 +74,7 @@ STORE_MODULES = {
     "api.store_agent",
     "api.store_controller",
     "api.store_credentials",
+    "api.store_lease",
     "api.transcripts",
 }
 SHARED_STORE_MODULES = {"api.store_base"}
