@@ -6,8 +6,9 @@ own store class on top of :class:`StoreBase`, with exactly the operations that r
 * :class:`api.store.ApiStore` — the API: create/apply/get/list/delete sessions, send messages,
   read events;
 * :class:`api.store_controller.ControllerStore` — the controller: status writes (fenced), launch
-  records, heartbeat and inbox reads, the change feed and wake channel, per-session credentials,
-  session removal, the leader lease;
+  records, heartbeat and inbox reads, the change feed and wake channel; with per-session
+  credentials and session removal (:class:`api.store_credentials.SessionTeardown`) and the leader
+  lease (:class:`api.store_lease.LeaderLease`) mixed in;
 * :class:`api.store_agent.AgentStore` — the agent in a machine, connected as its session's ACL user:
   its own session read, its report, heartbeat, events, inbox and transcripts.
 

@@ -18,6 +18,10 @@ channel. Removing a session must take every one of its keys *and* that user with
 
 The registry is writable by the session's own user; the script deletes only members that carry
 the session's own prefix, so a hostile agent cannot make the controller delete anyone else's keys.
+Those members are not declared in ``KEYS`` (they are known only once the script reads the
+registry), which Redis allows because they share the registry's hash tag, hence its slot; the
+index, the change feed and the finalizer set are global keys in the same script, the same
+single-Redis assumption as the API's ``apply`` (see :mod:`api.store`).
 """
 
 from __future__ import annotations

@@ -81,9 +81,9 @@ class CountingPool(ConnectionPool):
         return await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
 
 
-def counting_store(url: str) -> ControllerStore:
+def counting_client(url: str) -> aioredis.Redis:
     pool = CountingPool.from_url(url, decode_responses=True, socket_timeout=10.0, max_connections=1000)
-    return ControllerStore(aioredis.Redis(connection_pool=pool))
+    return aioredis.Redis(connection_pool=pool)
 
 
 async def commands_processed(client: aioredis.Redis) -> int:
@@ -190,15 +190,14 @@ def serve_emulator(port: int, work: Path, seed: int, rate_limits: bool, cheap: b
 
 
 async def seed_converged_sessions(
-    store: ControllerStore, redis_url: str, fly: FlyClient, settings: ControllerSettings, n: int
+    client: aioredis.Redis, fly: FlyClient, settings: ControllerSettings, n: int
 ) -> None:
-    """N chat sessions whose status already is what plan() would write, with fresh heartbeats."""
-    api, agent = ApiStore.from_url(redis_url), AgentStore.from_url(redis_url)
-    try:
-        await _seed(store, api, agent, fly, settings, n)
-    finally:
-        await api.close()
-        await agent.close()
+    """N chat sessions whose status already is what plan() would write, with fresh heartbeats.
+
+    Written as each role would write it: the API creates, the agent heart-beats, the controller
+    writes the status.
+    """
+    await _seed(ControllerStore(client), ApiStore(client), AgentStore(client), fly, settings, n)
 
 
 async def _seed(
@@ -248,11 +247,12 @@ async def bench_pass(redis_url: str, work: Path, n: int) -> dict[str, Any]:
                 on_response=metrics.on_fly_response,
             )
         )
-        store = counting_store(redis_url)
+        client = counting_client(redis_url)
+        store = ControllerStore(client)
         admin = aioredis.Redis.from_url(redis_url, decode_responses=True)
         try:
             await admin.flushall()
-            await seed_converged_sessions(store, redis_url, fly, settings, n)
+            await seed_converged_sessions(client, fly, settings, n)
             reconciler = Reconciler(
                 store=store,
                 fly=fly,
