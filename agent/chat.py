@@ -26,7 +26,7 @@ from claude_agent_sdk import ClaudeSDKClient, ResultMessage, project_key_for_dir
 from agent.context import AgentContext
 from agent.events import result_reason
 from agent.outcome import Outcome, outcome_for_exception
-from api.store import StoreUnavailable
+from api.store_base import StoreUnavailable
 
 _INTERRUPT_DRAIN_SECONDS = 5.0
 

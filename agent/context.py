@@ -24,7 +24,7 @@ from agent.publisher import EventPublisher
 from agent.reporter import Reporter
 from agent.settings import AgentSettings
 from api.models import Session, SessionSpec
-from api.store import Store
+from api.store_agent import AgentStore
 from api.transcripts import RedisTranscriptStore
 
 DEFAULT_SYSTEM_PROMPT: dict[str, str] = {"type": "preset", "preset": "claude_code"}
@@ -33,7 +33,7 @@ DEFAULT_SYSTEM_PROMPT: dict[str, str] = {"type": "preset", "preset": "claude_cod
 @dataclass
 class AgentContext:
     settings: AgentSettings
-    store: Store
+    store: AgentStore
     session: Session
     reporter: Reporter
     publisher: EventPublisher

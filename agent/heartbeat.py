@@ -14,7 +14,8 @@ import contextlib
 from collections.abc import Callable
 
 from api.logs import get_logger
-from api.store import Store, StoreUnavailable
+from api.store_agent import AgentStore
+from api.store_base import StoreUnavailable
 
 log = get_logger("agent.heartbeat")
 
@@ -22,7 +23,7 @@ log = get_logger("agent.heartbeat")
 class Heartbeat:
     def __init__(
         self,
-        store: Store,
+        store: AgentStore,
         session_id: str,
         machine_id: str | None,
         *,

@@ -15,13 +15,14 @@ from typing import Any
 
 from api.logs import get_logger
 from api.models import SessionEvent
-from api.store import Store, StoreUnavailable
+from api.store_agent import AgentStore
+from api.store_base import StoreUnavailable
 
 log = get_logger("agent.publisher")
 
 
 class EventPublisher:
-    def __init__(self, store: Store, session_id: str, *, maxsize: int = 10_000) -> None:
+    def __init__(self, store: AgentStore, session_id: str, *, maxsize: int = 10_000) -> None:
         self._store = store
         self._session_id = session_id
         self._queue: asyncio.Queue[SessionEvent] = asyncio.Queue(maxsize=maxsize)

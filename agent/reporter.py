@@ -20,7 +20,8 @@ from typing import Any
 
 from api.logs import get_logger
 from api.models import AgentReport, AgentState, utcnow
-from api.store import Store, StoreUnavailable
+from api.store_agent import AgentStore
+from api.store_base import StoreUnavailable
 
 log = get_logger("agent.reporter")
 
@@ -28,7 +29,7 @@ log = get_logger("agent.reporter")
 class Reporter:
     def __init__(
         self,
-        store: Store,
+        store: AgentStore,
         session_id: str,
         report: AgentReport,
         *,

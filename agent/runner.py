@@ -54,8 +54,8 @@ from agent.reporter import Reporter
 from agent.settings import AgentSettings, scrub_environment
 from api.logs import configure_logging, get_logger, register_secret
 from api.models import AgentReport, Session
-from api.store import Store, StoreAuthFailed, StorePermissionDenied, StoreUnavailable
-from api.transcripts import RedisTranscriptStore
+from api.store_agent import AgentStore
+from api.store_base import StoreAuthFailed, StorePermissionDenied, StoreUnavailable
 
 if TYPE_CHECKING:
     from agent.context import AgentContext
@@ -63,7 +63,7 @@ if TYPE_CHECKING:
 log = get_logger("agent")
 
 
-async def load_session(store: Store, settings: AgentSettings) -> Session | int:
+async def load_session(store: AgentStore, settings: AgentSettings) -> Session | int:
     """The session to run, or the exit code that refuses to run it."""
     deadline = time.monotonic() + settings.startup_redis_timeout_seconds
     delay = 0.2
@@ -113,7 +113,7 @@ async def load_session(store: Store, settings: AgentSettings) -> Session | int:
 class AgentProcess:
     """One run of the agent for one session."""
 
-    def __init__(self, settings: AgentSettings, store: Store, session: Session) -> None:
+    def __init__(self, settings: AgentSettings, store: AgentStore, session: Session) -> None:
         self.settings = settings
         self.store = store
         self.session = session
@@ -207,7 +207,7 @@ class AgentProcess:
             reporter=self.reporter,
             publisher=self.publisher,
             heartbeat=self.heartbeat,
-            transcripts=RedisTranscriptStore(self.store.redis, self.session.id, fold=fold_session_summary),
+            transcripts=self.store.transcripts(self.session.id, fold=fold_session_summary),
             diagnostics=diagnostics,
             log=log,
             base_cost=self.previous.costUsd or 0.0,
@@ -325,7 +325,7 @@ class AgentProcess:
 
 async def amain(settings: AgentSettings) -> int:
     structlog.contextvars.bind_contextvars(session_id=settings.session_id, machine_id=settings.machine_id)
-    store = Store.from_url(settings.redis_connection_url())
+    store = AgentStore.from_url(settings.redis_connection_url())
     try:
         loaded = await load_session(store, settings)
         if isinstance(loaded, int):

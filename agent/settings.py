@@ -19,7 +19,7 @@ from pydantic import AliasChoices, Field, SecretStr, field_validator, model_vali
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from api.models import validate_session_id
-from api.store import redis_url_with_credentials
+from api.store_base import redis_url_with_credentials
 
 # Variables the agent reads and then scrubs from its environment (children must not inherit them).
 SECRET_ENV = ("FLYSWARM_REDIS_URL", "FLYSWARM_REDIS_USERNAME", "FLYSWARM_REDIS_PASSWORD")

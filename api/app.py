@@ -25,7 +25,7 @@ Auth
     :mod:`api.server` refuses to bind anything but loopback.
 
 Redis outages
-    Every :class:`~api.store.StoreUnavailable` becomes a 503 with ``Retry-After: 1``; the client's
+    Every :class:`~api.store_base.StoreUnavailable` becomes a 503 with ``Retry-After: 1``; the client's
     connection pool reconnects by itself, so the API serves again as soon as Redis is back.
 """
 
@@ -64,7 +64,8 @@ from api.middleware import EdgeMiddleware
 from api.models import Phase, generate_session_id
 from api.selector import SelectorError, parse_selector
 from api.settings import ApiSettings
-from api.store import InvalidCursor, Store, StoreUnavailable
+from api.store import ApiStore, InvalidCursor
+from api.store_base import StoreUnavailable
 from api.streaming import SSE_KEEPALIVE, End, Tick, follow_events, parse_stream_id, sse_end_frame, sse_frame
 from api.websocket import SessionSocket
 from api.wire import (
@@ -92,7 +93,7 @@ class ApiContext:
     """What every handler needs, built once by :func:`create_app` (``app.state.ctx``)."""
 
     settings: ApiSettings
-    store: Store
+    store: ApiStore
     metrics: ApiMetrics
     log: Any
     # A blocking read must end well before the Redis socket timeout, or it would look like a dead server.
@@ -119,9 +120,9 @@ def _redis_password(url: str) -> str | None:
         return None
 
 
-def store_from_settings(settings: ApiSettings) -> Store:
+def store_from_settings(settings: ApiSettings) -> ApiStore:
     """The API's store: few, fast retries, so an outage answers 503 quickly instead of hanging."""
-    return Store.from_url(
+    return ApiStore.from_url(
         settings.redis_url.get_secret_value(),
         socket_timeout=settings.redis_timeout_seconds,
         retries=2,
@@ -513,7 +514,7 @@ def _block_slice(settings: ApiSettings) -> float:
     return max(0.05, min(settings.sse_keepalive_seconds, settings.redis_timeout_seconds / 2))
 
 
-def create_app(settings: ApiSettings, store: Store | None = None) -> FastAPI:
+def create_app(settings: ApiSettings, store: ApiStore | None = None) -> FastAPI:
     """The ASGI app. Without ``store`` it builds its own from ``REDIS_URL`` and closes it at shutdown."""
     for token in settings.token_values():
         register_secret(token)

@@ -22,6 +22,8 @@ CONTROLLER_SEEN = f"{PREFIX}:controller:seen"  # hash: controller id -> last pas
 #: only (``ACL SETUSER`` is not in the AOF); this durable copy lets the controller re-create them
 #: after a Redis restart. A global key on purpose: a session's own ACL pattern cannot reach it.
 CREDENTIALS = f"{PREFIX}:credentials"
+# set: ids of removed sessions whose ACL user may still exist (the removal's finalizer)
+ACL_PENDING_DELETE = f"{PREFIX}:acl:pending-delete"
 
 
 def _tag(session_id: str) -> str:
@@ -93,8 +95,33 @@ def transcript_projects(session_id: str) -> str:
     return f"{transcript_prefix(session_id)}projects"
 
 
+def session_registry(session_id: str) -> str:
+    """Set: the session's keys beyond :func:`session_fixed_keys` (transcripts), for its removal.
+
+    Every writer that creates such a key adds its name here in the same transaction.
+    """
+    return f"{_tag(session_id)}:keys"
+
+
+def session_fixed_keys(session_id: str) -> tuple[str, ...]:
+    """The session's keys with fixed names (the registry lists the others)."""
+    return (
+        session(session_id),
+        heartbeat(session_id),
+        events(session_id),
+        inbox(session_id),
+        inbox_acked(session_id),
+        launch(session_id),
+    )
+
+
+def session_key_prefix(session_id: str) -> str:
+    """What every key of one session starts with."""
+    return f"{_tag(session_id)}:"
+
+
 def session_key_pattern(session_id: str) -> str:
-    """The glob that matches every key of one session (used for ACLs and cleanup)."""
+    """The glob that matches every key of one session (the per-session ACL user's key pattern)."""
     return f"{_tag(session_id)}:*"
 
 

@@ -20,7 +20,8 @@ from collections import Counter as CountOf
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from api.models import Phase
-from api.store import Store, StoreUnavailable
+from api.store import ApiStore
+from api.store_base import StoreUnavailable
 
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -84,7 +85,7 @@ class ApiMetrics:
                 histogram = self._latency_children[(method, route)] = self.latency.labels(method, route)
             histogram.observe(seconds)
 
-    async def refresh_sessions(self, store: Store) -> None:
+    async def refresh_sessions(self, store: ApiStore) -> None:
         """Recount sessions by phase when the cached count is older than the refresh interval."""
         now = time.monotonic()
         if self._refreshed_at is not None and now - self._refreshed_at < self._refresh_seconds:

@@ -21,6 +21,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from api.reasons import Reason as Reason  # re-exported: the API models include the reasons
+
 API_VERSION: Literal["flyswarm.dev/v1"] = "flyswarm.dev/v1"
 KIND: Literal["Session"] = "Session"
 
@@ -245,12 +247,12 @@ class Condition(BaseModel):
 
 
 class SessionStatus(BaseModel):
-    """Written by the controller only."""
+    """Written by the controller only (through :class:`StatusUpdate`, validated before the write)."""
 
     model_config = ConfigDict(extra="ignore")
 
     phase: Phase = Phase.PENDING
-    reason: str | None = None
+    reason: Reason | None = None
     message: str | None = None
     machineId: str | None = None
     region: str | None = None
@@ -264,6 +266,42 @@ class SessionStatus(BaseModel):
     # When the controller last asked Fly to create, start or restart the session's machine: the
     # restart backoff counts from it, and observations older than it are not taken as failures.
     lastStartAt: datetime | None = None
+
+    def checked(self) -> SessionStatus:
+        """This status re-validated: one built around validation (``model_copy(update=...)``,
+        ``model_construct``) with a bad phase, reason or field name raises instead of being stored."""
+        unknown = sorted(set(vars(self)) - set(SessionStatus.model_fields))
+        if unknown:
+            raise ValueError(f"status has unknown fields: {', '.join(unknown)}")
+        return SessionStatus.model_validate(self.model_dump(warnings=False))
+
+
+class StatusUpdate(BaseModel):
+    """A change to a session's status: the fields given are set, each validated; others are kept.
+
+    Unknown field names are refused (a misspelled field is an error, not a silent no-op), and
+    :meth:`applied_to` validates the merged status, so ``phase='Bogus'`` never reaches the store.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    phase: Phase | None = None
+    reason: Reason | None = None
+    message: str | None = None
+    machineId: str | None = None
+    region: str | None = None
+    restarts: int | None = None
+    observedGeneration: int | None = None
+    conditions: list[Condition] | None = None
+    startedAt: datetime | None = None
+    finishedAt: datetime | None = None
+    lastHeartbeatAt: datetime | None = None
+    nextRetryAt: datetime | None = None
+    lastStartAt: datetime | None = None
+
+    def applied_to(self, status: SessionStatus) -> SessionStatus:
+        changes = self.model_dump(include=self.model_fields_set)
+        return SessionStatus.model_validate({**status.model_dump(), **changes})
 
 
 AgentState = Literal["starting", "running", "idle", "done", "error", "interrupted"]

@@ -1,4 +1,6 @@
-"""The store: the only code that talks to Redis about sessions.
+"""The API's store: session writes and reads for the HTTP API (one role of the store; see
+:mod:`api.store_base` for the roles and :mod:`api.store_controller`, :mod:`api.store_agent` for the
+others).
 
 Layout (names in :mod:`api.keys`): one hash per session with separate fields for each writer —
 ``meta`` (name, uid, createdAt), ``labels``, ``gen`` (generation), ``deleted`` (deletionTimestamp),
@@ -10,15 +12,11 @@ maintains (the listing index and the change feed):
 
 * ``apply``: create-or-get (POST) and create-or-update (PUT) in one step; ``generation`` is bumped
   only when the canonical spec JSON really changes; a change-feed entry is appended in the same step.
-* ``status``: writes only if the session still exists (a removed session is never resurrected) and
-  refuses to move a finished session (Succeeded/Failed) back to a live phase.
+* ``delete``: sets ``deletionTimestamp`` once; the controller finalizes (machines, then the keys).
 
 On Redis Cluster the index and the change feed live in other slots than a session's keys; the
 scripts would then have to be split (feed entry after the write). Single Redis (with AOF) is the
 supported deployment today; the per-session hash tags are there so the split stays small.
-
-Every Redis connection error surfaces as :class:`StoreUnavailable` so callers can answer 503 and
-never treat missing data as "gone".
 """
 
 from __future__ import annotations
@@ -26,105 +24,42 @@ from __future__ import annotations
 import base64
 import binascii
 import builtins
-import functools
-import hashlib
 import json
-import secrets
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any, Literal, ParamSpec, TypeVar
-from urllib.parse import quote, urlsplit, urlunsplit
+from typing import Any, Literal
 
 import redis.asyncio as aioredis
-import redis.exceptions as redis_errors
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff
 
 from api import keys
 from api.models import (
-    AgentReport,
-    Heartbeat,
     InboxMessage,
     Metadata,
     Phase,
     Session,
-    SessionCredentials,
     SessionEvent,
     SessionSpec,
     SessionStatus,
     utcnow,
 )
 from api.selector import Selector
-
-P = ParamSpec("P")
-T = TypeVar("T")
-
-DEFAULT_CHANGES_MAXLEN = 100_000
-DEFAULT_EVENTS_MAXLEN = 2_000
-DEFAULT_INBOX_MAXLEN = 10_000
-
-ApplyResult = Literal[
-    "created", "configured", "unchanged", "exists", "deleting", "missing", "mode_conflict", "finished"
-]
-
-
-class StoreUnavailable(RuntimeError):
-    """Redis could not be reached or answered with an error we cannot act on."""
-
-
-class StoreAuthFailed(StoreUnavailable):
-    """Redis refused the credentials (wrong password or a disabled per-session user)."""
-
-
-class StorePermissionDenied(RuntimeError):
-    """The credentials are valid but may not touch these keys (another session's, for an agent)."""
+from api.store_base import (
+    SessionIndexReads,
+    canonical_labels,
+    canonical_spec,
+    flat_to_dict,
+    session_from_hash,
+    unavailable_on_redis_error,
+)
 
 
 class InvalidCursor(ValueError):
     """A pagination cursor that this store did not hand out."""
 
 
-def _unavailable_on_redis_error(func: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
-    @functools.wraps(func)
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-        try:
-            return await func(*args, **kwargs)
-        except redis_errors.AuthenticationError as exc:
-            raise StoreAuthFailed("redis refused the credentials") from exc
-        except redis_errors.NoPermissionError as exc:
-            raise StorePermissionDenied("redis denied access to these keys") from exc
-        except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
-            raise StoreUnavailable("redis is unreachable") from exc
-        except redis_errors.BusyLoadingError as exc:
-            raise StoreUnavailable("redis is loading its data set") from exc
-
-    return wrapper
-
-
-def redis_url_with_credentials(url: str, username: str | None, password: str | None) -> str:
-    """``url`` (scheme, host, port, db) with its user info replaced by ``username``/``password``.
-
-    Both None: no user info at all. The result carries a secret: never log it.
-    """
-    parts = urlsplit(url)
-    host = parts.hostname or "127.0.0.1"
-    if ":" in host:  # IPv6
-        host = f"[{host}]"
-    netloc = host if parts.port is None else f"{host}:{parts.port}"
-    if username is not None or password is not None:
-        netloc = f"{quote(username or '', safe='')}:{quote(password or '', safe='')}@{netloc}"
-    return urlunsplit((parts.scheme or "redis", netloc, parts.path, parts.query, ""))
-
-
-def canonical_spec(spec: SessionSpec) -> str:
-    """Equal specs give equal strings, whatever the order of map keys."""
-    return json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-
-
-def canonical_labels(labels: dict[str, str]) -> str:
-    return json.dumps(labels, sort_keys=True, separators=(",", ":"))
+ApplyResult = Literal[
+    "created", "configured", "unchanged", "exists", "deleting", "missing", "mode_conflict", "finished"
+]
 
 
 def encode_cursor(last_id: str) -> str:
@@ -207,45 +142,11 @@ end
 return {'ok', redis.call('HGETALL', KEYS[1])}
 """
 
-# KEYS: session hash [, fence key]. ARGV: status json, new phase [, fence token].
-# Returns 1 written, 0 missing, -1 refused (finished session), -2 fenced out (stale leader).
-_STATUS_LUA = """
-if #KEYS > 1 then
-  if redis.call('GET', KEYS[2]) ~= ARGV[3] then return -2 end
-end
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-local cur = redis.call('HGET', KEYS[1], 'status')
-if cur then
-  local phase = cjson.decode(cur)['phase']
-  if (phase == 'Succeeded' or phase == 'Failed') and ARGV[2] ~= phase and ARGV[2] ~= 'Terminating' then
-    return -1
-  end
-end
-redis.call('HSET', KEYS[1], 'status', ARGV[1])
-return 1
-"""
-
-# KEYS: session hash. ARGV: field, json. Writes only if the session exists.
-_FIELD_IF_EXISTS_LUA = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-return 1
-"""
-
 
 @dataclass(frozen=True)
 class ApplyOutcome:
     result: ApplyResult
     session: Session | None
-
-
-@dataclass(frozen=True)
-class Change:
-    """One entry of the change feed."""
-
-    entry_id: str
-    session_id: str
-    kind: str
 
 
 @dataclass(frozen=True)
@@ -260,80 +161,13 @@ class ListPage:
     cursor: str | None
 
 
-def _session_from_hash(raw: dict[str, str]) -> Session | None:
-    if not raw or "spec" not in raw or "meta" not in raw:
-        return None
-    meta = json.loads(raw["meta"])
-    meta["labels"] = json.loads(raw.get("labels") or "{}")
-    meta["generation"] = int(raw.get("gen") or 1)
-    meta["deletionTimestamp"] = raw.get("deleted")
-    data: dict[str, Any] = {
-        "metadata": meta,
-        "spec": json.loads(raw["spec"]),
-        "status": json.loads(raw["status"]) if raw.get("status") else {},
-        "agent": json.loads(raw["agent"]) if raw.get("agent") else None,
-    }
-    return Session.model_validate(data)
+class ApiStore(SessionIndexReads):
+    """What the API does with sessions: create, apply, get, list, delete, message, read events."""
 
-
-def _flat_to_dict(flat: Sequence[Any]) -> dict[str, str]:
-    return {str(flat[i]): str(flat[i + 1]) for i in range(0, len(flat), 2)}
-
-
-class Store:
-    """Async access to sessions in Redis. One instance per process, shared by all tasks."""
-
-    def __init__(
-        self,
-        redis: aioredis.Redis,
-        *,
-        changes_maxlen: int = DEFAULT_CHANGES_MAXLEN,
-        events_maxlen: int = DEFAULT_EVENTS_MAXLEN,
-        inbox_maxlen: int = DEFAULT_INBOX_MAXLEN,
-    ) -> None:
-        # redis-py's stubs type every reply as a union of bytes/str/Awaitable; with
-        # decode_responses=True the replies are str, so the client is handled as Any here and
-        # the store's own signatures carry the types.
-        self.redis: Any = redis
-        self.changes_maxlen = changes_maxlen
-        self.events_maxlen = events_maxlen
-        self.inbox_maxlen = inbox_maxlen
+    def __init__(self, redis: aioredis.Redis, **kwargs: Any) -> None:
+        super().__init__(redis, **kwargs)
         self._apply = redis.register_script(_APPLY_LUA)
         self._delete = redis.register_script(_DELETE_LUA)
-        self._status = redis.register_script(_STATUS_LUA)
-        self._field_if_exists = redis.register_script(_FIELD_IF_EXISTS_LUA)
-
-    @classmethod
-    def from_url(
-        cls,
-        url: str,
-        *,
-        socket_timeout: float = 5.0,
-        connect_timeout: float = 2.0,
-        retries: int = 0,
-        **kwargs: Any,
-    ) -> Store:
-        """A store on its own connection pool.
-
-        ``retries`` > 0 retries a command on connection errors with a short jittered backoff
-        (capped at 0.2 s) so a blip is absorbed while an outage still fails fast (503, not a hang).
-        """
-        client = aioredis.Redis.from_url(
-            url,
-            decode_responses=True,
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=min(connect_timeout, socket_timeout),
-            health_check_interval=15,
-            retry=Retry(ExponentialWithJitterBackoff(cap=0.2, base=0.02), retries) if retries else None,
-        )
-        return cls(client, **kwargs)
-
-    async def close(self) -> None:
-        await self.redis.aclose()
-
-    @_unavailable_on_redis_error
-    async def ping(self) -> bool:
-        return bool(await self.redis.ping())
 
     # -- sessions ---------------------------------------------------------------------------------
 
@@ -376,49 +210,20 @@ class Store:
             )
             created = Session(metadata=metadata, spec=session.spec, status=SessionStatus())
             return ApplyOutcome(result=result, session=created)
-        stored = _session_from_hash(_flat_to_dict(reply[1])) if len(reply) > 1 else None
+        stored = session_from_hash(flat_to_dict(reply[1])) if len(reply) > 1 else None
         return ApplyOutcome(result=result, session=stored)
 
-    @_unavailable_on_redis_error
+    @unavailable_on_redis_error
     async def create_or_get(self, session: Session) -> ApplyOutcome:
         """Create the session, or return the one already stored under its id (result ``exists``)."""
         return await self._run_apply(session, "create")
 
-    @_unavailable_on_redis_error
+    @unavailable_on_redis_error
     async def apply(self, session: Session) -> ApplyOutcome:
         """Create or update (labels and spec); ``generation`` moves only on a real spec change."""
         return await self._run_apply(session, "apply")
 
-    @_unavailable_on_redis_error
-    async def get(self, session_id: str) -> Session | None:
-        raw = await self.redis.hgetall(keys.session(session_id))
-        return _session_from_hash(raw)
-
-    @_unavailable_on_redis_error
-    async def get_many(self, session_ids: Sequence[str], *, batch: int = 500) -> list[Session]:
-        """Batched read (pipelined, one round trip per ``batch`` ids)."""
-        found: list[Session] = []
-        for start in range(0, len(session_ids), batch):
-            chunk = session_ids[start : start + batch]
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for sid in chunk:
-                    pipe.hgetall(keys.session(sid))
-                raws = await pipe.execute()
-            for raw in raws:
-                session = _session_from_hash(raw)
-                if session is not None:
-                    found.append(session)
-        return found
-
-    @_unavailable_on_redis_error
-    async def all_ids(self) -> list[str]:
-        return [str(x) for x in await self.redis.zrange(keys.INDEX, 0, -1)]
-
-    async def all_sessions(self) -> list[Session]:
-        """Every session, in id order: one index read plus pipelined hash reads."""
-        return await self.get_many(await self.all_ids())
-
-    @_unavailable_on_redis_error
+    @unavailable_on_redis_error
     async def list(
         self,
         *,
@@ -440,7 +245,7 @@ class Store:
         exhausted = False
         batch = max(limit, 100)
         while len(matched) < limit and scanned < max_scan:
-            ids = [str(x) for x in await self.redis.zrangebylex(keys.INDEX, start, "+", start=0, num=batch)]
+            ids = [str(x) for x in await self._redis.zrangebylex(keys.INDEX, start, "+", start=0, num=batch)]
             if not ids:
                 exhausted = True
                 break
@@ -465,13 +270,13 @@ class Store:
         if exhausted and (last_id is None or len(matched) < limit):
             return ListPage(sessions=matched, cursor=None)
         if last_id is not None:
-            more = await self.redis.zrangebylex(keys.INDEX, f"({last_id}", "+", start=0, num=1)
+            more = await self._redis.zrangebylex(keys.INDEX, f"({last_id}", "+", start=0, num=1)
             if not more:
                 return ListPage(sessions=matched, cursor=None)
             return ListPage(sessions=matched, cursor=encode_cursor(last_id))
         return ListPage(sessions=matched, cursor=None)
 
-    @_unavailable_on_redis_error
+    @unavailable_on_redis_error
     async def mark_deleted(self, session_id: str) -> Session | None:
         """Set ``deletionTimestamp``; the controller finalizes (destroys machines, then removes)."""
         reply = await self._delete(
@@ -480,110 +285,12 @@ class Store:
         )
         if reply[0] == "missing":
             return None
-        return _session_from_hash(_flat_to_dict(reply[1]))
+        return session_from_hash(flat_to_dict(reply[1]))
 
-    @_unavailable_on_redis_error
-    async def remove(self, session_id: str) -> None:
-        """Remove the record and every key of the session (finalization, or TTL after finish)."""
-        fixed = [
-            keys.session(session_id),
-            keys.heartbeat(session_id),
-            keys.events(session_id),
-            keys.inbox(session_id),
-            keys.inbox_acked(session_id),
-            keys.launch(session_id),
-        ]
-        extra = [
-            str(k) async for k in self.redis.scan_iter(match=keys.session_key_pattern(session_id), count=1000)
-        ]
-        await self.redis.delete(*set(fixed + extra))
-        await self.redis.zrem(keys.INDEX, session_id)
-        await self.redis.xadd(
-            keys.CHANGES, {"id": session_id, "kind": "removed"}, maxlen=self.changes_maxlen, approximate=True
-        )
-        await self.delete_session_credentials(session_id)
-
-    @_unavailable_on_redis_error
-    async def write_status(
-        self,
-        session_id: str,
-        status: SessionStatus,
-        *,
-        fence: tuple[str, int] | None = None,
-    ) -> Literal["written", "missing", "refused", "fenced"]:
-        """Write the controller-owned status (only the controller calls this).
-
-        ``fence`` is ``(fence_key, token)``: the write happens only while that key still holds the
-        token, so a controller that lost leadership cannot write after a new leader took over.
-        """
-        key_list = [keys.session(session_id)]
-        args: list[Any] = [status.model_dump_json(), status.phase.value]
-        if fence is not None:
-            key_list.append(fence[0])
-            args.append(str(fence[1]))
-        code = int(await self._status(keys=key_list, args=args))
-        outcomes: dict[int, Literal["written", "missing", "refused", "fenced"]] = {
-            1: "written",
-            0: "missing",
-            -1: "refused",
-            -2: "fenced",
-        }
-        return outcomes[code]
-
-    @_unavailable_on_redis_error
-    async def write_agent_report(self, session_id: str, report: AgentReport) -> bool:
-        """Write the agent-owned report and wake the controller; False when the session is gone."""
-        if report.updatedAt is None:
-            report = report.model_copy(update={"updatedAt": utcnow()})
-        written = int(
-            await self._field_if_exists(
-                keys=[keys.session(session_id)], args=["agent", report.model_dump_json()]
-            )
-        )
-        if written:
-            await self.redis.publish(keys.wake_channel(session_id), report.state)
-        return bool(written)
-
-    # -- heartbeats -------------------------------------------------------------------------------
-
-    @_unavailable_on_redis_error
-    async def heartbeat(self, session_id: str, machine_id: str | None, ttl_seconds: int, state: str) -> None:
-        beat = Heartbeat(machineId=machine_id, state=state, at=utcnow(), ttlSeconds=ttl_seconds)
-        await self.redis.set(keys.heartbeat(session_id), beat.model_dump_json(), ex=ttl_seconds)
-
-    @_unavailable_on_redis_error
-    async def get_heartbeat(self, session_id: str) -> Heartbeat | None:
-        raw = await self.redis.get(keys.heartbeat(session_id))
-        return Heartbeat.model_validate_json(raw) if raw else None
-
-    @_unavailable_on_redis_error
-    async def heartbeats(self, session_ids: Sequence[str], *, batch: int = 1000) -> dict[str, Heartbeat]:
-        """Batched heartbeat read (pipelined GETs: no cross-slot MGET)."""
-        found: dict[str, Heartbeat] = {}
-        for start in range(0, len(session_ids), batch):
-            chunk = session_ids[start : start + batch]
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for sid in chunk:
-                    pipe.get(keys.heartbeat(sid))
-                raws = await pipe.execute()
-            for sid, raw in zip(chunk, raws, strict=True):
-                if raw:
-                    found[sid] = Heartbeat.model_validate_json(raw)
-        return found
-
+    @unavailable_on_redis_error
     # -- events -----------------------------------------------------------------------------------
 
-    @_unavailable_on_redis_error
-    async def append_event(self, session_id: str, event: SessionEvent) -> str:
-        entry_id = await self.redis.xadd(
-            keys.events(session_id),
-            {"e": event.model_dump_json()},
-            maxlen=self.events_maxlen,
-            approximate=True,
-        )
-        return str(entry_id)
-
-    @_unavailable_on_redis_error
+    @unavailable_on_redis_error
     async def read_events(
         self,
         session_id: str,
@@ -596,9 +303,9 @@ class Store:
         stream = keys.events(session_id)
         if block_ms is None:
             start = f"({after_id}" if after_id else "-"
-            entries = await self.redis.xrange(stream, min=start, max="+", count=count)
+            entries = await self._redis.xrange(stream, min=start, max="+", count=count)
         else:
-            reply = await self.redis.xread({stream: after_id or "0-0"}, count=count, block=block_ms)
+            reply = await self._redis.xread({stream: after_id or "0-0"}, count=count, block=block_ms)
             entries = reply[0][1] if reply else []
         return [
             StoredEvent(id=str(eid), event=SessionEvent.model_validate_json(fields["e"]))
@@ -607,218 +314,22 @@ class Store:
 
     # -- inbox ------------------------------------------------------------------------------------
 
-    @_unavailable_on_redis_error
+    @unavailable_on_redis_error
     async def send_message(self, session_id: str, text: str) -> InboxMessage:
         created = utcnow()
-        entry_id = await self.redis.xadd(
+        entry_id = await self._redis.xadd(
             keys.inbox(session_id),
             {"text": text, "createdAt": created.isoformat()},
             maxlen=self.inbox_maxlen,
             approximate=True,
         )
-        await self.redis.xadd(
+        await self._redis.xadd(
             keys.CHANGES, {"id": session_id, "kind": "message"}, maxlen=self.changes_maxlen, approximate=True
         )
         return InboxMessage(id=str(entry_id), text=text, createdAt=created)
 
-    @_unavailable_on_redis_error
-    async def inbox_next(self, session_id: str, *, block_ms: int | None = None) -> InboxMessage | None:
-        """The oldest message whose turn has not been acknowledged; the same one until acked."""
-        acked = await self.redis.get(keys.inbox_acked(session_id)) or "0-0"
-        entries = await self.redis.xrange(keys.inbox(session_id), min=f"({acked}", max="+", count=1)
-        if not entries and block_ms is not None:
-            reply = await self.redis.xread({keys.inbox(session_id): acked}, count=1, block=block_ms)
-            entries = reply[0][1] if reply else []
-        if not entries:
-            return None
-        entry_id, fields = entries[0]
-        return InboxMessage(
-            id=str(entry_id), text=fields["text"], createdAt=datetime.fromisoformat(fields["createdAt"])
-        )
-
-    @_unavailable_on_redis_error
-    async def inbox_ack(self, session_id: str, message_id: str) -> None:
-        await self.redis.set(keys.inbox_acked(session_id), message_id)
-
-    @_unavailable_on_redis_error
-    async def inbox_pending(self, session_id: str, *, cap: int = 1000) -> int:
-        acked = await self.redis.get(keys.inbox_acked(session_id)) or "0-0"
-        entries = await self.redis.xrange(keys.inbox(session_id), min=f"({acked}", max="+", count=cap)
-        return len(entries)
-
-    @_unavailable_on_redis_error
-    async def inbox_pending_many(self, session_ids: Sequence[str]) -> dict[str, int]:
-        """Pending counts (0 or 1+, capped at 1) for many sessions in two pipelined round trips."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for sid in session_ids:
-                pipe.get(keys.inbox_acked(sid))
-            acked = await pipe.execute()
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for sid, ack in zip(session_ids, acked, strict=True):
-                pipe.xrange(keys.inbox(sid), min=f"({ack or '0-0'}", max="+", count=1)
-            found = await pipe.execute()
-        return {sid: len(entries) for sid, entries in zip(session_ids, found, strict=True)}
-
-    # -- change feed ------------------------------------------------------------------------------
-
-    @_unavailable_on_redis_error
-    async def last_change_id(self) -> str:
-        """The id of the newest change-feed entry (``0-0`` when empty): where a new reader starts."""
-        entries = await self.redis.xrevrange(keys.CHANGES, max="+", min="-", count=1)
-        return str(entries[0][0]) if entries else "0-0"
-
-    @_unavailable_on_redis_error
-    async def read_changes(
-        self, after_id: str, *, count: int = 1000, block_ms: int | None = None
-    ) -> builtins.list[Change]:
-        """Entries after ``after_id``; a reader resumes from the last id it saw."""
-        if block_ms is None:
-            entries = await self.redis.xrange(keys.CHANGES, min=f"({after_id}", max="+", count=count)
-        else:
-            reply = await self.redis.xread({keys.CHANGES: after_id}, count=count, block=block_ms)
-            entries = reply[0][1] if reply else []
-        return [Change(entry_id=str(eid), session_id=f["id"], kind=f["kind"]) for eid, f in entries]
-
-    # -- launch records (controller) --------------------------------------------------------------
-
-    @_unavailable_on_redis_error
-    async def record_launch(
-        self, session_id: str, launch_id: str, fields: dict[str, str] | None = None
-    ) -> None:
-        """Record a launch id *before* calling Fly create, so an ambiguous create can be found later."""
-        mapping = {"launchId": launch_id, "requestedAt": utcnow().isoformat(), **(fields or {})}
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(keys.launch(session_id))
-            pipe.hset(keys.launch(session_id), mapping=mapping)
-            await pipe.execute()
-
-    @_unavailable_on_redis_error
-    async def get_launch(self, session_id: str) -> dict[str, str]:
-        return dict(await self.redis.hgetall(keys.launch(session_id)))
-
-    @_unavailable_on_redis_error
-    async def get_launches(self, session_ids: Sequence[str]) -> dict[str, dict[str, str]]:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for sid in session_ids:
-                pipe.hgetall(keys.launch(sid))
-            raws = await pipe.execute()
-        return {sid: dict(raw) for sid, raw in zip(session_ids, raws, strict=True) if raw}
-
-    @_unavailable_on_redis_error
-    async def update_launch(self, session_id: str, fields: dict[str, str]) -> None:
-        await self.redis.hset(keys.launch(session_id), mapping=fields)
-
-    @_unavailable_on_redis_error
-    async def record_create_failure(self, session_id: str, reason: str, message: str) -> None:
-        """Withdraw the launch (nothing was created) and remember why Fly refused it.
-
-        The record then has no launch id, so it is no expectation; the next ``record_launch``
-        replaces it whole, so a success leaves no stale failure behind.
-        """
-        mapping = {
-            "failedAt": utcnow().isoformat(),
-            "failureReason": reason,
-            "failureMessage": message[:1000],
-        }
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(keys.launch(session_id))
-            pipe.hset(keys.launch(session_id), mapping=mapping)
-            await pipe.execute()
-
-    @_unavailable_on_redis_error
-    async def clear_launch(self, session_id: str) -> None:
-        await self.redis.delete(keys.launch(session_id))
-
-    # -- per-session credentials ------------------------------------------------------------------
-
-    @_unavailable_on_redis_error
-    async def acl_supported(self) -> bool:
-        try:
-            await self.redis.execute_command("ACL", "WHOAMI")
-        except redis_errors.ResponseError:
-            return False
-        return True
-
-    @_unavailable_on_redis_error
-    async def ensure_session_credentials(self, session_id: str) -> SessionCredentials | None:
-        """(Re)create the session's Redis user with a fresh password; None without ACL support.
-
-        The user reaches only ``fs:{<id>}:*`` keys and its own wake channel, and cannot run admin
-        or dangerous commands. A fresh password per launch means a replaced machine's credentials
-        stop working the moment a new machine is launched.
-        """
-        if not await self.acl_supported():
-            return None
-        username = keys.acl_user(session_id)
-        password = secrets.token_urlsafe(24)
-        digest = hashlib.sha256(password.encode()).hexdigest()
-        # The durable copy first: should we die between the two, a restore re-creates the user with
-        # the password the machine will be given, never an older one.
-        await self.redis.hset(keys.CREDENTIALS, session_id, digest)
-        try:
-            await self.redis.execute_command(*_acl_setuser(session_id, digest))
-        except redis_errors.ResponseError:
-            return None
-        return SessionCredentials(username=username, password=password)
-
-    @_unavailable_on_redis_error
-    async def restore_session_credentials(self) -> int:
-        """Re-create every per-session ACL user from its durable password hash; returns how many.
-
-        Redis keeps ACL users in memory only: after a restart (graceful or not) every agent's
-        credentials are gone although its session lives on in the AOF. The controller calls this
-        whenever the server it talks to is new (see :meth:`server_identity`); ``ACL SETUSER`` is
-        idempotent, so repeating it is harmless.
-        """
-        if not await self.acl_supported():
-            return 0
-        digests = await self.redis.hgetall(keys.CREDENTIALS)
-        if not digests:
-            return 0
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for session_id, digest in digests.items():
-                pipe.execute_command(*_acl_setuser(str(session_id), str(digest)))
-            results = await pipe.execute(raise_on_error=False)
-        return sum(1 for r in results if not isinstance(r, Exception))
-
-    @_unavailable_on_redis_error
-    async def server_identity(self) -> tuple[str, float]:
-        """``(run_id, uptime_seconds)`` of the Redis server: a new run id means a restarted server."""
-        info = await self.redis.info("server")
-        return str(info.get("run_id", "")), float(info.get("uptime_in_seconds", 0))
-
-    @_unavailable_on_redis_error
-    async def delete_session_credentials(self, session_id: str) -> None:
-        try:
-            await self.redis.execute_command("ACL", "DELUSER", keys.acl_user(session_id))
-        except redis_errors.ResponseError:
-            pass
-        await self.redis.hdel(keys.CREDENTIALS, session_id)
-
     # -- bookkeeping ------------------------------------------------------------------------------
 
-    @_unavailable_on_redis_error
+    @unavailable_on_redis_error
     async def count(self) -> int:
-        return int(await self.redis.zcard(keys.INDEX))
-
-
-def _acl_setuser(session_id: str, password_sha256: str) -> tuple[str, ...]:
-    """The ``ACL SETUSER`` of a session's agent: its own keys and wake channel, no admin commands."""
-    return (
-        "ACL",
-        "SETUSER",
-        keys.acl_user(session_id),
-        "reset",
-        "resetchannels",
-        "on",
-        f"#{password_sha256}",
-        f"~{keys.session_key_pattern(session_id)}",
-        f"&{keys.wake_channel(session_id)}",
-        "+@all",
-        "-@dangerous",
-        "-@admin",
-    )
-
-
-def session_ids(sessions: Iterable[Session]) -> list[str]:
-    return [s.id for s in sessions]
+        return int(await self._redis.zcard(keys.INDEX))

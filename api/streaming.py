@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Literal
 
-from api.store import Store, StoredEvent
+from api.store import ApiStore, StoredEvent
 
 REPLAY_BATCH = 200
 _STREAM_ID_RE = re.compile(r"^\d{1,20}-\d{1,20}$")
@@ -61,7 +61,7 @@ def parse_stream_id(value: str | None) -> str | None:
 
 
 async def follow_events(
-    store: Store,
+    store: ApiStore,
     session_id: str,
     after: str | None,
     *,

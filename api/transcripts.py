@@ -11,7 +11,9 @@ mypy matches structurally. The one piece of SDK logic a store needs, the increme
 kept and the SDK falls back to loading transcripts when it lists sessions.
 
 Layout (names in :mod:`api.keys`, all under ``fs:{<session>}:tr:`` so the per-session ACL covers
-them and :meth:`api.store.Store.remove` sweeps them):
+them), each key recorded in the session's key registry (:func:`api.keys.session_registry`) in the
+transaction that creates it, so :meth:`api.store_credentials.SessionTeardown.remove` deletes them
+with the session, atomically and without scanning the keyspace:
 
 * ``e:<key>``  list of JSON entries, in append order (``<key>`` = url-quoted
   ``project/session[/subpath]``, unambiguous whatever the parts contain)
@@ -99,8 +101,9 @@ class RedisTranscriptStore:
     """A ``SessionStore`` over Redis for the transcripts of one flyswarm session."""
 
     def __init__(self, redis: aioredis.Redis, session_id: str, *, fold: SummaryFold | None = None) -> None:
-        # decode_responses=True is assumed (the Store's client); replies are str.
-        self.redis: Any = redis
+        # decode_responses=True is assumed (the store's client); replies are str. Private: built by
+        # api.store_agent.AgentStore.transcripts() on the agent's own connection.
+        self._redis: Any = redis
         self.session_id = session_id
         self._fold = fold
 
@@ -135,7 +138,7 @@ class RedisTranscriptStore:
         is_main = not subpath
         for _attempt in range(_MAX_CONFLICT_RETRIES):
             try:
-                async with self.redis.pipeline(transaction=True) as pipe:
+                async with self._redis.pipeline(transaction=True) as pipe:
                     watched = [uuids_key, summaries_key] if is_main else [uuids_key]
                     await pipe.watch(*watched)
                     fresh = await self._new_entries(pipe, uuids_key, entries)
@@ -149,6 +152,17 @@ class RedisTranscriptStore:
                     seconds, micros = await pipe.time()
                     now_ms = int(seconds) * 1000 + int(micros) // 1000
                     pipe.multi()
+                    created = [entries_key, uuids_key]
+                    created += (
+                        [
+                            self._sessions(project_key),
+                            keys.transcript_projects(self.session_id),
+                            summaries_key,
+                        ]
+                        if is_main
+                        else [self._subkeys(project_key, claude_sid)]
+                    )
+                    pipe.sadd(keys.session_registry(self.session_id), *created)
                     pipe.rpush(entries_key, *(json.dumps(e, separators=(",", ":")) for e in fresh))
                     new_uuids = [e["uuid"] for e in fresh if isinstance(e.get("uuid"), str)]
                     if new_uuids:
@@ -193,17 +207,17 @@ class RedisTranscriptStore:
     async def load(self, key: TranscriptKey) -> list[TranscriptEntry] | None:
         """Every entry of a transcript in append order; None when nothing was ever stored."""
         transcript = _transcript_id(key["project_key"], key["session_id"], key.get("subpath"))
-        raw = await self.redis.lrange(self._entries(transcript), 0, -1)
+        raw = await self._redis.lrange(self._entries(transcript), 0, -1)
         if not raw:
             return None
         return [json.loads(item) for item in raw]
 
     async def list_sessions(self, project_key: str) -> list[TranscriptListEntry]:
-        raw = await self.redis.hgetall(self._sessions(project_key))
+        raw = await self._redis.hgetall(self._sessions(project_key))
         return [{"session_id": str(sid), "mtime": int(mtime)} for sid, mtime in raw.items()]
 
     async def list_session_summaries(self, project_key: str) -> list[TranscriptSummary]:
-        raw = await self.redis.hgetall(self._summaries(project_key))
+        raw = await self._redis.hgetall(self._summaries(project_key))
         return [json.loads(value) for value in raw.values()]
 
     async def delete(self, key: TranscriptKey) -> None:
@@ -212,37 +226,41 @@ class RedisTranscriptStore:
         subpath = key.get("subpath")
         if subpath:
             transcript = _transcript_id(project_key, claude_sid, subpath)
-            async with self.redis.pipeline(transaction=True) as pipe:
+            async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.delete(self._entries(transcript), self._uuids(transcript))
+                pipe.srem(
+                    keys.session_registry(self.session_id), self._entries(transcript), self._uuids(transcript)
+                )
                 pipe.srem(self._subkeys(project_key, claude_sid), subpath)
                 await pipe.execute()
             return
         subkeys_key = self._subkeys(project_key, claude_sid)
-        subpaths = [str(s) for s in await self.redis.smembers(subkeys_key)]
+        subpaths = [str(s) for s in await self._redis.smembers(subkeys_key)]
         doomed = [subkeys_key]
         for sub in [None, *subpaths]:
             transcript = _transcript_id(project_key, claude_sid, sub)
             doomed += [self._entries(transcript), self._uuids(transcript)]
-        async with self.redis.pipeline(transaction=True) as pipe:
+        async with self._redis.pipeline(transaction=True) as pipe:
             pipe.delete(*doomed)
+            pipe.srem(keys.session_registry(self.session_id), *doomed)
             pipe.hdel(self._sessions(project_key), claude_sid)
             pipe.hdel(self._summaries(project_key), claude_sid)
             await pipe.execute()
 
     async def list_subkeys(self, key: TranscriptListKey) -> list[str]:
-        members = await self.redis.smembers(self._subkeys(key["project_key"], key["session_id"]))
+        members = await self._redis.smembers(self._subkeys(key["project_key"], key["session_id"]))
         return sorted(str(m) for m in members)
 
     # -- beyond the protocol ----------------------------------------------------------------------
 
     async def project_keys(self) -> list[str]:
         """Every project key that has held a main transcript of this flyswarm session."""
-        return sorted(str(p) for p in await self.redis.smembers(keys.transcript_projects(self.session_id)))
+        return sorted(str(p) for p in await self._redis.smembers(keys.transcript_projects(self.session_id)))
 
     async def find_project_key(self, claude_session_id: str) -> str | None:
         """The project key under which a Claude session's main transcript is stored, if any."""
         for project_key in await self.project_keys():
-            if await self.redis.hexists(self._sessions(project_key), claude_session_id):
+            if await self._redis.hexists(self._sessions(project_key), claude_session_id):
                 return project_key
         return None
 

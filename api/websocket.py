@@ -27,7 +27,8 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from api.errors import ApiError, FieldProblem, bad_request, error_payload
 from api.logs import get_logger
-from api.store import Store, StoreUnavailable
+from api.store import ApiStore
+from api.store_base import StoreUnavailable
 from api.streaming import End, Tick, follow_events, parse_stream_id
 
 MessageSink = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
@@ -41,7 +42,7 @@ class SessionSocket:
     def __init__(
         self,
         websocket: WebSocket,
-        store: Store,
+        store: ApiStore,
         accept_message: MessageSink,
         *,
         keepalive_seconds: float,

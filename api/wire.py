@@ -41,7 +41,7 @@ from api.models import (
     validate_labels,
     validate_session_id,
 )
-from api.store import canonical_labels, canonical_spec
+from api.store_base import canonical_labels, canonical_spec
 
 APPLY_RESULT_HEADER = "Flyswarm-Apply-Result"
 _MANIFEST_KEYS = frozenset({"apiVersion", "kind", "metadata", "spec"})

@@ -31,7 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 from api.logs import configure_logging  # noqa: E402
 from api.models import SessionSpec  # noqa: E402
-from api.store import Store  # noqa: E402
+from api.store import ApiStore  # noqa: E402
+from api.store_controller import ControllerStore  # noqa: E402
 from local.model import ModelServer, start_in_thread  # noqa: E402
 from local.redis_server import RedisServer, start_redis  # noqa: E402
 
@@ -82,11 +83,11 @@ def base_env(model: ModelServer, home: Path) -> dict[str, str]:
 
 
 async def run_agent(
-    store: Store, redis: RedisServer, model: ModelServer, tmp: Path, n: int
+    store: ApiStore, controller: ControllerStore, redis: RedisServer, model: ModelServer, tmp: Path, n: int
 ) -> dict[str, float]:
     sid = f"bench-{n}"
     await store.create_or_get(store.new_session(sid, SessionSpec(prompt=PROMPT)))
-    creds = await store.ensure_session_credentials(sid)
+    creds = await controller.ensure_session_credentials(sid)
     auth = f"{creds.username}:{creds.password}@" if creds else ""
     env = base_env(model, tmp / "home")
     env.update(
@@ -167,13 +168,15 @@ async def main() -> None:
         tmp = Path(raw_tmp)
         redis = start_redis(tmp / "redis")
         model = start_in_thread()
-        store = Store.from_url(redis.url)
+        store = ApiStore.from_url(redis.url)
+        controller = ControllerStore.from_url(redis.url)
         try:
             run_cli(model, tmp, -1)  # warm the page cache for both
-            agent = [await run_agent(store, redis, model, tmp, n) for n in range(args.runs)]
+            agent = [await run_agent(store, controller, redis, model, tmp, n) for n in range(args.runs)]
             cli = [run_cli(model, tmp, n) for n in range(args.runs)]
         finally:
             await store.close()
+            await controller.close()
             model.stop()
             redis.stop()
 

@@ -48,7 +48,9 @@ from redis.asyncio.connection import ConnectionPool  # noqa: E402
 
 from api.logs import configure_logging  # noqa: E402
 from api.models import Phase, SessionSpec  # noqa: E402
-from api.store import Store  # noqa: E402
+from api.store import ApiStore  # noqa: E402
+from api.store_agent import AgentStore  # noqa: E402
+from api.store_controller import ControllerStore  # noqa: E402
 from controller.executor import SoleAuthority, observed_from_fly  # noqa: E402
 from controller.fly import FlyClient, FlyClientConfig  # noqa: E402
 from controller.machine_config import MachineConfigBuilder  # noqa: E402
@@ -79,9 +81,9 @@ class CountingPool(ConnectionPool):
         return await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
 
 
-def counting_store(url: str) -> Store:
+def counting_client(url: str) -> aioredis.Redis:
     pool = CountingPool.from_url(url, decode_responses=True, socket_timeout=10.0, max_connections=1000)
-    return Store(aioredis.Redis(connection_pool=pool))
+    return aioredis.Redis(connection_pool=pool)
 
 
 async def commands_processed(client: aioredis.Redis) -> int:
@@ -187,8 +189,25 @@ def serve_emulator(port: int, work: Path, seed: int, rate_limits: bool, cheap: b
 # -- (a) one resync pass ---------------------------------------------------------------------------
 
 
-async def seed_converged_sessions(store: Store, fly: FlyClient, settings: ControllerSettings, n: int) -> None:
-    """N chat sessions whose status already is what plan() would write, with fresh heartbeats."""
+async def seed_converged_sessions(
+    client: aioredis.Redis, fly: FlyClient, settings: ControllerSettings, n: int
+) -> None:
+    """N chat sessions whose status already is what plan() would write, with fresh heartbeats.
+
+    Written as each role would write it: the API creates, the agent heart-beats, the controller
+    writes the status.
+    """
+    await _seed(ControllerStore(client), ApiStore(client), AgentStore(client), fly, settings, n)
+
+
+async def _seed(
+    store: ControllerStore,
+    api: ApiStore,
+    agent: AgentStore,
+    fly: FlyClient,
+    settings: ControllerSettings,
+    n: int,
+) -> None:
     machines = {
         m.metadata[TAG_SESSION]: m
         for m in await fly.list_all_machines(metadata={TAG_MANAGED: MANAGED_VALUE}, page_size=1000)
@@ -197,8 +216,8 @@ async def seed_converged_sessions(store: Store, fly: FlyClient, settings: Contro
     spec = SessionSpec(prompt="bench", mode="chat", idleTimeoutSeconds=0)
     for start in range(0, n, 500):
         chunk = [f"s{i:05d}" for i in range(start, min(n, start + 500))]
-        await asyncio.gather(*(store.create_or_get(store.new_session(sid, spec)) for sid in chunk))
-        await asyncio.gather(*(store.heartbeat(sid, machines[sid].id, 3600, "running") for sid in chunk))
+        await asyncio.gather(*(api.create_or_get(api.new_session(sid, spec)) for sid in chunk))
+        await asyncio.gather(*(agent.heartbeat(sid, machines[sid].id, 3600, "running") for sid in chunk))
     now = datetime.now(UTC)
     sessions = await store.all_sessions()
     heartbeats = await store.heartbeats([s.id for s in sessions])
@@ -228,11 +247,12 @@ async def bench_pass(redis_url: str, work: Path, n: int) -> dict[str, Any]:
                 on_response=metrics.on_fly_response,
             )
         )
-        store = counting_store(redis_url)
+        client = counting_client(redis_url)
+        store = ControllerStore(client)
         admin = aioredis.Redis.from_url(redis_url, decode_responses=True)
         try:
             await admin.flushall()
-            await seed_converged_sessions(store, fly, settings, n)
+            await seed_converged_sessions(client, fly, settings, n)
             reconciler = Reconciler(
                 store=store,
                 fly=fly,
@@ -315,7 +335,7 @@ async def bench_time_to_running(redis_url: str, work: Path, count: int) -> dict[
     with emulator_process(port, work, "--rate-limits"):
         fly_url = f"http://127.0.0.1:{port}"
         settings = settings_for(redis_url, fly_url)
-        store = Store.from_url(redis_url)
+        store = ApiStore.from_url(redis_url)
         try:
             async with running_controller(settings) as controller:
                 while not controller.elector.is_leader():
@@ -377,7 +397,7 @@ async def bench_reaction(redis_url: str, work: Path, count: int, spacing: float)
     admin = aioredis.Redis.from_url(redis_url, decode_responses=True)
     await admin.flushall()
     fly_port, api_port = free_port(), free_port()
-    store = Store.from_url(redis_url)
+    store = ApiStore.from_url(redis_url)
     posted: dict[str, float] = {}
     try:
         with emulator_process(fly_port, work, "--cheap-machines"), api_process(api_port, redis_url, work):

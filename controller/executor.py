@@ -22,7 +22,7 @@ the client) with the nonce on every call, and the lease is always released (the 
 manager shields the release from cancellation).
 
 The agent's Redis URL is built here from the operator's ``FLYSWARM_AGENT_REDIS_URL`` host and the
-session's own ACL user (``Store.ensure_session_credentials``), so the controller's Redis password
+session's own ACL user (``ControllerStore.ensure_session_credentials``), so the controller's Redis password
 and the Fly token never reach a machine.
 """
 
@@ -37,7 +37,8 @@ from typing import Any, Protocol
 
 from api.logs import get_logger
 from api.models import Session, SessionCredentials, SessionEvent, parse_timestamp, utcnow
-from api.store import Store, StoreUnavailable, redis_url_with_credentials
+from api.store_base import StoreUnavailable, redis_url_with_credentials
+from api.store_controller import ControllerStore
 from controller import fly_errors
 from controller.actions import (
     Action,
@@ -222,7 +223,7 @@ class Executor:
     def __init__(
         self,
         *,
-        store: Store,
+        store: ControllerStore,
         fly: FlyClient,
         authority: Authority,
         expectations: Expectations,

@@ -2,9 +2,10 @@
 
 Several controllers may run; only the holder of the lease acts. The lease is one key
 (:data:`api.keys.LEADER`) set with ``NX PX``; taking it also ``INCR``s the fence counter
-(:data:`api.keys.LEADER_FENCE`) in the same Lua script, so every term of leadership has a token
-larger than every earlier one. Status writes carry the token (``Store.write_status(fence=...)``)
-and Redis refuses them once a newer leader exists.
+(:data:`api.keys.LEADER_FENCE`) in the same Lua script (the controller's store runs it:
+:meth:`api.store_lease.LeaderLease.acquire_lease`), so every term of leadership has a
+token larger than every earlier one. Status writes carry the token
+(``ControllerStore.write_status(fence=...)``) and Redis refuses them once a newer leader exists.
 
 Timing (all measured on the holder's own monotonic clock):
 
@@ -30,46 +31,18 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
-
-import redis.exceptions as redis_errors
 
 from api import keys
 from api.logs import get_logger
+from api.store_base import StorePermissionDenied, StoreUnavailable
+from api.store_controller import ControllerStore
 
 Clock = Callable[[], float]
 Callback = Callable[[], Awaitable[None]]
 
 _log = get_logger("controller.leader")
 
-# KEYS: lease, fence. ARGV: holder id, ttl ms. Returns {token, ""} when taken, {0, current} when held.
-_ACQUIRE_LUA = """
-local current = redis.call('GET', KEYS[1])
-if current then return {0, current} end
-local token = redis.call('INCR', KEYS[2])
-redis.call('SET', KEYS[1], ARGV[1] .. '/' .. token, 'PX', ARGV[2])
-return {token, ''}
-"""
-
-# KEYS: lease. ARGV: our value, ttl ms. 1 renewed, 0 not ours any more.
-_RENEW_LUA = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
-end
-return 0
-"""
-
-# KEYS: lease. ARGV: our value. 1 released, 0 not ours.
-_RELEASE_LUA = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('DEL', KEYS[1])
-  return 1
-end
-return 0
-"""
-
-_REDIS_ERRORS = (redis_errors.RedisError, OSError, TimeoutError)
+_REDIS_ERRORS = (StoreUnavailable, StorePermissionDenied, OSError, TimeoutError)
 
 
 @dataclass(frozen=True)
@@ -100,7 +73,7 @@ class LeaderElector:
 
     def __init__(
         self,
-        redis: Any,
+        store: ControllerStore,
         *,
         holder_id: str | None = None,
         timing: LeaderTiming | None = None,
@@ -109,16 +82,13 @@ class LeaderElector:
         clock: Clock = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
-        self._redis = redis
+        self._store = store
         self.holder_id = holder_id or default_holder_id()
         self.timing = timing or LeaderTiming()
         self._on_started = on_started
         self._on_stopped = on_stopped
         self._clock = clock
         self._rng = rng or random.Random()
-        self._acquire = redis.register_script(_ACQUIRE_LUA)
-        self._renew = redis.register_script(_RENEW_LUA)
-        self._release = redis.register_script(_RELEASE_LUA)
         self._token: int | None = None
         self._value: str | None = None
         self._act_until = 0.0
@@ -192,7 +162,7 @@ class LeaderElector:
         sent = self._clock()
         try:
             reply = await asyncio.wait_for(
-                self._acquire(keys=[keys.LEADER, keys.LEADER_FENCE], args=[self.holder_id, ttl_ms]),
+                self._store.acquire_lease(self.holder_id, ttl_ms),
                 self.timing.retry_period_seconds,
             )
         except _REDIS_ERRORS as err:
@@ -200,9 +170,9 @@ class LeaderElector:
             _log.warning("leader_acquire_failed", holder=self.holder_id, error=type(err).__name__)
             return
         self.redis_ok = True
-        token = int(reply[0])
+        token, current = reply
         if token <= 0:
-            self.current_holder = str(reply[1]).rsplit("/", 1)[0] or None
+            self.current_holder = current.rsplit("/", 1)[0] or None
             return
         self._token = token
         self._value = f"{self.holder_id}/{token}"
@@ -214,30 +184,32 @@ class LeaderElector:
             await self._on_started()
 
     async def _try_renew(self) -> None:
+        value = self._value
+        if value is None:  # not leading: nothing to renew
+            return
         ttl_ms = int(self.timing.lease_seconds * 1000)
         sent = self._clock()
         budget = max(0.01, min(self.timing.retry_period_seconds, self._act_until - sent))
         try:
-            renewed = await asyncio.wait_for(
-                self._renew(keys=[keys.LEADER], args=[self._value, ttl_ms]), budget
-            )
+            renewed: bool | None = await asyncio.wait_for(self._store.renew_lease(value, ttl_ms), budget)
         except _REDIS_ERRORS as err:
             self.redis_ok = False
             _log.warning("leader_renew_failed", holder=self.holder_id, error=type(err).__name__)
             renewed = None
         else:
             self.redis_ok = True
-        if renewed == 1:
+        if renewed is True:
             self._act_until = sent + self.timing.renew_deadline_seconds
             return
-        if renewed == 0:
+        if renewed is False:
             await self._lose("lease_taken")
         elif self._clock() >= self._act_until:
             await self._lose("renew_deadline_passed")
 
     async def _release_lease(self) -> None:
         try:
-            await asyncio.wait_for(self._release(keys=[keys.LEADER], args=[self._value]), 2.0)
+            if self._value is not None:
+                await asyncio.wait_for(self._store.release_lease(self._value), 2.0)
         except _REDIS_ERRORS as err:
             # The lease expires by itself within lease_seconds.
             _log.warning("leader_release_failed", holder=self.holder_id, error=type(err).__name__)

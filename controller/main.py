@@ -27,7 +27,7 @@ from typing import Any
 import uvicorn
 
 from api.logs import configure_logging, get_logger, register_secret
-from api.store import Store
+from api.store_controller import ControllerStore
 from controller.executor import ConfigBuilder
 from controller.fly import FlyClient, FlyClientConfig, normalize_base_url
 from controller.fly_errors import FlyError
@@ -87,7 +87,7 @@ class Controller:
         self,
         settings: ControllerSettings,
         *,
-        store: Store | None = None,
+        store: ControllerStore | None = None,
         fly: FlyClient | None = None,
         metrics: ControllerMetrics | None = None,
         config_builder: ConfigBuilder | None = None,
@@ -100,14 +100,14 @@ class Controller:
         self.metrics = metrics or ControllerMetrics()
         self._owns_store = store is None
         self._owns_fly = fly is None
-        self.store = store or Store.from_url(settings.redis_url.get_secret_value())
+        self.store = store or ControllerStore.from_url(settings.redis_url.get_secret_value())
         self.fly = fly or fly_client_for(settings, self.metrics)
         self.config_builder = config_builder or MachineConfigBuilder(settings)
         self.options = options
         self.serve_health = serve_health
         self.shutdown_seconds = shutdown_seconds
         self.elector = LeaderElector(
-            self.store.redis,
+            self.store,
             holder_id=settings.controller_id,
             timing=timing or leader_timing(settings),
             on_started=self._start_leading,

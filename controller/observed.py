@@ -57,7 +57,7 @@ class LaunchRecord:
 
     @classmethod
     def from_store(cls, raw: Mapping[str, str]) -> LaunchRecord | None:
-        """Parse the hash written by ``Store.record_launch`` (``launchId``, ``requestedAt``, ``machineId``).
+        """Parse the hash written by ``record_launch`` (``launchId``, ``requestedAt``, ``machineId``).
 
         Returns None for an empty or unreadable record: an unreadable expectation must not block
         creates forever, and the duplicate rule cleans up if a create did slip through.
@@ -83,7 +83,7 @@ class CreateFailure:
 
     @classmethod
     def from_store(cls, raw: Mapping[str, str]) -> CreateFailure | None:
-        """Parse the failure fields ``Store.record_create_failure`` leaves in the launch record."""
+        """Parse the failure fields ``ControllerStore.record_create_failure`` leaves in the launch record."""
         reason, failed = raw.get("failureReason"), raw.get("failedAt")
         if not reason or not failed or raw.get("launchId"):
             return None

@@ -61,7 +61,16 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from api.models import AGENT_FINISHED_STATES, Condition, Heartbeat, Phase, Session, SessionEvent
+from api.models import (
+    AGENT_FINISHED_STATES,
+    Condition,
+    Heartbeat,
+    Phase,
+    Reason,
+    Session,
+    SessionEvent,
+    StatusUpdate,
+)
 from controller.actions import (
     Action,
     CreateMachine,
@@ -311,9 +320,17 @@ def _finish_cause(p: _Pass) -> tuple[Phase, str, str] | None:
     """Whether a live session is now finished: agent report, task deadline, budget."""
     session, agent, spec = p.session, p.session.agent, p.session.spec
     if agent is not None and agent.state == "done":
-        return Phase.SUCCEEDED, agent.reason or COMPLETED, agent.message or "the agent finished"
+        return (
+            Phase.SUCCEEDED,
+            Reason.reported(agent.reason, Reason.COMPLETED),
+            agent.message or "the agent finished",
+        )
     if agent is not None and agent.state == "error":
-        return Phase.FAILED, agent.reason or AGENT_ERROR, agent.message or "the agent reported an error"
+        return (
+            Phase.FAILED,
+            Reason.reported(agent.reason, Reason.AGENT_ERROR),
+            agent.message or "the agent reported an error",
+        )
     started = session.status.startedAt
     if spec.mode == "task" and started is not None and p.since(started) >= spec.timeoutSeconds:
         return (
@@ -672,7 +689,7 @@ def _restart(p: _Pass, keeper: ObservedMachine | None, cause: str, message: str,
         msg = f"{message}; {attempt} at {due.isoformat()}"
         fields: dict[str, Any] = {"nextRetryAt": due, "machineId": keeper.id if keeper else status.machineId}
         return _write(p, Phase.PENDING, cause, msg, conditions=conds, **fields) + [
-            _requeue(p, due, "BackOff", attempt)
+            _requeue(p, due, Reason.BACK_OFF, attempt)
         ]
     msg = f"{message}; {attempt}"
     if how == "create" or keeper is None:
@@ -755,11 +772,12 @@ def _write(
     }
     if conditions is not None:
         update["conditions"] = _merge_conditions(old.conditions, conditions, p.now)
-    new = old.model_copy(update=update)
+    # Validated: a misspelled field or a phase/reason outside the enums raises here, in the plan.
+    new = StatusUpdate.model_validate(update).applied_to(old)
     if new == old:
         return []
     if heartbeat_at is not None:
-        new = new.model_copy(update={"lastHeartbeatAt": heartbeat_at})
+        new = StatusUpdate(lastHeartbeatAt=heartbeat_at).applied_to(new)
     events: tuple[SessionEvent, ...] = ()
     if (new.phase, new.reason) != (old.phase, old.reason) or new.restarts != old.restarts:
         events = (

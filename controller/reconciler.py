@@ -39,10 +39,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from api import keys
 from api.logs import get_logger
 from api.models import Heartbeat, Session, utcnow
-from api.store import Store, StoreUnavailable
+from api.store_base import StoreUnavailable
+from api.store_controller import ControllerStore
 from controller import fly_errors
 from controller.actions import (
     Action,
@@ -154,7 +154,7 @@ class Reconciler:
     def __init__(
         self,
         *,
-        store: Store,
+        store: ControllerStore,
         fly: FlyClient,
         settings: ControllerSettings,
         authority: Authority,
@@ -463,7 +463,11 @@ class Reconciler:
         record = json.dumps({"at": self._now().isoformat(), "leader": self.authority.is_leader()})
         holder = str(getattr(self.authority, "holder_id", "controller"))
         with contextlib.suppress(Exception):
-            await self.store.redis.hset(keys.CONTROLLER_SEEN, holder, record)
+            await self.store.record_controller_seen(holder, record)
+        # The finalizer of session removal: users of removed sessions whose deletion a crash or an
+        # outage interrupted are deleted now (api/store_credentials.py).
+        with contextlib.suppress(StoreUnavailable):
+            await self.store.finish_credential_deletions()
 
     # -- triggers ---------------------------------------------------------------------------------
 
@@ -489,26 +493,16 @@ class Reconciler:
                 self.wake(change.session_id)
 
     async def _wake_loop(self) -> None:
-        prefix = keys.WAKE_PATTERN[:-1]
         while True:
-            pubsub = self.store.redis.pubsub(ignore_subscribe_messages=True)
             try:
-                await pubsub.psubscribe(keys.WAKE_PATTERN)
-                while True:
-                    message = await pubsub.get_message(timeout=1.0)
-                    if message is None or message.get("type") != "pmessage":
-                        continue
-                    channel = str(message.get("channel", ""))
-                    if channel.startswith(prefix):
-                        self.wake(channel[len(prefix) :])
+                async with contextlib.aclosing(self.store.wake_sessions()) as wakes:
+                    async for session_id in wakes:
+                        self.wake(session_id)
             except asyncio.CancelledError:
                 raise
             except Exception as err:  # redis errors of any kind: resubscribe after a pause
                 _log.warning("wake_subscription_failed", error=type(err).__name__)
                 await asyncio.sleep(_TRIGGER_RETRY_SECONDS)
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()
 
     # -- workers ----------------------------------------------------------------------------------
 

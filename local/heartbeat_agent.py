@@ -4,7 +4,7 @@ It runs where ``python -m agent`` would run (a machine of the emulator, started 
 map or ``init.exec``), reads the same environment the controller sets on every machine
 (``FLYSWARM_SESSION_ID``, ``FLYSWARM_REDIS_URL`` with the session's own ACL credentials,
 ``FLY_MACHINE_ID``, ``FLYSWARM_HEARTBEAT_INTERVAL_SECONDS``, ``FLYSWARM_HEARTBEAT_TTL_SECONDS``)
-and talks to Redis only through :class:`api.store.Store`, exactly as the real agent does. It never
+and talks to Redis only through :class:`api.store_agent.AgentStore`, exactly as the real agent does. It never
 starts the Claude CLI, so a figure measured with it measures the *controller*, not the CLI.
 
 What it does is scripted by the session itself, so a test drives it through the public surface:
@@ -31,8 +31,9 @@ import sys
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from api.models import AgentReport, AgentState
-from api.store import Store, StoreUnavailable, redis_url_with_credentials
+from api.models import AgentReport, AgentState, Reason
+from api.store_agent import AgentStore
+from api.store_base import StoreUnavailable, redis_url_with_credentials
 
 _DIRECTIVE_RE = re.compile(r"(finish-after|result)=(\S+)")
 _COMMANDS = ("done", "error", "crash", "hang")
@@ -75,7 +76,7 @@ class HeartbeatAgent:
     """Heartbeats every ``interval`` seconds and follows its script and inbox until told to end."""
 
     def __init__(
-        self, store: Store, session_id: str, machine_id: str | None, interval: float, ttl: int
+        self, store: AgentStore, session_id: str, machine_id: str | None, interval: float, ttl: int
     ) -> None:
         self.store = store
         self.session_id = session_id
@@ -151,7 +152,7 @@ class HeartbeatAgent:
             self._stop.set()
         elif word == "error":
             self.state = "error"
-            await self._report("error", reason="ScriptedError", message="failed by script")
+            await self._report("error", reason=Reason.EXECUTION_ERROR, message="failed by script")
             self.exit_code = 1
             self._stop.set()
         elif word == "crash":
@@ -186,7 +187,7 @@ async def amain(env: dict[str, str]) -> int:
     machine_id = env.get("FLYSWARM_MACHINE_ID") or env.get("FLY_MACHINE_ID")
     ttl = int(float(env.get("FLYSWARM_HEARTBEAT_TTL_SECONDS", _DEFAULT_TTL)))
     interval = float(env.get("FLYSWARM_HEARTBEAT_INTERVAL_SECONDS", min(_DEFAULT_INTERVAL, ttl / 3)))
-    store = Store.from_url(redis_url_from_env(env))
+    store = AgentStore.from_url(redis_url_from_env(env))
     agent = HeartbeatAgent(store, session_id, machine_id, interval, ttl)
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, agent.terminate)

@@ -4,8 +4,14 @@
 * ``controller`` and ``agent`` import only ``api`` (never ``local``, ``cli`` or each other);
 * ``local`` may import ``api`` and ``controller``;
 * only the Fly client modules (``controller/fly*.py``) import httpx in the controller;
-* only the store layer (``api/store.py``, ``api/transcripts.py``) imports redis in ``api``,
-  ``controller`` and ``agent`` — except the leader lease, which owns its own key;
+* only the store layer (``api/store.py``, ``api/store_*.py``, ``api/transcripts.py``) imports redis
+  in ``api``, ``controller`` and ``agent``;
+* each role imports only its own store: ``api`` the API's (``api.store``), ``controller`` the
+  controller's (``api.store_controller``), ``agent`` (and the local stand-in agent) the agent's
+  (``api.store_agent``); the shared base (``api.store_base``: errors, helpers) is open to all;
+* no code outside the store reaches the Redis client through attribute access
+  (``self.store.redis.hset(...)``, ``store._redis``, ``x.pubsub()``, ``x.register_script(...)``):
+  an import check alone cannot see that;
 * ``controller/plan.py`` does no I/O: it imports neither httpx, redis, asyncio nor the client/store.
 """
 
@@ -63,16 +69,112 @@ def test_only_the_fly_client_imports_httpx_in_the_controller() -> None:
     assert offenders == []
 
 
+STORE_MODULES = {
+    "api.store",
+    "api.store_agent",
+    "api.store_controller",
+    "api.store_credentials",
+    "api.store_lease",
+    "api.transcripts",
+}
+SHARED_STORE_MODULES = {"api.store_base"}
+ROLE_STORES = {
+    "api": {"api.store"},
+    "controller": {"api.store_controller"},
+    "agent": {"api.store_agent", "api.transcripts"},
+    "local": {"api.store_agent"},
+    "cli": set(),
+}
+# Methods of the redis client (and its pipelines and pub/sub objects) that only the store calls.
+RAW_CLIENT_METHODS = {
+    "pubsub",
+    "psubscribe",
+    "subscribe",
+    "register_script",
+    "execute_command",
+    "pipeline",
+    "scan_iter",
+    "publish",
+    "xadd",
+    "xread",
+    "xrange",
+    "xrevrange",
+    "hset",
+    "hget",
+    "hgetall",
+    "smembers",
+    "sadd",
+    "zadd",
+    "zrange",
+    "zrangebylex",
+    "acl_setuser",
+    "acl_deluser",
+}
+
+
+def _module_name(path: Path) -> str:
+    return ".".join(path.relative_to(ROOT).with_suffix("").parts)
+
+
+def _is_store_module(path: Path) -> bool:
+    return _module_name(path) in STORE_MODULES | SHARED_STORE_MODULES
+
+
+def _imported_names(path: Path) -> set[str]:
+    """Modules imported, plus ``module.name`` for each ``from module import name``."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names = _imports(path)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
 def test_only_the_store_layer_talks_to_redis() -> None:
-    allowed = {"api/store.py", "api/transcripts.py", "controller/leader.py"}
     offenders = []
     for package in ("api", "controller", "agent"):
         for path in _modules(package):
-            rel = str(path.relative_to(ROOT))
-            if rel in allowed:
+            if _is_store_module(path):
                 continue
             if any(n.split(".")[0] == "redis" for n in _imports(path)):
-                offenders.append(rel)
+                offenders.append(str(path.relative_to(ROOT)))
+    assert offenders == []
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_each_role_imports_only_its_own_store(package: str) -> None:
+    allowed = ROLE_STORES[package] | SHARED_STORE_MODULES
+    violations = []
+    for path in _modules(package):
+        if _is_store_module(path):
+            continue
+        for name in _imported_names(path):
+            module = name if name in STORE_MODULES | SHARED_STORE_MODULES else name.rsplit(".", 1)[0]
+            if module in STORE_MODULES and module not in allowed:
+                violations.append(f"{path.relative_to(ROOT)} imports {name}")
+    assert violations == []
+
+
+def _raw_client_uses(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Attribute):
+            continue
+        owner = ast.unparse(node.value)
+        if node.attr in {"redis", "_redis"} and "store" in owner.lower():
+            found.append(f"{path.relative_to(ROOT)}:{node.lineno} {owner}.{node.attr}")
+        elif node.attr in RAW_CLIENT_METHODS:
+            found.append(f"{path.relative_to(ROOT)}:{node.lineno} {owner}.{node.attr}")
+    return found
+
+
+def test_no_code_outside_the_store_reaches_the_redis_client() -> None:
+    offenders = []
+    for package in PACKAGES:
+        for path in _modules(package):
+            if not _is_store_module(path):
+                offenders += _raw_client_uses(path)
     assert offenders == []
 
 

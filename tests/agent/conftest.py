@@ -25,9 +25,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from api.models import Session, SessionSpec
-from api.store import Store
 from local.model import ModelServer, start_in_thread
 from local.redis_server import RedisServer
+from tests.store import Store
 
 ROOT = Path(__file__).resolve().parents[2]
 TAG = "FLYSWARM_TEST_TAG"

@@ -15,11 +15,12 @@ import uuid
 from collections.abc import Callable
 
 import pytest
+import redis.asyncio as aioredis
 
 from api import keys
 from api.models import AgentReport
-from api.store import Store
 from tests.agent.conftest import AgentProcess, AgentRig, kill_tagged
+from tests.store import Store
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -52,7 +53,9 @@ def kill_machine(rig: AgentRig, agent: AgentProcess) -> None:
 # -- task mode ------------------------------------------------------------------------------------
 
 
-async def test_task_writes_a_file_with_bash_and_reports_done_with_cost_and_turns(rig: AgentRig) -> None:
+async def test_task_writes_a_file_with_bash_and_reports_done_with_cost_and_turns(
+    rig: AgentRig, redis_client: aioredis.Redis
+) -> None:
     await rig.create(
         "t1", prompt='[[scenario:default {"file": "hello.txt", "content": "hi there"}]] write it'
     )
@@ -80,9 +83,10 @@ async def test_task_writes_a_file_with_bash_and_reports_done_with_cost_and_turns
     ):
         assert expected in events
     assert events.index("tool_use") < events.index("tool_result") < events.index("result")
-    # The transcript went to the session's store in Redis.
-    stored = [k async for k in rig.store.redis.scan_iter(match=keys.transcript_prefix("t1") + "e:*")]
+    # The transcript went to the session's store in Redis, each key in the session's key registry.
+    stored = [k async for k in redis_client.scan_iter(match=keys.transcript_prefix("t1") + "e:*")]
     assert stored
+    assert set(stored) <= await redis_client.smembers(keys.session_registry("t1"))
 
 
 async def test_api_error_after_retries_reports_reason_and_stderr_tail_and_exits_non_zero(
@@ -288,13 +292,13 @@ async def test_refuses_a_missing_session_with_a_clear_log_line(rig: AgentRig, re
     assert "session_not_found" in agent.log()
 
 
-async def test_refuses_an_invalid_spec_and_reports_it(rig: AgentRig) -> None:
+async def test_refuses_an_invalid_spec_and_reports_it(rig: AgentRig, redis_client: aioredis.Redis) -> None:
     await rig.create("bad", prompt="x")
-    await rig.store.redis.hset(keys.session("bad"), "spec", json.dumps({"prompt": "x", "maxTurns": -5}))
+    await redis_client.hset(keys.session("bad"), "spec", json.dumps({"prompt": "x", "maxTurns": -5}))
     agent = await rig.start_session("bad")
     assert await agent.wait() == 3
     assert "session_spec_invalid" in agent.log()
-    raw = await rig.store.redis.hget(keys.session("bad"), "agent")
+    raw = await redis_client.hget(keys.session("bad"), "agent")
     report = AgentReport.model_validate_json(raw)
     assert (report.state, report.reason) == ("error", "SpecInvalid")
 

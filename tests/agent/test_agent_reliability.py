@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from api.store import Store, StoreUnavailable
+from api.store_base import StoreUnavailable
 from local.model import ModelServer
 from tests.agent.conftest import AgentRig
 from tests.restartable_redis import RestartableRedis
+from tests.store import Store
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 

@@ -51,14 +51,19 @@ async def test_entries_without_uuid_are_never_deduplicated(redis_client: aioredi
     assert await store.load(KEY) == [title, title]
 
 
-async def test_every_key_lives_under_the_flyswarm_session_hash_tag(redis_client: aioredis.Redis) -> None:
+async def test_every_key_lives_under_the_session_hash_tag_and_in_its_key_registry(
+    redis_client: aioredis.Redis,
+) -> None:
     store = RedisTranscriptStore(redis_client, "s1", fold=fold_session_summary)
     await store.append(KEY, [entry("a", 1)])
     await store.append({**KEY, "subpath": "subagents/agent-1"}, [entry("b", 1)])
-    written = [str(k) async for k in redis_client.scan_iter(match="*")]
+    registry = keys.session_registry("s1")
+    written = {str(k) async for k in redis_client.scan_iter(match="*")} - {registry}
     assert written
     prefix = keys.transcript_prefix("s1")
     assert all(k.startswith(prefix) for k in written), written
+    # The session's removal finds every transcript key here, without scanning the keyspace.
+    assert await redis_client.smembers(registry) == written
 
 
 async def test_two_flyswarm_sessions_do_not_see_each_others_transcripts(redis_client: aioredis.Redis) -> None:

@@ -17,9 +17,9 @@ import redis.asyncio as aioredis
 from api import keys
 from api.app import create_app
 from api.models import AgentReport, Phase, SessionStatus
-from api.store import Store
 from api.wire import APPLY_RESULT_HEADER
 from tests.api.app_harness import api_settings
+from tests.store import Store
 
 TOKENS = ["tok-alpha-0123456789", "tok-bravo-9876543210"]
 

@@ -20,8 +20,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from api import keys
 from api.app import create_app
 from api.models import Phase, SessionEvent, SessionSpec, SessionStatus
-from api.store import Store
 from tests.api.app_harness import api_settings, live_server
+from tests.store import Store
 
 
 @pytest.fixture

@@ -11,7 +11,10 @@ import redis.exceptions
 from api import keys
 from api.models import AgentReport, Phase, SessionEvent, SessionSpec, SessionStatus
 from api.selector import parse_selector
-from api.store import InvalidCursor, Store, StoreUnavailable, decode_cursor
+from api.store import InvalidCursor, decode_cursor
+from api.store_agent import AgentStore
+from api.store_base import StoreUnavailable
+from tests.store import Store
 
 
 @pytest.fixture
@@ -26,10 +29,10 @@ def task(prompt: str = "do it", **kw: object) -> SessionSpec:
 
 
 async def test_fifty_racing_creates_of_one_id_yield_one_session(
-    store: Store, redis_client: aioredis.Redis
+    store: Store, redis_client: aioredis.Redis, redis_url: str
 ) -> None:
     async def create(i: int) -> str:
-        own = Store.from_url(store_url(store))
+        own = Store.from_url(redis_url)
         try:
             outcome = await own.create_or_get(own.new_session("race", task(f"prompt {i}")))
             return outcome.result
@@ -44,11 +47,6 @@ async def test_fifty_racing_creates_of_one_id_yield_one_session(
     assert stored is not None and stored.metadata.generation == 1
     changes = await store.read_changes("0-0")
     assert [c.kind for c in changes] == ["created"]
-
-
-def store_url(store: Store) -> str:
-    kw = store.redis.connection_pool.connection_kwargs
-    return f"redis://{kw['host']}:{kw['port']}/0"
 
 
 async def test_generation_moves_only_when_the_spec_really_changes(store: Store) -> None:
@@ -186,8 +184,8 @@ async def test_heartbeat_expires_with_its_ttl(store: Store, redis_client: aiored
     assert await store.heartbeats(["hb"]) == {}
 
 
-async def test_event_stream_is_capped_and_replayable_from_an_id(store: Store) -> None:
-    small = Store(store.redis, events_maxlen=10)
+async def test_event_stream_is_capped_and_replayable_from_an_id(redis_client: aioredis.Redis) -> None:
+    small = Store(redis_client, events_maxlen=10)
     ids = [await small.append_event("ev", SessionEvent(type="tick", data={"i": i})) for i in range(200)]
     everything = await small.read_events("ev", count=1000)
     assert len(everything) < 200  # capped (approximately, as Redis trims whole nodes)
@@ -212,13 +210,15 @@ async def test_inbox_replays_unacked_message_until_acked(store: Store) -> None:
     assert await store.inbox_next("chat", block_ms=50) is None
 
 
-async def test_session_credentials_reach_only_their_own_keys(store: Store, redis_url: str) -> None:
+async def test_session_credentials_reach_only_their_own_keys(
+    store: Store, redis_client: aioredis.Redis
+) -> None:
     await store.apply(store.new_session("mine", task()))
     await store.apply(store.new_session("other", task()))
     creds = await store.ensure_session_credentials("mine")
     assert creds is not None
     assert "***" in repr(creds) and creds.password not in repr(creds)
-    kw = store.redis.connection_pool.connection_kwargs
+    kw = redis_client.connection_pool.connection_kwargs
     agent = aioredis.Redis(
         host=kw["host"],
         port=kw["port"],
@@ -227,7 +227,7 @@ async def test_session_credentials_reach_only_their_own_keys(store: Store, redis
         decode_responses=True,
     )
     try:
-        agent_store = Store(agent)
+        agent_store = AgentStore(agent)
         assert (await agent_store.get("mine")) is not None
         await agent_store.write_agent_report("mine", AgentReport(state="running"))
         with pytest.raises(redis.exceptions.NoPermissionError):
@@ -274,7 +274,7 @@ async def test_created_session_returned_equals_what_a_read_returns(store: Store)
 
 
 def test_redis_url_with_credentials_replaces_user_info_only() -> None:
-    from api.store import redis_url_with_credentials
+    from api.store_base import redis_url_with_credentials
 
     base = "rediss://admin:controller-pw@10.0.0.5:6380/2"
     assert redis_url_with_credentials(base, "fs-session-a", "p@ss/word") == (

@@ -19,9 +19,9 @@ import pytest
 import redis
 from click.testing import CliRunner, Result
 
-from api.store import Store
 from cli.main import main
 from local.redis_server import RedisServer, free_port
+from tests.store import Store
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -17,9 +17,9 @@ import yaml
 
 from api.client import FlyswarmClient
 from api.models import AgentReport, Phase, SessionEvent, SessionStatus
-from api.store import Store
 from local.redis_server import free_port
 from tests.cli.conftest import Cli, LiveApi, store_call
+from tests.store import Store
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "manifests" / "examples"

@@ -12,9 +12,9 @@ import pytest
 
 from api.client import Event, FlyswarmClient, Invalid, NotFound, ServerUnreachable
 from api.models import AgentReport, SessionEvent
-from api.store import Store
 from local.redis_server import RedisServer, free_port
 from tests.cli.conftest import serve_api, stop_api, store_call
+from tests.store import Store
 
 
 def _event(store: Store, message: str) -> Any:

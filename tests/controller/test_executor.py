@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 
 from api import keys
 from api.models import Phase, SessionCredentials, SessionStatus
+from api.store_controller import ControllerStore
 from controller.actions import (
     CreateMachine,
     DestroyMachine,
@@ -159,7 +160,9 @@ async def test_stop_then_destroy_lets_the_agent_flush_and_releases_nothing_behin
 
 
 async def test_nothing_happens_without_leadership(world: World, redis_client: aioredis.Redis) -> None:
-    standby = LeaderElector(redis_client, holder_id="standby", timing=LeaderTiming(3, 2, 0.5))
+    standby = LeaderElector(
+        ControllerStore(redis_client), holder_id="standby", timing=LeaderTiming(3, 2, 0.5)
+    )
     executor = make_executor(world, authority=standby)
     session = await world.create_session("nl")
     outcome = await executor.apply(CreateMachine("nl", "l-nl", "fra"), session=session)
@@ -171,7 +174,7 @@ async def test_nothing_happens_without_leadership(world: World, redis_client: ai
 async def test_status_write_of_a_fenced_out_leader_is_refused(
     world: World, redis_client: aioredis.Redis
 ) -> None:
-    elector = LeaderElector(redis_client, holder_id="old", timing=LeaderTiming(30, 20, 0.1))
+    elector = LeaderElector(ControllerStore(redis_client), holder_id="old", timing=LeaderTiming(30, 20, 0.1))
     task = asyncio.create_task(elector.run())
     try:
         await world.until(_is_leader(elector), what="leads")

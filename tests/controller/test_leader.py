@@ -11,8 +11,9 @@ import redis.asyncio as aioredis
 
 from api import keys
 from api.models import Phase, SessionSpec, SessionStatus
-from api.store import Store
+from api.store_controller import ControllerStore
 from controller.leader import LeaderElector, LeaderTiming
+from tests.store import Store
 
 FAST = LeaderTiming(lease_seconds=1.0, renew_deadline_seconds=0.6, retry_period_seconds=0.1)
 
@@ -36,8 +37,8 @@ async def running(elector: LeaderElector) -> AsyncIterator[asyncio.Task[None]]:
 
 
 async def test_only_one_of_two_candidates_leads(redis_client: aioredis.Redis) -> None:
-    a = LeaderElector(redis_client, holder_id="a", timing=FAST)
-    b = LeaderElector(redis_client, holder_id="b", timing=FAST)
+    a = LeaderElector(ControllerStore(redis_client), holder_id="a", timing=FAST)
+    b = LeaderElector(ControllerStore(redis_client), holder_id="b", timing=FAST)
     async with running(a), running(b):
         await until(lambda: a.is_leader() or b.is_leader())
         for _ in range(20):
@@ -48,11 +49,11 @@ async def test_only_one_of_two_candidates_leads(redis_client: aioredis.Redis) ->
 
 
 async def test_each_term_gets_a_larger_fencing_token(redis_client: aioredis.Redis) -> None:
-    a = LeaderElector(redis_client, holder_id="a", timing=FAST)
+    a = LeaderElector(ControllerStore(redis_client), holder_id="a", timing=FAST)
     async with running(a):
         await until(a.is_leader)
         first = a.token
-    b = LeaderElector(redis_client, holder_id="b", timing=FAST)
+    b = LeaderElector(ControllerStore(redis_client), holder_id="b", timing=FAST)
     async with running(b):
         await until(b.is_leader)
         assert first is not None and b.token is not None and b.token > first
@@ -63,12 +64,12 @@ async def test_a_stale_leader_cannot_write_status_after_a_new_leader_took_over(
 ) -> None:
     store = Store(redis_client)
     await store.create_or_get(store.new_session("s1", SessionSpec(prompt="p")))
-    old = LeaderElector(redis_client, holder_id="old", timing=FAST)
+    old = LeaderElector(ControllerStore(redis_client), holder_id="old", timing=FAST)
     async with running(old):
         await until(old.is_leader)
         stale_fence = old.fence
     assert stale_fence is not None
-    new = LeaderElector(redis_client, holder_id="new", timing=FAST)
+    new = LeaderElector(ControllerStore(redis_client), holder_id="new", timing=FAST)
     async with running(new):
         await until(new.is_leader)
         assert new.fence is not None
@@ -88,7 +89,7 @@ async def test_leader_that_cannot_renew_steps_down_before_its_lease_expires(
     async def on_stopped() -> None:
         stopped.set()
 
-    a = LeaderElector(redis_client, holder_id="a", timing=FAST, on_stopped=on_stopped)
+    a = LeaderElector(ControllerStore(redis_client), holder_id="a", timing=FAST, on_stopped=on_stopped)
     async with running(a):
         await until(a.is_leader)
         # Freeze Redis for this client: every renew now times out.
@@ -108,10 +109,10 @@ async def test_leader_that_cannot_renew_steps_down_before_its_lease_expires(
 async def test_standby_takes_over_after_the_leader_dies_without_releasing(
     redis_client: aioredis.Redis,
 ) -> None:
-    a = LeaderElector(redis_client, holder_id="a", timing=FAST)
+    a = LeaderElector(ControllerStore(redis_client), holder_id="a", timing=FAST)
     task = asyncio.create_task(a.run())
     await until(a.is_leader)
-    b = LeaderElector(redis_client, holder_id="b", timing=FAST)
+    b = LeaderElector(ControllerStore(redis_client), holder_id="b", timing=FAST)
     async with running(b):
         await asyncio.sleep(0.3)
         assert not b.is_leader()
@@ -127,8 +128,8 @@ async def test_standby_takes_over_after_the_leader_dies_without_releasing(
 
 
 async def test_release_on_stop_lets_the_standby_lead_at_once(redis_client: aioredis.Redis) -> None:
-    a = LeaderElector(redis_client, holder_id="a", timing=LeaderTiming(30.0, 20.0, 0.1))
-    b = LeaderElector(redis_client, holder_id="b", timing=LeaderTiming(30.0, 20.0, 0.1))
+    a = LeaderElector(ControllerStore(redis_client), holder_id="a", timing=LeaderTiming(30.0, 20.0, 0.1))
+    b = LeaderElector(ControllerStore(redis_client), holder_id="b", timing=LeaderTiming(30.0, 20.0, 0.1))
     async with running(a):
         await until(a.is_leader)
     assert not await redis_client.exists(keys.LEADER)

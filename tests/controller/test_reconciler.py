@@ -46,7 +46,7 @@ async def test_finished_tasks_succeed_or_fail_and_their_machines_go_away(world: 
     ok = await world.until_phase("ok", Phase.SUCCEEDED)
     bad = await world.until_phase("bad", Phase.FAILED)
     assert ok.status.finishedAt is not None
-    assert bad.status.reason == "ScriptedError"
+    assert bad.status.reason == "ExecutionError"  # the agent's reason, passed through
     await world.until(lambda: _none(world, "ok", "bad"), what="machines of finished sessions destroyed")
     # Records stay until ttlSecondsAfterFinished; the phase never flips back.
     await world.assert_invariants({"ok", "bad"})

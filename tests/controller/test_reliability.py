@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 
 from api import keys
 from api.models import utcnow
-from api.store import StoreUnavailable
+from api.store_base import StoreUnavailable
 from tests.controller.world import World, make_world
 from tests.restartable_redis import RestartableRedis
 

@@ -23,7 +23,6 @@ import redis.asyncio as aioredis
 import uvicorn
 
 from api.models import TERMINAL_PHASES, Phase, Session, SessionSpec
-from api.store import Store
 from controller.fly import FlyClient, FlyClientConfig
 from controller.leader import LeaderTiming
 from controller.main import Controller
@@ -35,6 +34,7 @@ from local.emulator import EmulatorSettings, create_app, emulator_state
 from local.emulator_faults import FaultSettings
 from local.emulator_state import EmulatorState
 from local.redis_server import free_port
+from tests.store import Store
 
 APP = "flyswarm-agents-test"
 IMAGE = "flyswarm-agent"

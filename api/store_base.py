@@ -1,0 +1,213 @@
+"""The store's shared base: one Redis connection, its error mapping and the session codec.
+
+Only the store modules talk to Redis (``tests/test_layering.py`` enforces it). Each role gets its
+own store class on top of :class:`StoreBase`, with exactly the operations that role performs:
+
+* :class:`api.store.ApiStore` — the API: create/apply/get/list/delete sessions, send messages,
+  read events;
+* :class:`api.store_controller.ControllerStore` — the controller: status writes (fenced), launch
+  records, heartbeat and inbox reads, the change feed and wake channel; with per-session
+  credentials and session removal (:class:`api.store_credentials.SessionTeardown`) and the leader
+  lease (:class:`api.store_lease.LeaderLease`) mixed in;
+* :class:`api.store_agent.AgentStore` — the agent in a machine, connected as its session's ACL user:
+  its own session read, its report, heartbeat, events, inbox and transcripts.
+
+The Redis client is private (``_redis``): code outside the store asks a store method, so every key
+name stays in :mod:`api.keys` and every Redis error surfaces as :class:`StoreUnavailable` (503 for
+callers, never "gone").
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, ParamSpec, Self, TypeVar
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+import redis.exceptions as redis_errors
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+
+from api import keys
+from api.models import Session, SessionEvent, SessionSpec
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+DEFAULT_CHANGES_MAXLEN = 100_000
+DEFAULT_EVENTS_MAXLEN = 2_000
+DEFAULT_INBOX_MAXLEN = 10_000
+
+
+class StoreUnavailable(RuntimeError):
+    """Redis could not be reached or answered with an error we cannot act on."""
+
+
+class StoreAuthFailed(StoreUnavailable):
+    """Redis refused the credentials (wrong password or a disabled per-session user)."""
+
+
+class StorePermissionDenied(RuntimeError):
+    """The credentials are valid but may not touch these keys (another session's, for an agent)."""
+
+
+def unavailable_on_redis_error(func: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    @functools.wraps(func)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await func(*args, **kwargs)
+        except redis_errors.AuthenticationError as exc:
+            raise StoreAuthFailed("redis refused the credentials") from exc
+        except redis_errors.NoPermissionError as exc:
+            raise StorePermissionDenied("redis denied access to these keys") from exc
+        except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+            raise StoreUnavailable("redis is unreachable") from exc
+        except redis_errors.BusyLoadingError as exc:
+            raise StoreUnavailable("redis is loading its data set") from exc
+
+    return wrapper
+
+
+def redis_url_with_credentials(url: str, username: str | None, password: str | None) -> str:
+    """``url`` (scheme, host, port, db) with its user info replaced by ``username``/``password``.
+
+    Both None: no user info at all. The result carries a secret: never log it.
+    """
+    parts = urlsplit(url)
+    host = parts.hostname or "127.0.0.1"
+    if ":" in host:  # IPv6
+        host = f"[{host}]"
+    netloc = host if parts.port is None else f"{host}:{parts.port}"
+    if username is not None or password is not None:
+        netloc = f"{quote(username or '', safe='')}:{quote(password or '', safe='')}@{netloc}"
+    return urlunsplit((parts.scheme or "redis", netloc, parts.path, parts.query, ""))
+
+
+def canonical_spec(spec: SessionSpec) -> str:
+    """Equal specs give equal strings, whatever the order of map keys."""
+    return json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+
+def canonical_labels(labels: dict[str, str]) -> str:
+    return json.dumps(labels, sort_keys=True, separators=(",", ":"))
+
+
+def session_from_hash(raw: dict[str, str]) -> Session | None:
+    if not raw or "spec" not in raw or "meta" not in raw:
+        return None
+    meta = json.loads(raw["meta"])
+    meta["labels"] = json.loads(raw.get("labels") or "{}")
+    meta["generation"] = int(raw.get("gen") or 1)
+    meta["deletionTimestamp"] = raw.get("deleted")
+    data: dict[str, Any] = {
+        "metadata": meta,
+        "spec": json.loads(raw["spec"]),
+        "status": json.loads(raw["status"]) if raw.get("status") else {},
+        "agent": json.loads(raw["agent"]) if raw.get("agent") else None,
+    }
+    return Session.model_validate(data)
+
+
+def flat_to_dict(flat: Sequence[Any]) -> dict[str, str]:
+    return {str(flat[i]): str(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+
+class StoreBase:
+    """One connection pool and the reads every role shares. One instance per process."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        *,
+        changes_maxlen: int = DEFAULT_CHANGES_MAXLEN,
+        events_maxlen: int = DEFAULT_EVENTS_MAXLEN,
+        inbox_maxlen: int = DEFAULT_INBOX_MAXLEN,
+    ) -> None:
+        # redis-py's stubs type every reply as a union of bytes/str/Awaitable; with
+        # decode_responses=True the replies are str, so the client is handled as Any here and
+        # the store's own signatures carry the types. Private: only store modules touch it.
+        self._redis: Any = redis
+        self.changes_maxlen = changes_maxlen
+        self.events_maxlen = events_maxlen
+        self.inbox_maxlen = inbox_maxlen
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        socket_timeout: float = 5.0,
+        connect_timeout: float = 2.0,
+        retries: int = 0,
+        **kwargs: Any,
+    ) -> Self:
+        """A store on its own connection pool.
+
+        ``retries`` > 0 retries a command on connection errors with a short jittered backoff
+        (capped at 0.2 s) so a blip is absorbed while an outage still fails fast (503, not a hang).
+        """
+        client = aioredis.Redis.from_url(
+            url,
+            decode_responses=True,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=min(connect_timeout, socket_timeout),
+            health_check_interval=15,
+            retry=Retry(ExponentialWithJitterBackoff(cap=0.2, base=0.02), retries) if retries else None,
+        )
+        return cls(client, **kwargs)
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+    @unavailable_on_redis_error
+    async def ping(self) -> bool:
+        return bool(await self._redis.ping())
+
+    @unavailable_on_redis_error
+    async def get(self, session_id: str) -> Session | None:
+        raw = await self._redis.hgetall(keys.session(session_id))
+        return session_from_hash(raw)
+
+
+class SessionIndexReads(StoreBase):
+    """Reads across many sessions (the listing index): the API's and the controller's, not the agent's."""
+
+    @unavailable_on_redis_error
+    async def get_many(self, session_ids: Sequence[str], *, batch: int = 500) -> list[Session]:
+        """Batched read (pipelined, one round trip per ``batch`` ids)."""
+        found: list[Session] = []
+        for start in range(0, len(session_ids), batch):
+            chunk = session_ids[start : start + batch]
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for sid in chunk:
+                    pipe.hgetall(keys.session(sid))
+                raws = await pipe.execute()
+            for raw in raws:
+                session = session_from_hash(raw)
+                if session is not None:
+                    found.append(session)
+        return found
+
+    @unavailable_on_redis_error
+    async def all_ids(self) -> list[str]:
+        return [str(x) for x in await self._redis.zrange(keys.INDEX, 0, -1)]
+
+    async def all_sessions(self) -> list[Session]:
+        """Every session, in id order: one index read plus pipelined hash reads."""
+        return await self.get_many(await self.all_ids())
+
+
+class EventWrites(StoreBase):
+    """Appending to a session's event stream: the controller's lifecycle events, the agent's work."""
+
+    @unavailable_on_redis_error
+    async def append_event(self, session_id: str, event: SessionEvent) -> str:
+        entry_id = await self._redis.xadd(
+            keys.events(session_id),
+            {"e": event.model_dump_json()},
+            maxlen=self.events_maxlen,
+            approximate=True,
+        )
+        return str(entry_id)

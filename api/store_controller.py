@@ -1,0 +1,244 @@
+"""The controller's store: what one reconcile needs from Redis, and the leader lease.
+
+A role of the store (see :mod:`api.store_base`): batched reads of sessions, heartbeats, launch
+records and inbox depth; the status write, fenced by the leader's token; launch records written
+*before* a Fly create; the change feed and the agents' wake channel (the early triggers); the
+controller-seen record; the leader lease (:class:`api.store_lease.LeaderLease`, which
+:mod:`controller.leader` drives); and per-session credentials and session removal
+(:class:`api.store_credentials.SessionTeardown`).
+
+``write_status`` validates the status it is given before writing it: a status built around the
+model's validation (``model_copy(update=...)``, ``model_construct``) with a phase or a reason
+outside :class:`api.models.Phase` / :class:`api.models.Reason` is refused, never stored.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import redis.asyncio as aioredis
+import redis.exceptions as redis_errors
+
+from api import keys
+from api.models import Heartbeat, SessionStatus, utcnow
+from api.store_base import EventWrites, SessionIndexReads, StoreUnavailable, unavailable_on_redis_error
+from api.store_credentials import SessionTeardown
+from api.store_lease import LeaderLease
+
+StatusWrite = Literal["written", "missing", "refused", "fenced"]
+
+# KEYS: session hash [, fence key]. ARGV: status json, new phase [, fence token].
+# Returns 1 written, 0 missing, -1 refused (finished session), -2 fenced out (stale leader).
+_STATUS_LUA = """
+if #KEYS > 1 then
+  if redis.call('GET', KEYS[2]) ~= ARGV[3] then return -2 end
+end
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local cur = redis.call('HGET', KEYS[1], 'status')
+if cur then
+  local phase = cjson.decode(cur)['phase']
+  if (phase == 'Succeeded' or phase == 'Failed') and ARGV[2] ~= phase and ARGV[2] ~= 'Terminating' then
+    return -1
+  end
+end
+redis.call('HSET', KEYS[1], 'status', ARGV[1])
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class Change:
+    """One entry of the change feed."""
+
+    entry_id: str
+    session_id: str
+    kind: str
+
+
+class ControllerStore(SessionIndexReads, EventWrites, SessionTeardown, LeaderLease):
+    """Async access for the controller. One instance per process, shared by all tasks."""
+
+    def __init__(self, redis: aioredis.Redis, **kwargs: Any) -> None:
+        super().__init__(redis, **kwargs)
+        self._status = redis.register_script(_STATUS_LUA)
+
+    # -- status -----------------------------------------------------------------------------------
+
+    @unavailable_on_redis_error
+    async def write_status(
+        self,
+        session_id: str,
+        status: SessionStatus,
+        *,
+        fence: tuple[str, int] | None = None,
+    ) -> StatusWrite:
+        """Write the controller-owned status (only the controller calls this).
+
+        ``fence`` is ``(fence_key, token)``: the write happens only while that key still holds the
+        token, so a controller that lost leadership cannot write after a new leader took over.
+        The status is validated first (:meth:`SessionStatus.checked`): an invalid one raises
+        ``ValueError`` and nothing is written.
+        """
+        status = status.checked()
+        key_list = [keys.session(session_id)]
+        args: list[Any] = [status.model_dump_json(), status.phase.value]
+        if fence is not None:
+            key_list.append(fence[0])
+            args.append(str(fence[1]))
+        code = int(await self._status(keys=key_list, args=args))
+        outcomes: dict[int, StatusWrite] = {
+            1: "written",
+            0: "missing",
+            -1: "refused",
+            -2: "fenced",
+        }
+        return outcomes[code]
+
+    # -- heartbeats -------------------------------------------------------------------------------
+
+    @unavailable_on_redis_error
+    async def get_heartbeat(self, session_id: str) -> Heartbeat | None:
+        raw = await self._redis.get(keys.heartbeat(session_id))
+        return Heartbeat.model_validate_json(raw) if raw else None
+
+    @unavailable_on_redis_error
+    async def heartbeats(self, session_ids: Sequence[str], *, batch: int = 1000) -> dict[str, Heartbeat]:
+        """Batched heartbeat read (pipelined GETs: no cross-slot MGET)."""
+        found: dict[str, Heartbeat] = {}
+        for start in range(0, len(session_ids), batch):
+            chunk = session_ids[start : start + batch]
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for sid in chunk:
+                    pipe.get(keys.heartbeat(sid))
+                raws = await pipe.execute()
+            for sid, raw in zip(chunk, raws, strict=True):
+                if raw:
+                    found[sid] = Heartbeat.model_validate_json(raw)
+        return found
+
+    # -- inbox ------------------------------------------------------------------------------------
+
+    @unavailable_on_redis_error
+    async def inbox_pending(self, session_id: str, *, cap: int = 1000) -> int:
+        acked = await self._redis.get(keys.inbox_acked(session_id)) or "0-0"
+        entries = await self._redis.xrange(keys.inbox(session_id), min=f"({acked}", max="+", count=cap)
+        return len(entries)
+
+    @unavailable_on_redis_error
+    async def inbox_pending_many(self, session_ids: Sequence[str]) -> dict[str, int]:
+        """Pending counts (0 or 1+, capped at 1) for many sessions in two pipelined round trips."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for sid in session_ids:
+                pipe.get(keys.inbox_acked(sid))
+            acked = await pipe.execute()
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for sid, ack in zip(session_ids, acked, strict=True):
+                pipe.xrange(keys.inbox(sid), min=f"({ack or '0-0'}", max="+", count=1)
+            found = await pipe.execute()
+        return {sid: len(entries) for sid, entries in zip(session_ids, found, strict=True)}
+
+    # -- change feed ------------------------------------------------------------------------------
+
+    @unavailable_on_redis_error
+    async def last_change_id(self) -> str:
+        """The id of the newest change-feed entry (``0-0`` when empty): where a new reader starts."""
+        entries = await self._redis.xrevrange(keys.CHANGES, max="+", min="-", count=1)
+        return str(entries[0][0]) if entries else "0-0"
+
+    @unavailable_on_redis_error
+    async def read_changes(
+        self, after_id: str, *, count: int = 1000, block_ms: int | None = None
+    ) -> builtins.list[Change]:
+        """Entries after ``after_id``; a reader resumes from the last id it saw."""
+        if block_ms is None:
+            entries = await self._redis.xrange(keys.CHANGES, min=f"({after_id}", max="+", count=count)
+        else:
+            reply = await self._redis.xread({keys.CHANGES: after_id}, count=count, block=block_ms)
+            entries = reply[0][1] if reply else []
+        return [Change(entry_id=str(eid), session_id=f["id"], kind=f["kind"]) for eid, f in entries]
+
+    # -- wake channel -----------------------------------------------------------------------------
+
+    async def wake_sessions(self) -> AsyncGenerator[str]:
+        """Ids of sessions whose agent announced a report, as they come (until an error).
+
+        Pub/sub is fire-and-forget: it only wakes the loop early, the resync is the truth. Any
+        Redis error ends the iteration with :class:`StoreUnavailable`; the caller resubscribes.
+        """
+        prefix = keys.WAKE_PATTERN[:-1]
+        pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.psubscribe(keys.WAKE_PATTERN)
+            while True:
+                message = await pubsub.get_message(timeout=1.0)
+                if message is None or message.get("type") != "pmessage":
+                    continue
+                channel = str(message.get("channel", ""))
+                if channel.startswith(prefix):
+                    yield channel[len(prefix) :]
+        except (redis_errors.RedisError, OSError) as exc:
+            raise StoreUnavailable("the wake subscription failed") from exc
+        finally:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()
+
+    # -- controller bookkeeping -------------------------------------------------------------------
+
+    @unavailable_on_redis_error
+    async def record_controller_seen(self, holder_id: str, record: str) -> None:
+        """When this controller last finished a pass (for ``flyswarm status``)."""
+        await self._redis.hset(keys.CONTROLLER_SEEN, holder_id, record)
+
+    # -- launch records ---------------------------------------------------------------------------
+
+    @unavailable_on_redis_error
+    async def record_launch(
+        self, session_id: str, launch_id: str, fields: dict[str, str] | None = None
+    ) -> None:
+        """Record a launch id *before* calling Fly create, so an ambiguous create can be found later."""
+        mapping = {"launchId": launch_id, "requestedAt": utcnow().isoformat(), **(fields or {})}
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(keys.launch(session_id))
+            pipe.hset(keys.launch(session_id), mapping=mapping)
+            await pipe.execute()
+
+    @unavailable_on_redis_error
+    async def get_launch(self, session_id: str) -> dict[str, str]:
+        return dict(await self._redis.hgetall(keys.launch(session_id)))
+
+    @unavailable_on_redis_error
+    async def get_launches(self, session_ids: Sequence[str]) -> dict[str, dict[str, str]]:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for sid in session_ids:
+                pipe.hgetall(keys.launch(sid))
+            raws = await pipe.execute()
+        return {sid: dict(raw) for sid, raw in zip(session_ids, raws, strict=True) if raw}
+
+    @unavailable_on_redis_error
+    async def update_launch(self, session_id: str, fields: dict[str, str]) -> None:
+        await self._redis.hset(keys.launch(session_id), mapping=fields)
+
+    @unavailable_on_redis_error
+    async def record_create_failure(self, session_id: str, reason: str, message: str) -> None:
+        """Withdraw the launch (nothing was created) and remember why Fly refused it.
+
+        The record then has no launch id, so it is no expectation; the next ``record_launch``
+        replaces it whole, so a success leaves no stale failure behind.
+        """
+        mapping = {
+            "failedAt": utcnow().isoformat(),
+            "failureReason": reason,
+            "failureMessage": message[:1000],
+        }
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(keys.launch(session_id))
+            pipe.hset(keys.launch(session_id), mapping=mapping)
+            await pipe.execute()
+
+    @unavailable_on_redis_error
+    async def clear_launch(self, session_id: str) -> None:
+        await self._redis.delete(keys.launch(session_id))

@@ -1,0 +1,190 @@
+"""Per-session Redis users and session removal: the controller's teardown half of the store.
+
+Each session's agent connects as its own ACL user, which reaches only ``fs:{<id>}:*`` and its wake
+channel. Removing a session must take every one of its keys *and* that user with it:
+
+* **The keys, in one step.** The session's keys are a fixed set (:func:`api.keys.session_fixed_keys`)
+  plus the ones writers create on the fly (transcripts), which every such writer records in the
+  session's key registry (:func:`api.keys.session_registry`) in the same transaction that creates
+  them. One Lua script deletes the fixed keys, every registered key and the registry, drops the id
+  from the index and appends the ``removed`` change: no SCAN of the keyspace, no half-removed
+  session. All of those keys share the ``{<id>}`` hash tag, so they sit in one slot.
+* **The user survives a Redis restart.** Redis keeps ACL users in memory only (``ACL SETUSER``
+  is not in the AOF), so the SHA-256 of each agent's password is kept in the global hash
+  :data:`api.keys.CREDENTIALS` - out of reach of every session's own user - and
+  :meth:`SessionTeardown.restore_session_credentials` re-creates the users whenever the
+  controller sees a new server.
+* **The user, eventually for sure.** ``ACL DELUSER`` cannot run inside a script, so the same script
+  also adds the id to :data:`api.keys.ACL_PENDING_DELETE` (a finalizer, as Kubernetes has them).
+  The user is deleted right after, and the id leaves the set only once it is; a crash in between
+  leaves the id there, and :meth:`SessionTeardown.finish_credential_deletions` (every resync pass)
+  deletes the user then. Creating credentials for the id again clears a stale marker, since
+  ``ACL SETUSER ... reset`` already invalidates the old password.
+
+The registry is writable by the session's own user; the script deletes only members that carry
+the session's own prefix, so a hostile agent cannot make the controller delete anyone else's keys.
+Those members are not declared in ``KEYS`` (they are known only once the script reads the
+registry), which Redis allows because they share the registry's hash tag, hence its slot; the
+index, the change feed and the finalizer set are global keys in the same script, the same
+single-Redis assumption as the API's ``apply`` (see :mod:`api.store`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from typing import Any
+
+import redis.exceptions as redis_errors
+
+from api import keys
+from api.models import SessionCredentials
+from api.store_base import StoreBase, unavailable_on_redis_error
+
+# KEYS: registry, index, changes, acl pending set, fixed per-session keys...
+# ARGV: id, changes maxlen, the session's key prefix. Returns the number of keys named for deletion.
+_REMOVE_LUA = """
+local doomed = {}
+for _, key in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if string.sub(key, 1, #ARGV[3]) == ARGV[3] then table.insert(doomed, key) end
+end
+for i = 5, #KEYS do table.insert(doomed, KEYS[i]) end
+table.insert(doomed, KEYS[1])
+for i = 1, #doomed, 500 do
+  redis.call('DEL', unpack(doomed, i, math.min(i + 499, #doomed)))
+end
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('SADD', KEYS[4], ARGV[1])
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], '*', 'id', ARGV[1], 'kind', 'removed')
+return #doomed
+"""
+
+
+class SessionTeardown(StoreBase):
+    """Per-session credentials and the atomic removal of a session (controller only)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._remove = self._redis.register_script(_REMOVE_LUA)
+
+    # -- removal ----------------------------------------------------------------------------------
+
+    @unavailable_on_redis_error
+    async def remove(self, session_id: str) -> None:
+        """Remove the record and every key of the session, then its Redis user (finalization)."""
+        await self.remove_keys(session_id)
+        await self.delete_session_credentials(session_id)
+
+    @unavailable_on_redis_error
+    async def remove_keys(self, session_id: str) -> int:
+        """Step one of :meth:`remove`: every key, atomically, leaving the user's deletion pending."""
+        reply = await self._remove(
+            keys=[
+                keys.session_registry(session_id),
+                keys.INDEX,
+                keys.CHANGES,
+                keys.ACL_PENDING_DELETE,
+                *keys.session_fixed_keys(session_id),
+            ],
+            args=[session_id, self.changes_maxlen, keys.session_key_prefix(session_id)],
+        )
+        return int(reply)
+
+    @unavailable_on_redis_error
+    async def finish_credential_deletions(self) -> list[str]:
+        """Delete the users of removed sessions whose deletion did not finish (a crash, an outage)."""
+        pending = sorted(str(sid) for sid in await self._redis.smembers(keys.ACL_PENDING_DELETE))
+        for session_id in pending:
+            await self.delete_session_credentials(session_id)
+        return pending
+
+    # -- per-session credentials ------------------------------------------------------------------
+
+    @unavailable_on_redis_error
+    async def acl_supported(self) -> bool:
+        try:
+            await self._redis.execute_command("ACL", "WHOAMI")
+        except redis_errors.ResponseError:
+            return False
+        return True
+
+    @unavailable_on_redis_error
+    async def ensure_session_credentials(self, session_id: str) -> SessionCredentials | None:
+        """(Re)create the session's Redis user with a fresh password; None without ACL support.
+
+        The user reaches only ``fs:{<id>}:*`` keys and its own wake channel, and cannot run admin
+        or dangerous commands. A fresh password per launch means a replaced machine's credentials
+        stop working the moment a new machine is launched.
+        """
+        if not await self.acl_supported():
+            return None
+        username = keys.acl_user(session_id)
+        password = secrets.token_urlsafe(24)
+        digest = hashlib.sha256(password.encode()).hexdigest()
+        # The durable copy first: should we die between the two, a restore re-creates the user with
+        # the password the machine will be given, never an older one.
+        await self._redis.hset(keys.CREDENTIALS, session_id, digest)
+        try:
+            await self._redis.execute_command(*_acl_setuser(session_id, digest))
+        except redis_errors.ResponseError:
+            return None
+        # A marker left by an earlier removal of this id is moot: ``reset`` dropped the old password.
+        await self._redis.srem(keys.ACL_PENDING_DELETE, session_id)
+        return SessionCredentials(username=username, password=password)
+
+    @unavailable_on_redis_error
+    async def restore_session_credentials(self) -> int:
+        """Re-create every per-session ACL user from its durable password hash; returns how many.
+
+        Redis keeps ACL users in memory only: after a restart (graceful or not) every agent's
+        credentials are gone although its session lives on in the AOF. The controller calls this
+        whenever the server it talks to is new (see :meth:`server_identity`); ``ACL SETUSER`` is
+        idempotent, so repeating it is harmless. Users of sessions being removed are not restored.
+        """
+        if not await self.acl_supported():
+            return 0
+        digests = await self._redis.hgetall(keys.CREDENTIALS)
+        pending = {str(sid) for sid in await self._redis.smembers(keys.ACL_PENDING_DELETE)}
+        live = {str(sid): str(d) for sid, d in digests.items() if str(sid) not in pending}
+        if not live:
+            return 0
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for session_id, digest in live.items():
+                pipe.execute_command(*_acl_setuser(session_id, digest))
+            results = await pipe.execute(raise_on_error=False)
+        return sum(1 for r in results if not isinstance(r, Exception))
+
+    @unavailable_on_redis_error
+    async def server_identity(self) -> tuple[str, float]:
+        """``(run_id, uptime_seconds)`` of the Redis server: a new run id means a restarted server."""
+        info = await self._redis.info("server")
+        return str(info.get("run_id", "")), float(info.get("uptime_in_seconds", 0))
+
+    @unavailable_on_redis_error
+    async def delete_session_credentials(self, session_id: str) -> None:
+        """Delete the session's Redis user (no-op when absent) and clear its pending-delete marker."""
+        try:
+            await self._redis.execute_command("ACL", "DELUSER", keys.acl_user(session_id))
+        except redis_errors.ResponseError:
+            pass  # no ACL support: there is no user to delete
+        await self._redis.hdel(keys.CREDENTIALS, session_id)
+        # Only now, with the user gone, is the removal's finalizer done.
+        await self._redis.srem(keys.ACL_PENDING_DELETE, session_id)
+
+
+def _acl_setuser(session_id: str, password_sha256: str) -> tuple[str, ...]:
+    """The ``ACL SETUSER`` of a session's agent: its own keys and wake channel, no admin commands."""
+    return (
+        "ACL",
+        "SETUSER",
+        keys.acl_user(session_id),
+        "reset",
+        "resetchannels",
+        "on",
+        f"#{password_sha256}",
+        f"~{keys.session_key_pattern(session_id)}",
+        f"&{keys.wake_channel(session_id)}",
+        "+@all",
+        "-@dangerous",
+        "-@admin",
+    )
