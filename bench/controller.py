@@ -54,7 +54,7 @@ from api.store_controller import ControllerStore  # noqa: E402
 from controller.executor import SoleAuthority, observed_from_fly  # noqa: E402
 from controller.fly import FlyClient, FlyClientConfig  # noqa: E402
 from controller.machine_config import MachineConfigBuilder  # noqa: E402
-from controller.main import Controller  # noqa: E402
+from controller.main import Controller, build_reconciler  # noqa: E402
 from controller.metrics import ControllerMetrics  # noqa: E402
 from controller.observed import MANAGED_VALUE, TAG_MANAGED, TAG_SESSION, machine_tags  # noqa: E402
 from controller.plan import plan  # noqa: E402
@@ -253,7 +253,7 @@ async def bench_pass(redis_url: str, work: Path, n: int) -> dict[str, Any]:
         try:
             await admin.flushall()
             await seed_converged_sessions(client, fly, settings, n)
-            reconciler = Reconciler(
+            reconciler = build_reconciler(
                 store=store,
                 fly=fly,
                 settings=settings,

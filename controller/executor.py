@@ -17,9 +17,11 @@
   session whose turn is later is requeued for exactly then instead of holding a worker.
 * **Destroy budget.** At most ``max_destroys_per_pass`` destroys per resync pass; the rest wait.
 
-Multi-step actions (restart; stop-then-destroy) run under a short Fly lease (13 s, refreshed by
-the client) with the nonce on every call, and the lease is always released (the client's context
-manager shields the release from cancellation).
+One action is one Fly call: the executor never looks at a machine to choose another verb, and
+never chains stop, wait and destroy - the plan already expresses that escalation, one step per
+pass. A 412 ("not in a state for that") is a requeue, and the plan decides again on fresh data.
+After a call the machine is read back once (``_look_again``) so a lagging list cannot undo what we
+just did; after an ambiguous create it is looked up by its launch tag - reads, not decisions.
 
 The agent's Redis URL is built here from the operator's ``FLYSWARM_AGENT_REDIS_URL`` host and the
 session's own ACL user (``ControllerStore.ensure_session_credentials``), so the controller's Redis password
@@ -36,7 +38,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from api.logs import get_logger
-from api.models import Session, SessionCredentials, SessionEvent, parse_timestamp, utcnow
+from api.models import Reason, Session, SessionCredentials, SessionEvent, parse_timestamp, utcnow
 from api.store_base import StoreUnavailable, redis_url_with_credentials
 from api.store_controller import ControllerStore
 from controller import fly_errors
@@ -61,14 +63,13 @@ from controller.expectations import Expectations
 from controller.fly import FLY_ACTION_LIMIT, FlyClient
 from controller.fly_types import Machine, MachineConfig
 from controller.machine_config import machine_name
+from controller.machine_state import GONE
 from controller.metrics import ControllerMetrics
 from controller.observed import MANAGED_VALUE, TAG_LAUNCH, TAG_MANAGED, ObservedMachine, parse_tags
 from controller.ratelimit import Limit, TokenBucket
 
 _log = get_logger("controller.executor")
 
-#: Machine states from which Fly destroys without ``force`` (fly-machines-api.md §2).
-_AT_REST = frozenset({"stopped", "suspended", "failed", "created"})
 #: Below this much leadership left, do not start a Fly mutation.
 _MIN_TERM_SECONDS = 0.5
 #: How often and how long an ambiguous create is looked up before giving the decision to the plan.
@@ -112,7 +113,6 @@ class ExecutorSettings:
     """The executor's knobs (from :class:`controller.settings.ControllerSettings`)."""
 
     call_timeout_seconds: float = 30.0
-    machine_lease_ttl_seconds: int = 13
     stop_grace_seconds: float = 30.0
     max_destroys_per_pass: int = 20
     #: How long to wait before looking again at a machine that refused an action in its state (412).
@@ -362,7 +362,7 @@ class Executor:
             # The client raises AmbiguousCreate whenever the request may have reached Fly; any other
             # error means nothing was created, so the expectation is withdrawn and the plan may
             # launch again on the key's backoff schedule instead of waiting for it to expire.
-            reason = "NoCapacity" if isinstance(err, fly_errors.Capacity) else "CreateFailed"
+            reason = Reason.NO_CAPACITY if isinstance(err, fly_errors.Capacity) else Reason.CREATE_FAILED
             # The failure replaces the launch record, so the next plan says why in the status.
             await self.store.record_create_failure(action.session_id, reason, str(err))
             self.expectations.launch_cancelled(action.session_id, action.launch_id)
@@ -373,7 +373,7 @@ class Executor:
                 await self.store.append_event(
                     action.session_id,
                     SessionEvent(
-                        type="warning", reason="CreateFailed", message=f"Fly refused the create: {err}"
+                        type="warning", reason=Reason.CREATE_FAILED, message=f"Fly refused the create: {err}"
                     ),
                 )
             raise
@@ -391,7 +391,7 @@ class Executor:
                 if not err.transient:
                     raise
                 continue
-            found = [m for m in page.machines if m.state != "destroyed"]
+            found = [m for m in page.machines if m.state not in GONE]
             if found:
                 return await self._adopt(action, found[0], log, looked_up=True)
         # Not visible yet (the list lags) or never created: the launch record stays, and the plan
@@ -441,20 +441,13 @@ class Executor:
         return Done()
 
     async def _restart(self, action: RestartMachine, log: Any) -> Outcome:
+        """Fly restart of a started machine; one call. A machine at rest answers 412: requeued, and
+        the plan (which asks for a start in that case) decides again on fresh data."""
         machine_id = action.machine_id
         try:
-            async with self.fly.lease(machine_id, ttl=self.settings.machine_lease_ttl_seconds) as nonce:
-                machine = await self.fly.get_machine(machine_id, deadline=self._deadline())
-                if machine.state in ("stopped", "suspended", "created", "failed"):
-                    # Nothing runs: a restart is a start (Fly answers 412 to restart at rest).
-                    await self.fly.start_machine(machine_id, nonce=nonce, deadline=self._deadline())
-                else:
-                    await self.fly.restart_machine(
-                        machine_id,
-                        timeout=self.settings.stop_grace_seconds,
-                        nonce=nonce,
-                        deadline=self._deadline(),
-                    )
+            await self.fly.restart_machine(
+                machine_id, timeout=self.settings.stop_grace_seconds, deadline=self._deadline()
+            )
         except fly_errors.NotFound:
             self.expectations.machine_destroyed(action.session_id, machine_id, self._now())
             log.info("machine_gone")
@@ -464,15 +457,15 @@ class Executor:
         return Done()
 
     async def _destroy(self, action: DestroyMachine, log: Any) -> Outcome:
+        """One destroy call, forced when the plan says so. The plan asks for a plain destroy only of
+        a machine at rest, and stops a running one first; should the machine have moved on since,
+        Fly answers 412 and the plan decides again."""
         if not self.destroy_budget.take():
             log.info("machine_destroy_deferred", used=self.destroy_budget.used)
             return Requeue(1.0)
         machine_id = action.machine_id
         try:
-            if action.force:
-                await self.fly.destroy_machine(machine_id, force=True, deadline=self._deadline())
-            else:
-                await self._stop_then_destroy(machine_id, log)
+            await self.fly.destroy_machine(machine_id, force=action.force, deadline=self._deadline())
         except fly_errors.NotFound:
             pass
         except BaseException:
@@ -481,32 +474,6 @@ class Executor:
         self.expectations.machine_destroyed(action.session_id, machine_id, self._now())
         log.info("machine_destroyed", force=action.force)
         return Done()
-
-    async def _stop_then_destroy(self, machine_id: str, log: Any) -> None:
-        """Under one lease: stop (the agent flushes), wait for rest, destroy; force only past the grace."""
-        grace = self.settings.stop_grace_seconds
-        async with self.fly.lease(machine_id, ttl=self.settings.machine_lease_ttl_seconds) as nonce:
-            machine = await self.fly.get_machine(machine_id, deadline=self._deadline())
-            if machine.state == "destroyed":
-                return
-            force = False
-            if machine.state not in _AT_REST:
-                if machine.state not in ("stopping", "destroying"):
-                    await self.fly.stop_machine(
-                        machine_id, timeout=grace, nonce=nonce, deadline=self._deadline()
-                    )
-                wait_for = min(grace + 2.0, max(1.0, self._term_left() - 1.0))
-                try:
-                    await self.fly.wait_machine(
-                        machine_id,
-                        ["stopped", "failed", "destroyed"],
-                        version=machine.current_version,
-                        timeout=wait_for,
-                    )
-                except fly_errors.WaitTimeout:
-                    log.warning("machine_stop_timed_out", grace_seconds=grace)
-                    force = True
-            await self.fly.destroy_machine(machine_id, force=force, nonce=nonce, deadline=self._deadline())
 
     async def _look_again(self, session_id: str | None, machine_id: str, expected_state: str | None) -> None:
         """Record the machine's state right after we changed it, so a lagging list cannot undo it."""

@@ -28,6 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
+from controller.machine_state import GONE
 from controller.observed import LaunchRecord, ObservedMachine
 
 
@@ -149,7 +150,7 @@ class Expectations:
                 continue  # the list may predate what we did
             seen = by_id.get(machine_id)
             if record.machine is None:
-                if seen is None or seen.state == "destroyed":
+                if seen is None or seen.state in GONE:
                     del self._machines[machine_id]
             elif seen is not None and not _newer(record.machine, seen):
                 del self._machines[machine_id]

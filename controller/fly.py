@@ -68,7 +68,6 @@ from controller.fly_errors import (
     parse_error_body,
 )
 from controller.fly_types import (
-    WAIT_STATES,
     CreateLeaseRequest,
     CreateMachineRequest,
     Lease,
@@ -82,6 +81,7 @@ from controller.fly_types import (
     WaitResult,
     go_duration,
 )
+from controller.machine_state import WAITABLE
 from controller.ratelimit import Clock, KeyedRateLimiter, Limit, Sleep
 
 DEFAULT_BASE_URL = "https://api.machines.dev"
@@ -305,11 +305,13 @@ class FlyClient:
         states: Sequence[str] | None = None,
         page_size: int = 100,
         deadline: float | None = None,
+        on_page: Callable[[], object] | None = None,
     ) -> AsyncIterator[Machine]:
         """Every matching machine, following ``fly-next-cursor`` page by page.
 
         Pages may be short or even empty while more remain (Fly's ``limit`` is advisory), so
-        only the absence of a cursor ends the walk. ``deadline`` applies to each page.
+        only the absence of a cursor ends the walk. ``deadline`` applies to each page;
+        ``on_page`` is called once per page fetched (the controller counts its list calls).
         """
         cursor: str | None = None
         seen_cursors: set[str] = set()
@@ -325,6 +327,8 @@ class FlyClient:
                 cursor=cursor,
                 deadline=deadline,
             )
+            if on_page is not None:
+                on_page()
             for machine in page.machines:
                 yield machine
             if page.next_cursor is None or page.next_cursor in seen_cursors:
@@ -568,8 +572,8 @@ class FlyClient:
         to wait for ``stopped``; pass the version you stopped.
         """
         wanted = [states] if isinstance(states, str) else list(states)
-        if not wanted or any(s not in WAIT_STATES for s in wanted):
-            raise ValueError(f"wait states must be among {sorted(WAIT_STATES)}")
+        if not wanted or any(s not in WAITABLE for s in wanted):
+            raise ValueError(f"wait states must be among {sorted(WAITABLE)}")
         deadline_at = self._clock() + timeout
         while True:
             remaining = deadline_at - self._clock()

@@ -289,26 +289,4 @@ class UpsertMetadataKeyRequest(FlyModel):
 
 
 # --- states ---------------------------------------------------------------------------------
-
-#: States a machine rests in.
-PERSISTENT_STATES = frozenset({"created", "started", "stopped", "suspended", "failed"})
-#: States a machine passes through; do not act on a machine in one of these, look again later.
-TRANSIENT_STATES = frozenset(
-    {
-        "creating",
-        "starting",
-        "stopping",
-        "restarting",
-        "suspending",
-        "destroying",
-        "updating",
-        "replacing",
-        "launch_failed",
-    }
-)
-#: States of machines (or machine versions) that are gone for good.
-TERMINAL_STATES = frozenset({"destroyed", "replaced", "migrated"})
-#: States ``wait`` accepts; ``settled`` means "any persistent state".
-WAIT_STATES = frozenset({"started", "stopped", "suspended", "destroyed", "failed", "settled"})
-#: States the ``state`` filter of ``list`` accepts.
-LIST_STATES = frozenset({"created", "started", "stopped", "suspended"})
+# One definition of every machine state and its classification: controller/machine_state.py.

@@ -20,15 +20,19 @@ import asyncio
 import contextlib
 import signal
 import sys
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import replace
+from datetime import datetime
 from typing import Any
 
 import uvicorn
 
 from api.logs import configure_logging, get_logger, register_secret
+from api.models import utcnow
 from api.store_controller import ControllerStore
-from controller.executor import ConfigBuilder
+from controller.backoff import Backoff
+from controller.executor import Authority, ConfigBuilder, DestroyBudget, Executor, ExecutorSettings
+from controller.expectations import Expectations
 from controller.fly import FlyClient, FlyClientConfig, normalize_base_url
 from controller.fly_errors import FlyError
 from controller.health import Readiness, create_health_app
@@ -36,8 +40,10 @@ from controller.leader import LeaderElector, LeaderTiming
 from controller.machine_config import MachineConfigBuilder
 from controller.metrics import ControllerMetrics
 from controller.observed import MANAGED_VALUE, TAG_MANAGED
+from controller.queue import WorkQueue
 from controller.reconciler import Reconciler, ReconcilerOptions
 from controller.settings import ControllerSettings
+from controller.snapshot import WorldReader
 
 _log = get_logger("controller.main")
 
@@ -54,6 +60,66 @@ def leader_timing(settings: ControllerSettings) -> LeaderTiming:
         lease_seconds=lease,
         renew_deadline_seconds=lease * 2 / 3,
         retry_period_seconds=lease * 2 / 15,
+    )
+
+
+def build_reconciler(
+    *,
+    settings: ControllerSettings,
+    store: ControllerStore,
+    fly: FlyClient,
+    authority: Authority,
+    config_builder: ConfigBuilder,
+    metrics: ControllerMetrics | None = None,
+    options: ReconcilerOptions | None = None,
+    clock: Callable[[], datetime] = utcnow,
+) -> Reconciler:
+    """The wiring of one reconciler: its reader, executor, queue and the expectations they share."""
+    metrics = metrics or ControllerMetrics()
+    options = options or ReconcilerOptions()
+    expectations = Expectations(max_age_seconds=settings.create_expectation_seconds)
+    destroy_budget = DestroyBudget(settings.max_destroys_per_pass)
+    executor = Executor(
+        store=store,
+        fly=fly,
+        authority=authority,
+        expectations=expectations,
+        config_builder=config_builder,
+        # The settings fill agent_redis_url from REDIS_URL when it is not set.
+        agent_redis_base_url=(settings.agent_redis_url or settings.redis_url).get_secret_value(),
+        settings=ExecutorSettings(
+            call_timeout_seconds=settings.call_timeout_seconds,
+            stop_grace_seconds=settings.stop_grace_seconds,
+            max_destroys_per_pass=settings.max_destroys_per_pass,
+        ),
+        metrics=metrics,
+        destroy_budget=destroy_budget,
+        clock=clock,
+    )
+    reader = WorldReader(
+        store=store,
+        fly=fly,
+        expectations=expectations,
+        metrics=metrics,
+        call_timeout_seconds=settings.call_timeout_seconds,
+        page_size=options.list_page_size,
+        clock=clock,
+    )
+    queue = WorkQueue(backoff=Backoff(base=options.backoff_base_seconds, cap=options.backoff_cap_seconds))
+    return Reconciler(
+        store=store,
+        fly=fly,
+        reader=reader,
+        executor=executor,
+        queue=queue,
+        expectations=expectations,
+        destroy_budget=destroy_budget,
+        settings=settings,
+        authority=authority,
+        metrics=metrics,
+        options=options,
+        plan_settings=settings.plan_settings(),
+        clock=clock,
     )
 
 
@@ -134,7 +200,7 @@ class Controller:
 
     async def _start_leading(self) -> None:
         self.metrics.leader.set(1)
-        self.reconciler = Reconciler(
+        self.reconciler = build_reconciler(
             store=self.store,
             fly=self.fly,
             settings=self.settings,

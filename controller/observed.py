@@ -104,33 +104,3 @@ def parse_tags(metadata: Mapping[str, str] | None) -> tuple[bool, str | None, st
 def machine_tags(session_id: str, launch_id: str) -> dict[str, str]:
     """The metadata every machine we create carries."""
     return {TAG_MANAGED: MANAGED_VALUE, TAG_SESSION: session_id, TAG_LAUNCH: launch_id}
-
-
-# -- Fly machine states (fly-machines-api.md §4) --------------------------------------------------
-# Kept here rather than imported from fly_types so the plan depends on nothing but these values.
-
-#: States a machine rests in; the plan acts on them.
-RESTING_STATES = frozenset({"created", "started", "stopped", "suspended", "failed"})
-#: States a machine passes through; wait, and escalate only past the wedge threshold.
-#: ``replaced`` and ``migrated`` are final only for an old *version*; the machine id lives on, so a
-#: machine shown in them is waited on like a transition.
-TRANSIENT_STATES = frozenset(
-    {
-        "creating",
-        "starting",
-        "stopping",
-        "restarting",
-        "suspending",
-        "destroying",
-        "updating",
-        "replacing",
-        "launch_failed",
-        "replaced",
-        "migrated",
-    }
-)
-#: States of machines that are gone for good (treated as absent).
-GONE_STATES = frozenset({"destroyed"})
-KNOWN_STATES = RESTING_STATES | TRANSIENT_STATES | GONE_STATES
-#: Transient states with a longer wedge threshold than the others.
-SLOW_STATES = frozenset({"updating"})

@@ -71,6 +71,7 @@ from api.models import (
     SessionEvent,
     StatusUpdate,
 )
+from controller import machine_state as ms
 from controller.actions import (
     Action,
     CreateMachine,
@@ -84,11 +85,8 @@ from controller.actions import (
     SuspendMachine,
 )
 from controller.backoff import exponential_delay
+from controller.machine_state import AT_REST, BOOTING, GONE, KNOWN, SLOW, TRANSIENT, MachineState
 from controller.observed import (
-    GONE_STATES,
-    KNOWN_STATES,
-    SLOW_STATES,
-    TRANSIENT_STATES,
     CreateFailure,
     LaunchRecord,
     ObservedMachine,
@@ -145,9 +143,6 @@ MACHINE_READY = "MachineReady"
 AGENT_HEALTHY = "AgentHealthy"
 SLEEPING = "Sleeping"
 
-_AT_REST_DESTROYABLE = frozenset({"stopped", "suspended", "created", "failed"})
-_IN_PROGRESS = frozenset({"creating", "created", "starting", "restarting", "updating", "replacing"})
-_RESTING = frozenset({"stopped", "suspended", "stopping", "suspending"})
 
 _Cond = tuple[str, bool, str, str]  # type, status, reason, message
 
@@ -197,10 +192,10 @@ def plan(
     one TTL after it.
     """
     mine = sorted(
-        (m for m in machines if m.managed and m.session_id == session.id and m.state not in GONE_STATES),
+        (m for m in machines if m.managed and m.session_id == session.id and m.state not in GONE),
         key=lambda m: m.id,
     )
-    gone = {m.id for m in machines if m.state in GONE_STATES}
+    gone = {m.id for m in machines if m.state in GONE}
     if heartbeat is not None and heartbeat.machineId in gone:
         heartbeat = None  # the beating machine is known to be destroyed: its last beat is history
     p = _Pass(
@@ -237,11 +232,13 @@ def plan_orphans(
     for m in sorted(machines, key=lambda m: m.id):
         if not m.managed or (m.session_id is not None and m.session_id in known_session_ids):
             continue
-        if m.state in GONE_STATES or m.state not in KNOWN_STATES:
+        if m.state in GONE or m.state not in KNOWN:
             continue
         if (now - m.created_at).total_seconds() < settings.orphan_grace_seconds:
             continue
-        if m.state == "destroying" and (now - m.last_change).total_seconds() < _wedge_seconds(m, settings):
+        if m.state == MachineState.DESTROYING and (now - m.last_change).total_seconds() < _wedge_seconds(
+            m, settings
+        ):
             continue  # already going; only a wedged destroy is repeated
         out.append(
             DestroyMachine(
@@ -372,15 +369,15 @@ def _retire(p: _Pass, since: datetime, *, passive: bool, reason: str) -> list[Ac
     actions: list[Action] = []
     grace_end = since + timedelta(seconds=p.settings.destroy_grace_seconds)
     for m in p.machines:
-        if m.state not in KNOWN_STATES:
+        if m.state not in KNOWN:
             actions.append(
                 _requeue_in(p, p.settings.resync_seconds, UNKNOWN_STATE, f"machine {m.id}: {m.state}")
             )
-        elif m.state in _AT_REST_DESTROYABLE:
+        elif m.state in AT_REST:
             actions.append(
                 DestroyMachine(p.sid, m.id, force=False, reason=reason, message=f"{m.state}: destroy")
             )
-        elif m.state == "destroying":
+        elif m.state == MachineState.DESTROYING:
             wedge_end = m.last_change + timedelta(seconds=_wedge_seconds(m, p.settings))
             if p.now >= wedge_end:
                 actions.append(
@@ -393,13 +390,13 @@ def _retire(p: _Pass, since: datetime, *, passive: bool, reason: str) -> list[Ac
                 DestroyMachine(p.sid, m.id, force=True, reason=reason, message=f"{m.state} past the grace")
             )
         else:
-            stopping = m.state == "started" and not passive
+            stopping = m.state == MachineState.STARTED and not passive
             if stopping:
                 actions.append(StopMachine(p.sid, m.id, reason=reason, message="stop before destroy"))
             # Destroy as soon as it is at rest: a machine we stop, or one in a transient state, is
             # looked at again shortly; a started one left to exit by itself at the grace's end.
             since_change = p.now if stopping else m.last_change
-            if stopping or m.state in TRANSIENT_STATES:
+            if stopping or m.state in TRANSIENT:
                 actions.append(_recheck(p, since_change, grace_end, f"machine {m.id} is {m.state}"))
             else:
                 actions.append(_requeue(p, grace_end, WAITING, f"machine {m.id} is {m.state}"))
@@ -422,13 +419,13 @@ def _plan_live(p: _Pass, heartbeat: Heartbeat | None) -> list[Action]:
     if keeper is None:
         return actions + _no_machine(p, heartbeat)
     hb = _heartbeat_of(heartbeat, keeper)
-    if keeper.state not in KNOWN_STATES:
+    if keeper.state not in KNOWN:
         return actions + _unknown_state(p, keeper)
     if keeper.host_status != "ok" and not _fresh(p, hb):
         return actions + _host_unreachable(p, keeper, hb)
-    if keeper.state in TRANSIENT_STATES:
+    if keeper.state in TRANSIENT:
         return actions + _transient(p, keeper, hb)
-    if keeper.state == "started":
+    if keeper.state == MachineState.STARTED:
         return actions + _started(p, keeper, hb)
     return actions + _at_rest(p, keeper, hb)
 
@@ -441,12 +438,12 @@ def _choose_keeper(
         return None, []
 
     def health(m: ObservedMachine) -> int:
-        if m.state == "started" and m.host_status == "ok":
+        if m.state == MachineState.STARTED and m.host_status == "ok":
             beating = heartbeat is not None and heartbeat.machineId == m.id
             return 5 if beating else 4
-        if m.state in _IN_PROGRESS:
+        if m.state in BOOTING:
             return 3
-        if m.state in _RESTING:
+        if m.state in ms.SLEEPING:
             return 2
         return 1  # failed, launch_failed, destroying, replaced, migrated, unknown, host not ok
 
@@ -455,9 +452,9 @@ def _choose_keeper(
 
 
 def _may_destroy_duplicate(p: _Pass, m: ObservedMachine) -> bool:
-    if m.state not in KNOWN_STATES:
+    if m.state not in KNOWN:
         return False
-    if m.state == "destroying":
+    if m.state == MachineState.DESTROYING:
         return p.since(m.last_change) >= _wedge_seconds(m, p.settings)
     return True
 
@@ -531,7 +528,7 @@ def _transient(p: _Pass, keeper: ObservedMachine, hb: Heartbeat | None) -> list[
     if p.now >= wedge_end:
         msg = f"machine {keeper.id} is {keeper.state} since {ref.isoformat()}"
         return _restart(p, keeper, MACHINE_WEDGED, msg, "recreate")
-    if keeper.state == "creating":
+    if keeper.state == MachineState.CREATING:
         phase = Phase.CREATING
     elif status.phase in (Phase.PENDING, Phase.CREATING):
         phase = Phase.STARTING
@@ -626,7 +623,7 @@ def _at_rest(p: _Pass, keeper: ObservedMachine, hb: Heartbeat | None) -> list[Ac
             return _start(p, keeper, WAKE, "waking: a message is pending")
         conds = _live_conditions(keeper, False, True)
         return _write(p, Phase.SLEEPING, status.reason, status.message, conditions=conds, **sleeping_fields)
-    if keeper.state == "created":
+    if keeper.state == MachineState.CREATED:
         start_by = keeper.last_change + timedelta(seconds=p.settings.boot_grace_seconds)
         if p.now < start_by:
             # Fly starts a created machine within a second: look again soon, start it at the grace.
@@ -654,9 +651,9 @@ def _at_rest(p: _Pass, keeper: ObservedMachine, hb: Heartbeat | None) -> list[Ac
 
 
 def _exit_cause(m: ObservedMachine) -> tuple[str, str]:
-    if m.state == "failed":
+    if m.state == MachineState.FAILED:
         return MACHINE_FAILED, f"machine {m.id} failed"
-    if m.state == "suspended":
+    if m.state == MachineState.SUSPENDED:
         return MACHINE_SUSPENDED, f"machine {m.id} was suspended"
     if m.last_exit_oom:
         return OOM_KILLED, f"machine {m.id} ran out of memory"
@@ -809,7 +806,7 @@ def _keep(p: _Pass, phase: Phase, reason: str, message: str) -> tuple[str | None
 def _live_conditions(keeper: ObservedMachine | None, healthy: bool, sleeping: bool) -> list[_Cond]:
     if keeper is None:
         ready: _Cond = (MACHINE_READY, False, "NoMachine", "the session has no machine")
-    elif keeper.state == "started":
+    elif keeper.state == MachineState.STARTED:
         ready = (MACHINE_READY, True, "MachineStarted", f"machine {keeper.id} is started")
     else:
         ready = (
@@ -870,7 +867,7 @@ def _fresh(p: _Pass, hb: Heartbeat | None) -> bool:
 
 
 def _wedge_seconds(m: ObservedMachine, settings: PlanSettings) -> float:
-    return settings.wedge_updating_seconds if m.state in SLOW_STATES else settings.wedge_seconds
+    return settings.wedge_updating_seconds if m.state in SLOW else settings.wedge_seconds
 
 
 def _latest(a: datetime, b: datetime | None) -> datetime:

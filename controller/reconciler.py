@@ -2,26 +2,26 @@
 
 Level-triggered, in the controller-runtime mould:
 
-* **Full resync** every ``resync_seconds``: ONE paginated Fly ``list`` (metadata filter
-  ``flyswarm_managed=true``, ``summary=true`` while summaries carry metadata) and ONE batched
-  Redis read (every session, heartbeat, launch record and inbox state, pipelined). Never a call
-  per session. The result is a :class:`Snapshot`; every session id is queued and orphans are
-  handled from it. The pass is the source of truth; everything below only makes it faster.
-* **Triggers** wake single keys within milliseconds: the API's change feed (``read_changes``
-  with a blocking read), the agents' wake pub/sub (``WAKE_PATTERN``), and delayed requeues
-  (the plan's ``RequeueAfter`` at the next deadline it knows: heartbeat expiry, boot grace,
-  restart backoff, idle timeout), so a lost heartbeat is found without scanning anything.
-* **Per key**, a worker plans from the snapshot plus a fresh targeted read of that one session,
-  as cheap as correctness allows: nothing when the resync just read it; only the heartbeat (one
-  GET) when a timer fired; the whole session when a trigger said it changed or we acted on it
-  since the snapshot. Our own in-flight actions are merged in (:mod:`controller.expectations`).
-  Before any Fly call the session is read afresh and every machine the plan touches is re-read
-  with a ``GET``, then the plan is made again, so no create, restart or destroy is ever based on
-  a list that is up to ``resync_seconds`` old. Reads scale with actions, not with sessions.
+* **Full resync** every ``resync_seconds``: the :class:`~controller.snapshot.WorldReader` reads the
+  whole world (one paginated Fly list, one batched Redis read); every session id is queued and
+  orphans are handled from it. The pass is the source of truth; everything below only makes it
+  faster.
+* **Triggers** (:mod:`controller.triggers`: the API's change feed, the agents' wake pub/sub) and
+  the plan's own requeues (the next deadline it knows: heartbeat expiry, boot grace, restart
+  backoff, idle timeout, a transient state's re-check) wake single keys within milliseconds.
+* **Per key**, a worker plans from the snapshot plus as fresh a read of that one session as
+  correctness needs (:mod:`controller.freshness`), merged with our own in-flight actions
+  (:mod:`controller.expectations`). Machines last seen in a transient state are read again
+  (``GET``) when a trigger or a re-check wakes the key. Before any Fly call the session is read
+  whole and every machine the plan touches is re-read, then the plan is made again, so no create,
+  restart or destroy is ever based on a list that is up to ``resync_seconds`` old.
 
 "Unknown, never dead": when the Fly list or the Redis read fails, or the snapshot is too old,
 nothing is planned at all (no destroy, no restart on missing data). Keys back off, the
 controller reports not-ready, logs, and resumes by itself when the reads succeed again.
+
+The parts (reader, executor, queue, expectations) are built and wired by :mod:`controller.main`
+(:func:`controller.main.build_reconciler`); this module only runs the loop over them.
 
 One ``reconcile_pass`` log line per resync (desired, observed, actions, ...); every per-key log
 line carries ``session_id`` and ``reconcile_id`` (and ``machine_id`` for machine actions).
@@ -36,11 +36,11 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from api.logs import get_logger
-from api.models import Heartbeat, Session, utcnow
+from api.models import Session, utcnow
 from api.store_base import StoreUnavailable
 from api.store_controller import ControllerStore
 from controller import fly_errors
@@ -56,57 +56,27 @@ from controller.actions import (
     is_fly_call,
     machine_id_of,
 )
-from controller.backoff import Backoff
-from controller.executor import (
-    Authority,
-    ConfigBuilder,
-    DestroyBudget,
-    Executor,
-    ExecutorSettings,
-    observed_from_fly,
-)
+from controller.executor import Authority, DestroyBudget, Executor, observed_from_fly
 from controller.expectations import Expectations
 from controller.fly import FlyClient
+from controller.freshness import Freshness
+from controller.machine_state import SETTLED
 from controller.metrics import ControllerMetrics
-from controller.observed import MANAGED_VALUE, TAG_MANAGED, CreateFailure, LaunchRecord, ObservedMachine
+from controller.observed import ObservedMachine
 from controller.plan import plan, plan_orphans
 from controller.queue import WorkQueue
 from controller.settings import ControllerSettings, PlanSettings
+from controller.snapshot import KeyView, Snapshot, WorldReader
+from controller.triggers import CHANGE_BLOCK_MS, follow_change_feed, follow_wakes
 
 _log = get_logger("controller.reconciler")
 
-#: Fly's ``limit`` maximum: the fewest pages per list.
-LIST_PAGE_SIZE = 1000
 #: A snapshot older than this many resync intervals is "unknown": nothing is planned from it.
 STALE_RESYNCS = 3.0
-#: Blocking read of the change feed (below the store's 5 s socket timeout).
-CHANGE_BLOCK_MS = 1000
-#: Reconnect pause of the trigger loops after a Redis error.
-_TRIGGER_RETRY_SECONDS = 1.0
-
-
-#: Machine states a machine rests in; any other state is worth a fresh look when a trigger fires.
-_SETTLED_STATES = frozenset({"started", "stopped", "suspended", "failed", "destroyed"})
 
 
 def new_reconcile_id() -> str:
     return secrets.token_hex(4)
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """One resync's view of the world: the whole desired state and the whole observed state."""
-
-    listed_from: datetime  #: when the Fly list started (a machine change after this may be missing)
-    read_from: datetime  #: when the Redis read started
-    taken_mono: float  #: monotonic time of completion (for staleness)
-    sessions: dict[str, Session]
-    heartbeats: dict[str, Heartbeat]
-    launches: dict[str, LaunchRecord]
-    create_failures: dict[str, CreateFailure]
-    inbox: dict[str, int]
-    machines: dict[str, list[ObservedMachine]]  #: by session id (tag); untagged ones under ""
-    all_machines: list[ObservedMachine]
 
 
 @dataclass
@@ -125,22 +95,12 @@ class PassStats:
 
 
 @dataclass
-class _KeyView:
-    session: Session | None
-    heartbeat: Heartbeat | None
-    launch: LaunchRecord | None
-    inbox: int
-    read: str  #: how it was read: snapshot, heartbeat or full
-    create_failure: CreateFailure | None = None
-
-
-@dataclass
 class ReconcilerOptions:
     """Runtime knobs not in :class:`ControllerSettings` (tests shorten them)."""
 
     change_block_ms: int = CHANGE_BLOCK_MS
     stale_resyncs: float = STALE_RESYNCS
-    list_page_size: int = LIST_PAGE_SIZE
+    list_page_size: int = 1000
     backoff_base_seconds: float = 0.05
     backoff_cap_seconds: float = 60.0
     #: Which trigger loops run (tests of the resync alone turn them off).
@@ -156,64 +116,45 @@ class Reconciler:
         *,
         store: ControllerStore,
         fly: FlyClient,
+        reader: WorldReader,
+        executor: Executor,
+        queue: WorkQueue,
+        expectations: Expectations,
+        destroy_budget: DestroyBudget,
         settings: ControllerSettings,
         authority: Authority,
-        config_builder: ConfigBuilder,
-        metrics: ControllerMetrics | None = None,
-        options: ReconcilerOptions | None = None,
-        plan_settings: PlanSettings | None = None,
+        metrics: ControllerMetrics,
+        options: ReconcilerOptions,
+        plan_settings: PlanSettings,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self.store = store
         self.fly = fly
+        self.reader = reader
+        self.executor = executor
+        self.queue = queue
+        self.expectations = expectations
+        self.destroy_budget = destroy_budget
         self.settings = settings
         self.authority = authority
-        self.metrics = metrics or ControllerMetrics()
-        self.options = options or ReconcilerOptions()
-        self.plan_settings = plan_settings or settings.plan_settings()
+        self.metrics = metrics
+        self.options = options
+        self.plan_settings = plan_settings
         self._now = clock
-        self.expectations = Expectations(max_age_seconds=settings.create_expectation_seconds)
-        self.destroy_budget = DestroyBudget(settings.max_destroys_per_pass)
-        self.executor = Executor(
-            store=store,
-            fly=fly,
-            authority=authority,
-            expectations=self.expectations,
-            config_builder=config_builder,
-            # The settings fill agent_redis_url from REDIS_URL when it is not set.
-            agent_redis_base_url=(settings.agent_redis_url or settings.redis_url).get_secret_value(),
-            settings=ExecutorSettings(
-                call_timeout_seconds=settings.call_timeout_seconds,
-                machine_lease_ttl_seconds=settings.machine_lease_ttl_seconds,
-                stop_grace_seconds=settings.stop_grace_seconds,
-                max_destroys_per_pass=settings.max_destroys_per_pass,
-            ),
-            metrics=self.metrics,
-            destroy_budget=self.destroy_budget,
-            clock=clock,
-        )
-        self.queue = WorkQueue(
-            backoff=Backoff(base=self.options.backoff_base_seconds, cap=self.options.backoff_cap_seconds)
-        )
+        self.freshness = Freshness()
         self.snapshot: Snapshot | None = None
-        self.redis_ok = False
-        self.fly_ok = False
         self.last_pass: PassStats | None = None
-        self._needs_read: set[str] = set()
-        self._from_resync: set[str] = set()
-        self._touched: dict[str, datetime] = {}
-        self._summary_has_metadata = True
         self._actions_since_pass = 0
         self._resync_now = asyncio.Event()
         self._workers: list[asyncio.Task[None]] = []
-        # Heartbeat trust (rule 6 of the plan): the Redis server we last restored credentials on,
-        # when it started, and when our own view of it last came back from an outage.
-        self._redis_run_id: str | None = None
-        self._redis_started_at: datetime | None = None
-        # A new reconciler (a controller start, a leadership change) has not watched heartbeats
-        # arrive: its view of them begins now, exactly as after an outage.
-        self._redis_recovered_at: datetime | None = clock()
-        self._redis_lost = False
+
+    @property
+    def redis_ok(self) -> bool:
+        return self.reader.redis_ok
+
+    @property
+    def fly_ok(self) -> bool:
+        return self.reader.fly_ok
 
     # -- whole-process loop -----------------------------------------------------------------------
 
@@ -221,9 +162,12 @@ class Reconciler:
         """Resync, triggers and workers until cancelled (the controller runs this while leading)."""
         tasks = [asyncio.create_task(self._resync_loop(), name="reconciler-resync")]
         if self.options.change_feed:
-            tasks.append(asyncio.create_task(self._change_feed_loop(), name="reconciler-changes"))
+            feed = follow_change_feed(
+                self.store, self.wake, self.reader.redis_down, block_ms=self.options.change_block_ms
+            )
+            tasks.append(asyncio.create_task(feed, name="reconciler-changes"))
         if self.options.wake_pubsub:
-            tasks.append(asyncio.create_task(self._wake_loop(), name="reconciler-wake"))
+            tasks.append(asyncio.create_task(follow_wakes(self.store, self.wake), name="reconciler-wake"))
         self._workers = [
             asyncio.create_task(self._worker(i), name=f"reconciler-worker-{i}")
             for i in range(self.settings.concurrency)
@@ -252,6 +196,11 @@ class Reconciler:
     def ready(self) -> bool:
         return self.redis_ok and self.fly_ok
 
+    def wake(self, session_id: str) -> None:
+        """Reconcile ``session_id`` soon, with a fresh read of it (a trigger said it changed)."""
+        self.freshness.changed(session_id)
+        self.queue.add(session_id)
+
     # -- full resync ------------------------------------------------------------------------------
 
     async def _resync_loop(self) -> None:
@@ -276,7 +225,7 @@ class Reconciler:
         self.destroy_budget.reset()
         try:
             async with asyncio.timeout(self.settings.pass_timeout_seconds):
-                snapshot, pages = await self._read_world()
+                snapshot, pages = await self.reader.read()
         except (StoreUnavailable, fly_errors.FlyError, TimeoutError, OSError) as err:
             stats.error = f"{type(err).__name__}: {err}"
             stats.seconds = time.monotonic() - started
@@ -285,8 +234,8 @@ class Reconciler:
             log.warning(
                 "reconcile_pass_unknown",
                 error=stats.error,
-                redis_ok=self.redis_ok,
-                fly_ok=self.fly_ok,
+                redis_ok=self.reader.redis_ok,
+                fly_ok=self.reader.fly_ok,
                 seconds=round(stats.seconds, 3),
             )
             self.last_pass = stats
@@ -298,7 +247,7 @@ class Reconciler:
         stats.desired = len(snapshot.sessions)
         stats.observed = len(snapshot.all_machines)
         for session_id in snapshot.sessions:
-            self._from_resync.add(session_id)
+            self.freshness.resynced(session_id)
             self.queue.add(session_id)
         stats.enqueued = len(snapshot.sessions)
         stats.orphans = await self._handle_orphans(snapshot, log)
@@ -326,118 +275,6 @@ class Reconciler:
         await self._mark_seen()
         self.last_pass = stats
         return stats
-
-    async def _read_world(self) -> tuple[Snapshot, int]:
-        """ONE paginated Fly list, then ONE batched Redis read (in that order, see below)."""
-        # Fly first: a session always exists before its machine is created and is removed only
-        # after its machines are gone, so every listed machine's session is in the later read.
-        listed_from = self._now()
-        try:
-            machines, pages = await self._list_machines()
-        except fly_errors.FlyError:
-            self.fly_ok = False
-            raise
-        self.fly_ok = True
-        read_from = self._now()
-        try:
-            await self._check_redis_server(read_from)
-            sessions = await self.store.all_sessions()
-            ids = [s.id for s in sessions]
-            heartbeats = await self.store.heartbeats(ids)
-            raw_launches = await self.store.get_launches(ids)
-            inbox = await self.store.inbox_pending_many(ids) if ids else {}
-        except StoreUnavailable:
-            self._redis_down()
-            raise
-        self._redis_up()
-        for what in ("sessions", "heartbeats", "launches", "inbox"):
-            self.metrics.redis_reads.labels(what=what).inc()
-        launches = {sid: rec for sid, raw in raw_launches.items() if (rec := LaunchRecord.from_store(raw))}
-        failures = {sid: f for sid, raw in raw_launches.items() if (f := CreateFailure.from_store(raw))}
-        observed = [observed_from_fly(m) for m in machines]
-        by_session: dict[str, list[ObservedMachine]] = {}
-        for machine in observed:
-            by_session.setdefault(machine.session_id or "", []).append(machine)
-        snapshot = Snapshot(
-            listed_from=listed_from,
-            read_from=read_from,
-            taken_mono=time.monotonic(),
-            sessions={s.id: s for s in sessions},
-            heartbeats=heartbeats,
-            launches=launches,
-            create_failures=failures,
-            inbox=inbox,
-            machines=by_session,
-            all_machines=observed,
-        )
-        return snapshot, pages
-
-    async def _check_redis_server(self, now: datetime) -> None:
-        """Notice a new Redis server (restarted, failed over) and give its agents their users back.
-
-        ACL users are not persisted by Redis; the store keeps each session's password hash, and
-        this re-creates them before agents give up on their retries. The first pass of a controller
-        restores too: Redis may have restarted while no controller was looking.
-        """
-        run_id, uptime = await self.store.server_identity()
-        self._redis_started_at = now - timedelta(seconds=uptime)
-        if run_id == self._redis_run_id:
-            return
-        restored = await self.store.restore_session_credentials()
-        _log.info("redis_server_seen", restored_credentials=restored, uptime_seconds=round(uptime, 1))
-        self._redis_run_id = run_id
-
-    def _redis_down(self) -> None:
-        self.redis_ok = False
-        self._redis_lost = True
-
-    def _redis_up(self) -> None:
-        self.redis_ok = True
-        if self._redis_lost:
-            # Agents could not beat while we could not read: their heartbeats may have expired.
-            self._redis_lost = False
-            self._redis_recovered_at = self._now()
-
-    @property
-    def heartbeats_known_since(self) -> datetime | None:
-        """Since when a missing heartbeat can mean a lost agent (see ``plan``'s rule 6)."""
-        marks = [t for t in (self._redis_started_at, self._redis_recovered_at) if t is not None]
-        return max(marks) if marks else None
-
-    async def _list_machines(self) -> tuple[list[Any], int]:
-        """Every machine of ours, in as few pages as Fly allows.
-
-        ``summary=true`` is cheaper, but only useful if it still carries ``config.metadata`` (our
-        identity tags); when a summary comes back without them, we switch to full listings.
-        """
-        deadline = self.settings.call_timeout_seconds
-        tags = {TAG_MANAGED: MANAGED_VALUE}
-        pages = 0
-        for summary in (True, False):
-            if summary and not self._summary_has_metadata:
-                continue
-            found: dict[str, Any] = {}
-            cursor: str | None = None
-            while True:
-                page = await self.fly.list_machines(
-                    metadata=tags,
-                    summary=summary,
-                    limit=self.options.list_page_size,
-                    cursor=cursor,
-                    deadline=deadline,
-                )
-                pages += 1
-                for machine in page.machines:
-                    found[machine.id] = machine
-                if page.next_cursor is None or page.next_cursor == cursor:
-                    break
-                cursor = page.next_cursor
-            if summary and any(not m.metadata for m in found.values()):
-                self._summary_has_metadata = False
-                _log.info("fly_summary_lacks_metadata")
-                continue
-            return list(found.values()), pages
-        raise fly_errors.FlyError("no listing mode left")  # pragma: no cover - the loop always returns
 
     async def _handle_orphans(self, snapshot: Snapshot, log: Any) -> int:
         """Destroy machines of ours whose session does not exist (after the plan's grace)."""
@@ -469,41 +306,6 @@ class Reconciler:
         with contextlib.suppress(StoreUnavailable):
             await self.store.finish_credential_deletions()
 
-    # -- triggers ---------------------------------------------------------------------------------
-
-    def wake(self, session_id: str) -> None:
-        """Reconcile ``session_id`` soon, with a fresh read of it (a trigger said it changed)."""
-        self._needs_read.add(session_id)
-        self.queue.add(session_id)
-
-    async def _change_feed_loop(self) -> None:
-        last: str | None = None
-        while True:
-            try:
-                if last is None:
-                    last = await self.store.last_change_id()
-                changes = await self.store.read_changes(last, block_ms=self.options.change_block_ms)
-            except StoreUnavailable as err:
-                self._redis_down()
-                _log.warning("change_feed_failed", error=str(err))
-                await asyncio.sleep(_TRIGGER_RETRY_SECONDS)
-                continue
-            for change in changes:
-                last = change.entry_id
-                self.wake(change.session_id)
-
-    async def _wake_loop(self) -> None:
-        while True:
-            try:
-                async with contextlib.aclosing(self.store.wake_sessions()) as wakes:
-                    async for session_id in wakes:
-                        self.wake(session_id)
-            except asyncio.CancelledError:
-                raise
-            except Exception as err:  # redis errors of any kind: resubscribe after a pause
-                _log.warning("wake_subscription_failed", error=type(err).__name__)
-                await asyncio.sleep(_TRIGGER_RETRY_SECONDS)
-
     # -- workers ----------------------------------------------------------------------------------
 
     async def _worker(self, index: int) -> None:
@@ -531,7 +333,7 @@ class Reconciler:
         snapshot = self.snapshot
         if snapshot is None or not self._inputs_known(snapshot) or not self.authority.is_leader():
             # Unknown, never dead: no plan without a recent whole view and the right to act.
-            self._needs_read.add(key)
+            self.freshness.changed(key)
             self.queue.add_rate_limited(key)
             self.metrics.passes.labels(kind="key", result="unknown").inc()
             return []
@@ -542,7 +344,7 @@ class Reconciler:
                 self._forget(key)
                 return []
             machines = self.expectations.view(key, snapshot.machines.get(key, []), snapshot.listed_from)
-            moving = {m.id for m in machines if m.state not in _SETTLED_STATES}
+            moving = {m.id for m in machines if m.state not in SETTLED}
             if view.read != "snapshot" and moving:
                 # A trigger or the plan's re-check woke us while the machine was last seen in a
                 # transient state: look at it now rather than wait for the next list.
@@ -552,7 +354,7 @@ class Reconciler:
                 # Never create, restart, stop or destroy on the strength of data that may be old:
                 # read this session afresh, look at the machines the plan touches, plan again.
                 if view.read != "full":
-                    view = await self._read_fresh(key)
+                    view = await self._read_whole(key)
                     if view.session is None:
                         self._forget(key)
                         return []
@@ -565,8 +367,8 @@ class Reconciler:
                 machines = await self._refresh_machines(key, touched, log)
                 actions = self._plan(view, machines)
         except StoreUnavailable as err:
-            self._redis_down()
-            self._needs_read.add(key)
+            self.reader.redis_down()
+            self.freshness.changed(key)
             self.queue.add_rate_limited(key)
             log.warning("reconcile_read_failed", error=str(err))
             self.metrics.passes.labels(kind="key", result="unknown").inc()
@@ -591,9 +393,7 @@ class Reconciler:
     def _forget(self, key: str) -> None:
         self.queue.forget(key)
         self.expectations.forget_session(key)
-        self._touched.pop(key, None)
-        self._needs_read.discard(key)
-        self._from_resync.discard(key)
+        self.freshness.forget(key)
 
     def _inputs_known(self, snapshot: Snapshot) -> bool:
         age = time.monotonic() - snapshot.taken_mono
@@ -601,45 +401,22 @@ class Reconciler:
             self.fly_ok and self.redis_ok and age <= self.settings.resync_seconds * self.options.stale_resyncs
         )
 
-    async def _view(self, key: str, snapshot: Snapshot) -> _KeyView:
-        """The session's inputs, read as cheaply as correctness allows.
+    async def _view(self, key: str, snapshot: Snapshot) -> KeyView:
+        """The session's inputs, read as cheaply as correctness allows (:mod:`controller.freshness`)."""
+        how = self.freshness.how_to_read(key, snapshot.read_from)
+        view: KeyView | None = None
+        if how == "snapshot":
+            view = self.reader.from_snapshot(key, snapshot)
+        elif how == "heartbeat":
+            view = await self.reader.read_heartbeat(key, snapshot)
+        return view if view is not None else await self._read_whole(key)
 
-        * ``snapshot``: queued by the resync that just read everything: use that read.
-        * ``heartbeat``: a timer fired (the plan's RequeueAfter) and nothing else happened to the
-          session: the snapshot is still right about everything but the heartbeat, which the agent
-          refreshes without telling anyone; one GET.
-        * ``full``: a trigger said the session changed, or we acted on it since the snapshot.
-        """
-        from_resync = key in self._from_resync
-        self._from_resync.discard(key)
-        touched = self._touched.get(key)
-        if key in self._needs_read or (touched is not None and touched >= snapshot.read_from):
-            return await self._read_fresh(key)
-        session = snapshot.sessions.get(key)
-        if session is None:
-            return await self._read_fresh(key)
-        launch = self.expectations.launch(key, snapshot.launches.get(key))
-        inbox = snapshot.inbox.get(key, 0)
-        failure = snapshot.create_failures.get(key)
-        if from_resync:
-            return _KeyView(session, snapshot.heartbeats.get(key), launch, inbox, "snapshot", failure)
-        heartbeat = await self.store.get_heartbeat(key)
-        return _KeyView(session, heartbeat, launch, inbox, "heartbeat", failure)
+    async def _read_whole(self, key: str) -> KeyView:
+        view = await self.reader.read_session(key)
+        self.freshness.read_whole(key)
+        return view
 
-    async def _read_fresh(self, key: str) -> _KeyView:
-        """One session's whole input from Redis (four small reads, issued together)."""
-        self._needs_read.discard(key)
-        session, heartbeat, raw_launch, inbox = await asyncio.gather(
-            self.store.get(key),
-            self.store.get_heartbeat(key),
-            self.store.get_launch(key),
-            self.store.inbox_pending(key, cap=1),
-        )
-        self._redis_up()
-        launch = self.expectations.launch(key, LaunchRecord.from_store(raw_launch))
-        return _KeyView(session, heartbeat, launch, inbox, "full", CreateFailure.from_store(raw_launch))
-
-    def _plan(self, view: _KeyView, machines: list[ObservedMachine]) -> list[Action]:
+    def _plan(self, view: KeyView, machines: list[ObservedMachine]) -> list[Action]:
         assert view.session is not None
         return plan(
             view.session,
@@ -650,7 +427,7 @@ class Reconciler:
             launch=view.launch,
             inbox_pending=view.inbox,
             create_failure=view.create_failure,
-            heartbeats_known_since=self.heartbeats_known_since,
+            heartbeats_known_since=self.reader.heartbeats_known_since,
         )
 
     async def _refresh_machines(self, key: str, wanted: set[str], log: Any) -> list[ObservedMachine]:
@@ -680,7 +457,7 @@ class Reconciler:
             if isinstance(action, RequeueAfter):
                 continue
             self._actions_since_pass += 1
-            self._touched[session.id] = self._now()
+            self.freshness.acted(session.id, self._now())
             if not isinstance(outcome, Done):
                 break
         return outcomes

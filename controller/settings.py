@@ -196,12 +196,6 @@ class ControllerSettings(BaseSettings):
         validation_alias="FLYSWARM_CALL_TIMEOUT_SECONDS",
         description="Deadline of one Fly or Redis call.",
     )
-    machine_lease_ttl_seconds: int = Field(
-        default=13,
-        ge=1,
-        validation_alias="FLYSWARM_MACHINE_LEASE_TTL_SECONDS",
-        description="TTL of the Fly lease taken on a machine around a multi-step action (flyctl's 13 s).",
-    )
     leader_lease_seconds: float = Field(
         default=15.0,
         gt=0,

@@ -19,6 +19,7 @@ from controller.actions import (
     Requeue,
     RestartMachine,
     SetStatus,
+    StopMachine,
     Transient,
 )
 from controller.executor import (
@@ -142,7 +143,9 @@ async def test_machine_leased_by_someone_else_is_left_alone(world: World) -> Non
         await other.aclose()
 
 
-async def test_stop_then_destroy_lets_the_agent_flush_and_releases_nothing_behind(world: World) -> None:
+async def test_one_action_is_one_fly_call_and_a_wrong_state_is_a_requeue_not_a_decision(world: World) -> None:
+    """A plain destroy of a running machine is Fly's 412: the executor does not stop it on its own
+    (the plan does, one step per pass); stop, then destroy, lets the agent flush."""
     executor = make_executor(world)
     machine_id = await started_machine(world, executor, "sd")
 
@@ -150,6 +153,12 @@ async def test_stop_then_destroy_lets_the_agent_flush_and_releases_nothing_behin
         return await world.store.get_heartbeat("sd") is not None
 
     await world.until(beating, what="the agent is up")
+    refused = await executor.apply(DestroyMachine("sd", machine_id, force=False))
+    assert isinstance(refused, Requeue)
+    assert world.emulator.machines[machine_id].state == "started", "the executor re-decided"
+
+    assert await executor.apply(StopMachine("sd", machine_id)) == Done()
+    await world.until(lambda: _state(world, machine_id, "stopped"), what="stopped")
     assert await executor.apply(DestroyMachine("sd", machine_id, force=False)) == Done()
     await world.until(lambda: _state(world, machine_id, "destroyed"), what="destroyed")
     exits = [e for e in world.emulator.machines[machine_id].events if e["type"] == "exit"]
@@ -157,6 +166,16 @@ async def test_stop_then_destroy_lets_the_agent_flush_and_releases_nothing_behin
     # The agent got SIGTERM (not a kill) and wrote its interrupted report.
     session = await world.store.get("sd")
     assert session is not None and session.agent is not None and session.agent.state == "interrupted"
+
+
+async def test_restart_of_a_machine_at_rest_is_requeued_for_the_plan(world: World) -> None:
+    executor = make_executor(world)
+    machine_id = await started_machine(world, executor, "rr")
+    assert await executor.apply(StopMachine("rr", machine_id)) == Done()
+    await world.until(lambda: _state(world, machine_id, "stopped"), what="stopped")
+    outcome = await executor.apply(RestartMachine("rr", machine_id))
+    assert isinstance(outcome, Requeue)
+    assert world.emulator.machines[machine_id].state == "stopped", "no start behind the plan's back"
 
 
 async def test_nothing_happens_without_leadership(world: World, redis_client: aioredis.Redis) -> None:

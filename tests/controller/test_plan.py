@@ -38,10 +38,10 @@ from controller.actions import (
     SuspendMachine,
     machine_id_of,
 )
+from controller.machine_state import GONE as GONE_STATES
+from controller.machine_state import KNOWN as KNOWN_STATES
+from controller.machine_state import TRANSIENT as TRANSIENT_STATES
 from controller.observed import (
-    GONE_STATES,
-    KNOWN_STATES,
-    TRANSIENT_STATES,
     CreateFailure,
     LaunchRecord,
     ObservedMachine,

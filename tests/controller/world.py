@@ -75,7 +75,6 @@ def fast_settings(redis_url: str, fly_url: str, **overrides: Any) -> ControllerS
         "max_destroys_per_pass": 20,
         "pass_timeout_seconds": 20.0,
         "call_timeout_seconds": 5.0,
-        "machine_lease_ttl_seconds": 13,
         "leader_lease_seconds": 2.0,
         "controller_port": free_port(),
         "log_level": "warning",

@@ -1,0 +1,253 @@
+"""Reading the world: the whole of it once per resync, one session of it when that is enough.
+
+* :meth:`WorldReader.read` makes a :class:`Snapshot`: ONE paginated Fly ``list`` (metadata filter
+  ``flyswarm_managed=true``, ``summary=true`` while summaries carry metadata, through
+  :meth:`FlyClient.iter_machines` and its page cap) and ONE batched Redis read (every session,
+  heartbeat, launch record and inbox state, pipelined). Never a call per session.
+* :meth:`WorldReader.read_session` reads one session's whole input (four small reads, together).
+
+It also keeps what the reader learnt about its sources, which the plan needs to tell "unknown"
+from "dead": whether Redis and Fly answered (``redis_ok``, ``fly_ok``), and since when heartbeats
+can be trusted (:attr:`WorldReader.heartbeats_known_since`): a new reader (a controller start, a
+leadership change), a Redis outage it saw, and a Redis server that restarted all reset it, because
+in each case agents may not have been able to write the heartbeats it would otherwise read as
+missing. A restarted Redis server (a new run id) also lost every agent's ACL user: the reader has
+the store re-create them from their durable password hashes before anything else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from api.logs import get_logger
+from api.models import Heartbeat, Session
+from api.store_base import StoreUnavailable
+from api.store_controller import ControllerStore
+from controller import fly_errors
+from controller.executor import observed_from_fly
+from controller.expectations import Expectations
+from controller.fly import FlyClient
+from controller.metrics import ControllerMetrics
+from controller.observed import MANAGED_VALUE, TAG_MANAGED, CreateFailure, LaunchRecord, ObservedMachine
+
+_log = get_logger("controller.snapshot")
+
+#: Fly's ``limit`` maximum: the fewest pages per list.
+LIST_PAGE_SIZE = 1000
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One resync's view of the world: the whole desired state and the whole observed state."""
+
+    listed_from: datetime  #: when the Fly list started (a machine change after this may be missing)
+    read_from: datetime  #: when the Redis read started
+    taken_mono: float  #: monotonic time of completion (for staleness)
+    sessions: dict[str, Session]
+    heartbeats: dict[str, Heartbeat]
+    launches: dict[str, LaunchRecord]
+    create_failures: dict[str, CreateFailure]
+    inbox: dict[str, int]
+    machines: dict[str, list[ObservedMachine]]  #: by session id (tag); untagged ones under ""
+    all_machines: list[ObservedMachine]
+
+
+@dataclass
+class KeyView:
+    """One session's inputs to the plan, and how they were read."""
+
+    session: Session | None
+    heartbeat: Heartbeat | None
+    launch: LaunchRecord | None
+    inbox: int
+    read: str  #: snapshot, heartbeat or full
+    create_failure: CreateFailure | None = None
+
+
+class _Counter:
+    def __init__(self) -> None:
+        self.count = 0
+
+    def tick(self) -> None:
+        self.count += 1
+
+
+class WorldReader:
+    """Reads Redis and Fly for one reconciler, and remembers what it learnt about them."""
+
+    def __init__(
+        self,
+        *,
+        store: ControllerStore,
+        fly: FlyClient,
+        expectations: Expectations,
+        metrics: ControllerMetrics,
+        call_timeout_seconds: float,
+        page_size: int = LIST_PAGE_SIZE,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self.store = store
+        self.fly = fly
+        self.expectations = expectations
+        self.metrics = metrics
+        self.call_timeout_seconds = call_timeout_seconds
+        self.page_size = page_size
+        self._now = clock
+        self.redis_ok = False
+        self.fly_ok = False
+        self._summary_has_metadata = True
+        self._redis_run_id: str | None = None
+        self._redis_started_at: datetime | None = None
+        # A new reader has not watched heartbeats arrive: its view of them begins now.
+        self._redis_recovered_at: datetime | None = clock()
+        self._redis_lost = False
+
+    # -- the whole world ----------------------------------------------------------------------------
+
+    async def read(self) -> tuple[Snapshot, int]:
+        """ONE paginated Fly list, then ONE batched Redis read (in that order, see below)."""
+        # Fly first: a session always exists before its machine is created and is removed only
+        # after its machines are gone, so every listed machine's session is in the later read.
+        listed_from = self._now()
+        try:
+            machines, pages = await self._list_machines()
+        except fly_errors.FlyError:
+            self.fly_ok = False
+            raise
+        self.fly_ok = True
+        read_from = self._now()
+        try:
+            await self._check_redis_server(read_from)
+            sessions = await self.store.all_sessions()
+            ids = [s.id for s in sessions]
+            heartbeats = await self.store.heartbeats(ids)
+            raw_launches = await self.store.get_launches(ids)
+            inbox = await self.store.inbox_pending_many(ids) if ids else {}
+        except StoreUnavailable:
+            self.redis_down()
+            raise
+        self.redis_up()
+        for what in ("sessions", "heartbeats", "launches", "inbox"):
+            self.metrics.redis_reads.labels(what=what).inc()
+        launches = {sid: rec for sid, raw in raw_launches.items() if (rec := LaunchRecord.from_store(raw))}
+        failures = {sid: f for sid, raw in raw_launches.items() if (f := CreateFailure.from_store(raw))}
+        observed = [observed_from_fly(m) for m in machines]
+        by_session: dict[str, list[ObservedMachine]] = {}
+        for machine in observed:
+            by_session.setdefault(machine.session_id or "", []).append(machine)
+        snapshot = Snapshot(
+            listed_from=listed_from,
+            read_from=read_from,
+            taken_mono=time.monotonic(),
+            sessions={s.id: s for s in sessions},
+            heartbeats=heartbeats,
+            launches=launches,
+            create_failures=failures,
+            inbox=inbox,
+            machines=by_session,
+            all_machines=observed,
+        )
+        return snapshot, pages
+
+    async def _list_machines(self) -> tuple[list[Any], int]:
+        """Every machine of ours, in as few pages as Fly allows.
+
+        ``summary=true`` is cheaper, but only useful if it still carries ``config.metadata`` (our
+        identity tags); when a summary comes back without them, we switch to full listings.
+        """
+        tags = {TAG_MANAGED: MANAGED_VALUE}
+        pages = 0
+        for summary in (True, False):
+            if summary and not self._summary_has_metadata:
+                continue
+            pages_seen = _Counter()
+            found = {
+                machine.id: machine
+                async for machine in self.fly.iter_machines(
+                    metadata=tags,
+                    summary=summary,
+                    page_size=self.page_size,
+                    deadline=self.call_timeout_seconds,
+                    on_page=pages_seen.tick,
+                )
+            }
+            pages += pages_seen.count
+            if summary and any(not m.metadata for m in found.values()):
+                self._summary_has_metadata = False
+                _log.info("fly_summary_lacks_metadata")
+                continue
+            return list(found.values()), pages
+        raise fly_errors.FlyError("no listing mode left")  # pragma: no cover - the loop always returns
+
+    # -- one session --------------------------------------------------------------------------------
+
+    async def read_session(self, key: str) -> KeyView:
+        """One session's whole input from Redis (four small reads, issued together)."""
+        session, heartbeat, raw_launch, inbox = await asyncio.gather(
+            self.store.get(key),
+            self.store.get_heartbeat(key),
+            self.store.get_launch(key),
+            self.store.inbox_pending(key, cap=1),
+        )
+        self.redis_up()
+        launch = self.expectations.launch(key, LaunchRecord.from_store(raw_launch))
+        return KeyView(session, heartbeat, launch, inbox, "full", CreateFailure.from_store(raw_launch))
+
+    async def read_heartbeat(self, key: str, snapshot: Snapshot) -> KeyView | None:
+        """The snapshot's view of ``key`` with only its heartbeat read afresh (one GET)."""
+        session = snapshot.sessions.get(key)
+        if session is None:
+            return None
+        heartbeat = await self.store.get_heartbeat(key)
+        return self.from_snapshot(key, snapshot, heartbeat=heartbeat, read="heartbeat")
+
+    def from_snapshot(
+        self, key: str, snapshot: Snapshot, *, heartbeat: Heartbeat | None = None, read: str = "snapshot"
+    ) -> KeyView | None:
+        session = snapshot.sessions.get(key)
+        if session is None:
+            return None
+        beat = heartbeat if read == "heartbeat" else snapshot.heartbeats.get(key)
+        launch = self.expectations.launch(key, snapshot.launches.get(key))
+        return KeyView(
+            session, beat, launch, snapshot.inbox.get(key, 0), read, snapshot.create_failures.get(key)
+        )
+
+    # -- what we know about Redis -------------------------------------------------------------------
+
+    async def _check_redis_server(self, now: datetime) -> None:
+        """Notice a new Redis server (restarted, failed over) and give its agents their users back.
+
+        ACL users are not persisted by Redis; the store keeps each session's password hash, and
+        this re-creates them before agents give up on their retries. The first pass of a reader
+        restores too: Redis may have restarted while no controller was looking.
+        """
+        run_id, uptime = await self.store.server_identity()
+        self._redis_started_at = now - timedelta(seconds=uptime)
+        if run_id == self._redis_run_id:
+            return
+        restored = await self.store.restore_session_credentials()
+        _log.info("redis_server_seen", restored_credentials=restored, uptime_seconds=round(uptime, 1))
+        self._redis_run_id = run_id
+
+    def redis_down(self) -> None:
+        self.redis_ok = False
+        self._redis_lost = True
+
+    def redis_up(self) -> None:
+        self.redis_ok = True
+        if self._redis_lost:
+            # Agents could not beat while we could not read: their heartbeats may have expired.
+            self._redis_lost = False
+            self._redis_recovered_at = self._now()
+
+    @property
+    def heartbeats_known_since(self) -> datetime | None:
+        """Since when a missing heartbeat can mean a lost agent (see ``plan``'s rule 6)."""
+        marks = [t for t in (self._redis_started_at, self._redis_recovered_at) if t is not None]
+        return max(marks) if marks else None
