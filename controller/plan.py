@@ -99,44 +99,7 @@ MIN_REQUEUE_SECONDS = 1.0
 TRANSIENT_RECHECK_MIN_SECONDS = 0.25
 TRANSIENT_RECHECK_MAX_SECONDS = 5.0
 
-# -- reasons (machine-readable; the README lists them) --------------------------------------------
-# progress
-CREATE_REQUESTED = "CreateRequested"
-CREATE_FAILED = "CreateFailed"  # Fly refused the last create (bad image, bad config, quota)
-NO_CAPACITY = "NoCapacity"  # Fly had no capacity in the region for the last create
-MACHINE_STARTING = "MachineStarting"
-AGENT_READY = "AgentReady"
-IDLE = "Idle"
-WAKE = "Wake"
-NOT_STARTED = "NotStarted"
-DELETED = "Deleted"
-# finished
-COMPLETED = "Completed"
-AGENT_ERROR = "AgentError"
-DEADLINE_EXCEEDED = "DeadlineExceeded"
-BUDGET_EXCEEDED = "BudgetExceeded"
-MAX_TURNS_EXCEEDED = "MaxTurnsExceeded"  # reported by the agent; passed through
-BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
-# failure causes (restartable)
-HEARTBEAT_LOST = "HeartbeatLost"
-MACHINE_LOST = "MachineLost"
-MACHINE_FAILED = "MachineFailed"
-CRASHED = "Crashed"
-OOM_KILLED = "OOMKilled"
-MACHINE_STOPPED = "MachineStopped"
-MACHINE_SUSPENDED = "MachineSuspended"
-MACHINE_WEDGED = "MachineWedged"
-HOST_UNREACHABLE = "HostUnreachable"
-# machine housekeeping
-DUPLICATE_MACHINE = "DuplicateMachine"
-ORPHAN_MACHINE = "OrphanMachine"
-FINISHED = "Finished"
-TTL_EXPIRED = "TTLExpired"
-# waits (RequeueAfter reasons)
-WAITING = "Waiting"
-UNKNOWN_STATE = "UnknownMachineState"
-RECHECK = "Recheck"  # a machine in a transient state is looked at again soon
-HEARTBEATS_UNKNOWN = "HeartbeatsUnknown"  # after a Redis outage, until agents had time to beat
+# Reasons are api.models.Reason members (one definition, listed in the README).
 
 # condition types
 MACHINE_READY = "MachineReady"
@@ -245,7 +208,7 @@ def plan_orphans(
                 m.session_id,
                 m.id,
                 force=True,
-                reason=ORPHAN_MACHINE,
+                reason=Reason.ORPHAN_MACHINE,
                 message=f"machine {m.id} is tagged for session {m.session_id!r}, which does not exist",
             )
         )
@@ -288,10 +251,16 @@ def launch_id_for(session: Session, now: datetime) -> str:
 
 def _plan_deleted(p: _Pass) -> list[Action]:
     if not p.machines:
-        return [RemoveSession(p.sid, reason=DELETED, message="session deleted and all its machines are gone")]
+        return [
+            RemoveSession(
+                p.sid, reason=Reason.DELETED, message="session deleted and all its machines are gone"
+            )
+        ]
     since = p.session.metadata.deletionTimestamp or p.now
-    actions = _write(p, Phase.TERMINATING, DELETED, "session deleted; retiring its machines", conditions=None)
-    return actions + _retire(p, since, passive=False, reason=DELETED)
+    actions = _write(
+        p, Phase.TERMINATING, Reason.DELETED, "session deleted; retiring its machines", conditions=None
+    )
+    return actions + _retire(p, since, passive=False, reason=Reason.DELETED)
 
 
 # -- rule 2: finished -----------------------------------------------------------------------------
@@ -306,11 +275,11 @@ def _plan_finished(p: _Pass) -> list[Action]:
         finished_at = p.now
         actions += _write(p, status.phase, status.reason, status.message, conditions=None, finishedAt=p.now)
     if p.machines:
-        return actions + _retire(p, finished_at, passive=_agent_finished(p.session), reason=FINISHED)
+        return actions + _retire(p, finished_at, passive=_agent_finished(p.session), reason=Reason.FINISHED)
     expires = finished_at + timedelta(seconds=p.session.spec.ttlSecondsAfterFinished)
     if p.now >= expires:
-        return [RemoveSession(p.sid, reason=TTL_EXPIRED, message="ttlSecondsAfterFinished elapsed")]
-    return actions + [_requeue(p, expires, TTL_EXPIRED, "waiting for ttlSecondsAfterFinished")]
+        return [RemoveSession(p.sid, reason=Reason.TTL_EXPIRED, message="ttlSecondsAfterFinished elapsed")]
+    return actions + [_requeue(p, expires, Reason.TTL_EXPIRED, "waiting for ttlSecondsAfterFinished")]
 
 
 def _finish_cause(p: _Pass) -> tuple[Phase, str, str] | None:
@@ -332,26 +301,30 @@ def _finish_cause(p: _Pass) -> tuple[Phase, str, str] | None:
     if spec.mode == "task" and started is not None and p.since(started) >= spec.timeoutSeconds:
         return (
             Phase.FAILED,
-            DEADLINE_EXCEEDED,
+            Reason.DEADLINE_EXCEEDED,
             f"the task ran longer than timeoutSeconds={spec.timeoutSeconds}",
         )
     cost = agent.costUsd if agent is not None else None
     if spec.maxCostUsd is not None and cost is not None and cost >= spec.maxCostUsd:
-        return Phase.FAILED, BUDGET_EXCEEDED, f"cost {cost:.4f} USD reached maxCostUsd={spec.maxCostUsd}"
+        return (
+            Phase.FAILED,
+            Reason.BUDGET_EXCEEDED,
+            f"cost {cost:.4f} USD reached maxCostUsd={spec.maxCostUsd}",
+        )
     return None
 
 
 def _finish(p: _Pass, phase: Phase, reason: str, message: str) -> list[Action]:
     conditions: list[_Cond] = [
-        (MACHINE_READY, False, FINISHED, "the session is finished"),
-        (AGENT_HEALTHY, False, FINISHED, "the session is finished"),
-        (SLEEPING, False, FINISHED, "the session is finished"),
+        (MACHINE_READY, False, Reason.FINISHED, "the session is finished"),
+        (AGENT_HEALTHY, False, Reason.FINISHED, "the session is finished"),
+        (SLEEPING, False, Reason.FINISHED, "the session is finished"),
     ]
     actions = _write(p, phase, reason, message, conditions=conditions, finishedAt=p.now, nextRetryAt=None)
     if p.machines:
-        return actions + _retire(p, p.now, passive=_agent_finished(p.session), reason=FINISHED)
+        return actions + _retire(p, p.now, passive=_agent_finished(p.session), reason=Reason.FINISHED)
     ttl = p.session.spec.ttlSecondsAfterFinished
-    return actions + [_requeue(p, p.now + timedelta(seconds=ttl), TTL_EXPIRED, "waiting for the TTL")]
+    return actions + [_requeue(p, p.now + timedelta(seconds=ttl), Reason.TTL_EXPIRED, "waiting for the TTL")]
 
 
 def _agent_finished(session: Session) -> bool:
@@ -371,7 +344,7 @@ def _retire(p: _Pass, since: datetime, *, passive: bool, reason: str) -> list[Ac
     for m in p.machines:
         if m.state not in KNOWN:
             actions.append(
-                _requeue_in(p, p.settings.resync_seconds, UNKNOWN_STATE, f"machine {m.id}: {m.state}")
+                _requeue_in(p, p.settings.resync_seconds, Reason.UNKNOWN_STATE, f"machine {m.id}: {m.state}")
             )
         elif m.state in AT_REST:
             actions.append(
@@ -399,7 +372,7 @@ def _retire(p: _Pass, since: datetime, *, passive: bool, reason: str) -> list[Ac
             if stopping or m.state in TRANSIENT:
                 actions.append(_recheck(p, since_change, grace_end, f"machine {m.id} is {m.state}"))
             else:
-                actions.append(_requeue(p, grace_end, WAITING, f"machine {m.id} is {m.state}"))
+                actions.append(_requeue(p, grace_end, Reason.WAITING, f"machine {m.id} is {m.state}"))
     return actions
 
 
@@ -412,7 +385,9 @@ def _plan_live(p: _Pass, heartbeat: Heartbeat | None) -> list[Action]:
         return _finish(p, *finish)
     keeper, extras = _choose_keeper(p.machines, heartbeat)
     actions: list[Action] = [
-        DestroyMachine(p.sid, m.id, force=True, reason=DUPLICATE_MACHINE, message=f"keeping {keeper.id}")
+        DestroyMachine(
+            p.sid, m.id, force=True, reason=Reason.DUPLICATE_MACHINE, message=f"keeping {keeper.id}"
+        )
         for m in extras
         if keeper is not None and _may_destroy_duplicate(p, m)
     ]
@@ -467,20 +442,22 @@ def _no_machine(p: _Pass, heartbeat: Heartbeat | None) -> list[Action]:
         expected_until = launch.requested_at + timedelta(seconds=p.settings.create_expectation_seconds)
         if p.now < expected_until:
             reason, message = _keep(
-                p, Phase.CREATING, CREATE_REQUESTED, f"launch {launch.launch_id} in flight"
+                p, Phase.CREATING, Reason.CREATE_REQUESTED, f"launch {launch.launch_id} in flight"
             )
             conds = _live_conditions(None, False, False)
             return _write(p, Phase.CREATING, reason, message, conditions=conds) + [
-                _requeue(p, expected_until, WAITING, "waiting for the created machine to be listed")
+                _requeue(p, expected_until, Reason.WAITING, "waiting for the created machine to be listed")
             ]
     if _fresh(p, heartbeat) and heartbeat is not None:
         # An agent still beats although no machine is listed: list lag, or a machine that just went.
         # Unknown is not dead: look again when the heartbeat would expire.
         deadline = heartbeat.at + timedelta(seconds=p.settings.heartbeat_ttl_seconds)
-        return [_requeue(p, deadline, WAITING, "heartbeat without a listed machine")]
+        return [_requeue(p, deadline, Reason.WAITING, "heartbeat without a listed machine")]
     if status.phase is Phase.SLEEPING:
         if p.inbox_pending:
-            return _create(p, WAKE, "waking: a message is pending and the machine is gone", count=False)
+            return _create(
+                p, Reason.WAKE, "waking: a message is pending and the machine is gone", count=False
+            )
         return _write(
             p,
             Phase.SLEEPING,
@@ -491,19 +468,27 @@ def _no_machine(p: _Pass, heartbeat: Heartbeat | None) -> list[Action]:
         )
     if status.machineId is not None or launch is not None or status.nextRetryAt is not None:
         gone = status.machineId or (launch.machine_id if launch else None) or "the launched machine"
-        return _restart(p, None, MACHINE_LOST, f"machine {gone} is gone", "create")
+        return _restart(p, None, Reason.MACHINE_LOST, f"machine {gone} is gone", "create")
     if p.create_failure is not None:
         failure = p.create_failure
-        reason = failure.reason if failure.reason in (NO_CAPACITY, CREATE_FAILED) else CREATE_FAILED
+        reason = (
+            failure.reason
+            if failure.reason in (Reason.NO_CAPACITY, Reason.CREATE_FAILED)
+            else Reason.CREATE_FAILED
+        )
         return _create(p, reason, f"retrying; Fly refused the last create: {failure.message}", count=False)
-    return _create(p, CREATE_REQUESTED, "creating the session's machine", count=False)
+    return _create(p, Reason.CREATE_REQUESTED, "creating the session's machine", count=False)
 
 
 def _unknown_state(p: _Pass, keeper: ObservedMachine) -> list[Action]:
     status = p.session.status
-    conds: list[_Cond] = [(MACHINE_READY, False, UNKNOWN_STATE, f"machine {keeper.id} is {keeper.state!r}")]
+    conds: list[_Cond] = [
+        (MACHINE_READY, False, Reason.UNKNOWN_STATE, f"machine {keeper.id} is {keeper.state!r}")
+    ]
     return _write(p, status.phase, status.reason, status.message, conditions=conds, machineId=keeper.id) + [
-        _requeue_in(p, p.settings.resync_seconds, UNKNOWN_STATE, f"unknown machine state {keeper.state!r}")
+        _requeue_in(
+            p, p.settings.resync_seconds, Reason.UNKNOWN_STATE, f"unknown machine state {keeper.state!r}"
+        )
     ]
 
 
@@ -513,11 +498,11 @@ def _host_unreachable(p: _Pass, keeper: ObservedMachine, hb: Heartbeat | None) -
     wedge_end = seen + timedelta(seconds=p.settings.wedge_seconds)
     if p.now >= wedge_end:
         msg = f"host of machine {keeper.id} is {keeper.host_status} since {seen.isoformat()}"
-        return _restart(p, keeper, HOST_UNREACHABLE, msg, "recreate")
+        return _restart(p, keeper, Reason.HOST_UNREACHABLE, msg, "recreate")
     status = p.session.status
-    conds: list[_Cond] = [(MACHINE_READY, False, HOST_UNREACHABLE, f"host is {keeper.host_status}")]
+    conds: list[_Cond] = [(MACHINE_READY, False, Reason.HOST_UNREACHABLE, f"host is {keeper.host_status}")]
     return _write(p, status.phase, status.reason, status.message, conditions=conds, machineId=keeper.id) + [
-        _requeue(p, wedge_end, WAITING, "host unreachable")
+        _requeue(p, wedge_end, Reason.WAITING, "host unreachable")
     ]
 
 
@@ -527,14 +512,14 @@ def _transient(p: _Pass, keeper: ObservedMachine, hb: Heartbeat | None) -> list[
     wedge_end = ref + timedelta(seconds=_wedge_seconds(keeper, p.settings))
     if p.now >= wedge_end:
         msg = f"machine {keeper.id} is {keeper.state} since {ref.isoformat()}"
-        return _restart(p, keeper, MACHINE_WEDGED, msg, "recreate")
+        return _restart(p, keeper, Reason.MACHINE_WEDGED, msg, "recreate")
     if keeper.state == MachineState.CREATING:
         phase = Phase.CREATING
     elif status.phase in (Phase.PENDING, Phase.CREATING):
         phase = Phase.STARTING
     else:
         phase = status.phase
-    reason, message = _keep(p, phase, MACHINE_STARTING, f"machine {keeper.id} is {keeper.state}")
+    reason, message = _keep(p, phase, Reason.MACHINE_STARTING, f"machine {keeper.id} is {keeper.state}")
     conds = _live_conditions(keeper, _fresh(p, hb), phase is Phase.SLEEPING)
     fields: dict[str, Any] = {"machineId": keeper.id, "region": keeper.region}
     return _write(p, phase, reason, message, conditions=conds, **fields) + [
@@ -562,20 +547,24 @@ def _started(p: _Pass, keeper: ObservedMachine, hb: Heartbeat | None) -> list[Ac
         if p.now >= boot_end and known_at is not None and p.now < known_at:
             # Redis just came back: the heartbeat may have expired while the agent could not write
             # it. Absent is unknown, not dead, until every live agent has had a TTL to beat again.
-            return [_requeue(p, known_at, HEARTBEATS_UNKNOWN, "heartbeats are unknown after a Redis outage")]
+            return [
+                _requeue(
+                    p, known_at, Reason.HEARTBEATS_UNKNOWN, "heartbeats are unknown after a Redis outage"
+                )
+            ]
         if p.now >= boot_end:
             last = hb.at.isoformat() if hb is not None else "never"
             return _restart(
-                p, keeper, HEARTBEAT_LOST, f"no heartbeat from {keeper.id} (last {last})", "restart"
+                p, keeper, Reason.HEARTBEAT_LOST, f"no heartbeat from {keeper.id} (last {last})", "restart"
             )
         reason, message = _keep(
-            p, Phase.STARTING, MACHINE_STARTING, f"machine {keeper.id} started; waiting for the agent"
+            p, Phase.STARTING, Reason.MACHINE_STARTING, f"machine {keeper.id} started; waiting for the agent"
         )
         conds = _live_conditions(keeper, False, False)
         return _write(p, Phase.STARTING, reason, message, conditions=conds, **fields) + [
-            _requeue(p, boot_end, WAITING, "boot grace")
+            _requeue(p, boot_end, Reason.WAITING, "boot grace")
         ]
-    reason, message = _keep(p, Phase.RUNNING, AGENT_READY, f"agent on {keeper.id} is heart-beating")
+    reason, message = _keep(p, Phase.RUNNING, Reason.AGENT_READY, f"agent on {keeper.id} is heart-beating")
     conds = _live_conditions(keeper, True, False)
     actions = _write(p, Phase.RUNNING, reason, message, conditions=conds, heartbeat_at=hb.at, **fields)
     hb_deadline = hb.at + timedelta(seconds=p.settings.heartbeat_ttl_seconds)
@@ -586,10 +575,12 @@ def _started(p: _Pass, keeper: ObservedMachine, hb: Heartbeat | None) -> list[Ac
     if idle is not None and p.now >= idle:
         conds = _live_conditions(keeper, True, True)
         msg = f"idle for {spec.idleTimeoutSeconds}s with an empty inbox; {spec.sleep}"
-        return _write(p, Phase.SLEEPING, IDLE, msg, conditions=conds, **fields) + [_sleep_action(p, keeper)]
+        return _write(p, Phase.SLEEPING, Reason.IDLE, msg, conditions=conds, **fields) + [
+            _sleep_action(p, keeper)
+        ]
     if idle is not None:
         deadlines.append(idle)
-    return actions + [_requeue(p, min(deadlines), WAITING, "next deadline")]
+    return actions + [_requeue(p, min(deadlines), Reason.WAITING, "next deadline")]
 
 
 def _idle_deadline(p: _Pass, keeper: ObservedMachine) -> datetime | None:
@@ -605,8 +596,8 @@ def _idle_deadline(p: _Pass, keeper: ObservedMachine) -> datetime | None:
 
 def _sleep_action(p: _Pass, keeper: ObservedMachine) -> Action:
     if p.session.spec.sleep == "suspend":
-        return SuspendMachine(p.sid, keeper.id, reason=IDLE, message="suspend idle chat session")
-    return StopMachine(p.sid, keeper.id, reason=IDLE, message="stop idle chat session")
+        return SuspendMachine(p.sid, keeper.id, reason=Reason.IDLE, message="suspend idle chat session")
+    return StopMachine(p.sid, keeper.id, reason=Reason.IDLE, message="stop idle chat session")
 
 
 def _at_rest(p: _Pass, keeper: ObservedMachine, hb: Heartbeat | None) -> list[Action]:
@@ -620,7 +611,7 @@ def _at_rest(p: _Pass, keeper: ObservedMachine, hb: Heartbeat | None) -> list[Ac
     sleeping_fields: dict[str, Any] = {"machineId": keeper.id, "region": keeper.region}
     if status.phase is Phase.SLEEPING:
         if p.inbox_pending:
-            return _start(p, keeper, WAKE, "waking: a message is pending")
+            return _start(p, keeper, Reason.WAKE, "waking: a message is pending")
         conds = _live_conditions(keeper, False, True)
         return _write(p, Phase.SLEEPING, status.reason, status.message, conditions=conds, **sleeping_fields)
     if keeper.state == MachineState.CREATED:
@@ -631,35 +622,35 @@ def _at_rest(p: _Pass, keeper: ObservedMachine, hb: Heartbeat | None) -> list[Ac
         message = f"machine {keeper.id} was created but never started"
         if kicked is not None and kicked >= keeper.created_at:
             # We already started this very machine once and it is still only created: a failure.
-            return _restart(p, keeper, NOT_STARTED, message, "start")
-        return _start(p, keeper, NOT_STARTED, message)
+            return _restart(p, keeper, Reason.NOT_STARTED, message, "start")
+        return _start(p, keeper, Reason.NOT_STARTED, message)
     cause, message = _exit_cause(keeper)
     if (
         spec.mode == "chat"
         and spec.restartPolicy.policy != "always"
-        and cause in (MACHINE_STOPPED, MACHINE_SUSPENDED)
+        and cause in (Reason.MACHINE_STOPPED, Reason.MACHINE_SUSPENDED)
     ):
         # A chat machine that stopped cleanly (host maintenance, an operator) is asleep, not dead:
         # the next message wakes it. Policy `always` restarts it instead.
         conds = _live_conditions(keeper, False, True)
         return _write(p, Phase.SLEEPING, cause, message, conditions=conds, **sleeping_fields)
     settle = keeper.last_change + timedelta(seconds=p.settings.heartbeat_ttl_seconds)
-    if spec.mode == "task" and cause == MACHINE_STOPPED and p.now < settle:
+    if spec.mode == "task" and cause == Reason.MACHINE_STOPPED and p.now < settle:
         # A clean exit of a task usually comes with a result that may not have been read yet.
-        return [_requeue(p, settle, WAITING, "clean exit; waiting for the agent's report")]
+        return [_requeue(p, settle, Reason.WAITING, "clean exit; waiting for the agent's report")]
     return _restart(p, keeper, cause, message, "start")
 
 
 def _exit_cause(m: ObservedMachine) -> tuple[str, str]:
     if m.state == MachineState.FAILED:
-        return MACHINE_FAILED, f"machine {m.id} failed"
+        return Reason.MACHINE_FAILED, f"machine {m.id} failed"
     if m.state == MachineState.SUSPENDED:
-        return MACHINE_SUSPENDED, f"machine {m.id} was suspended"
+        return Reason.MACHINE_SUSPENDED, f"machine {m.id} was suspended"
     if m.last_exit_oom:
-        return OOM_KILLED, f"machine {m.id} ran out of memory"
+        return Reason.OOM_KILLED, f"machine {m.id} ran out of memory"
     if m.last_exit_code not in (None, 0):
-        return CRASHED, f"machine {m.id} exited with code {m.last_exit_code}"
-    return MACHINE_STOPPED, f"machine {m.id} stopped"
+        return Reason.CRASHED, f"machine {m.id} exited with code {m.last_exit_code}"
+    return Reason.MACHINE_STOPPED, f"machine {m.id} stopped"
 
 
 # -- restarts and creates --------------------------------------------------------------------------
@@ -676,7 +667,7 @@ def _restart(p: _Pass, keeper: ObservedMachine | None, cause: str, message: str,
         return _finish(p, Phase.FAILED, cause, f"{message} (restartPolicy never)")
     if status.restarts >= policy.maxRetries:
         msg = f"{message}; gave up after {status.restarts} restarts (maxRetries={policy.maxRetries})"
-        return _finish(p, Phase.FAILED, BACKOFF_LIMIT_EXCEEDED, msg)
+        return _finish(p, Phase.FAILED, Reason.BACKOFF_LIMIT_EXCEEDED, msg)
     due = p.now
     if status.restarts > 0 and status.lastStartAt is not None:
         due = status.lastStartAt + timedelta(seconds=restart_delay(status.restarts, p.settings))
@@ -821,7 +812,7 @@ def _live_conditions(keeper: ObservedMachine | None, healthy: bool, sleeping: bo
         else (AGENT_HEALTHY, False, "NoHeartbeat", "no fresh heartbeat")
     )
     sleep: _Cond = (
-        (SLEEPING, True, IDLE, "the machine sleeps until a message arrives")
+        (SLEEPING, True, Reason.IDLE, "the machine sleeps until a message arrives")
         if sleeping
         else (SLEEPING, False, "Awake", "the session is not sleeping")
     )
@@ -883,7 +874,9 @@ def _recheck(p: _Pass, since: datetime, deadline: datetime, message: str) -> Req
     and no later than ``deadline``."""
     soon = transient_recheck_seconds(max(p.since(since), 0.0))
     seconds = min(soon, (deadline - p.now).total_seconds())
-    return RequeueAfter(p.sid, max(seconds, TRANSIENT_RECHECK_MIN_SECONDS), reason=RECHECK, message=message)
+    return RequeueAfter(
+        p.sid, max(seconds, TRANSIENT_RECHECK_MIN_SECONDS), reason=Reason.RECHECK, message=message
+    )
 
 
 def _requeue_in(p: _Pass, seconds: float, reason: str, message: str) -> RequeueAfter:
