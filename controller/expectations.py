@@ -28,7 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
-from controller.observed import LaunchRecord, ObservedMachine
+from controller.observed import GONE_STATES, LaunchRecord, ObservedMachine
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,10 @@ class Expectations:
 
     def machine_changed(self, session_id: str | None, machine: ObservedMachine, at: datetime) -> None:
         """We changed the machine (or just looked at it with a GET): this is its newest known state."""
+        if machine.state in GONE_STATES:
+            # Fly answers GET with state destroyed for a while after a destroy: gone all the same.
+            self.machine_destroyed(session_id, machine.id, at)
+            return
         current = self._machines.get(machine.id)
         if current is not None and current.machine is None:
             return  # a destroyed machine does not come back
