@@ -1,5 +1,7 @@
 """The Fly Machines emulator: our ``kind`` for Fly. An ASGI app that serves ``/v1/apps/{app}/machines``.
 
+Also the Apps API (``/v1/apps``, local/emulator_apps.py) and ``/v1/orgs/{org}/machines``.
+
 Machines are real local subprocesses (local/emulator_process.py) driven through Fly's states,
 events, leases, waits and restart policies (local/emulator_state.py), behind the same HTTP surface
 as ``https://api.machines.dev`` (shared/fly/openapi.json), including the forms real clients send

@@ -21,7 +21,9 @@ whatever is in flight (the way out of a wedged machine on Fly too).
 
 When a main process exits on its own, the exit is recorded as an ``exit`` event and the restart
 policy decides: ``always`` restarts; ``on-failure`` (Fly's default, 10 retries) restarts non-zero
-exits; otherwise ``auto_destroy`` destroys the machine, else it rests in ``stopped``.
+exits (each after a doubling backoff, as flyd does); otherwise ``auto_destroy`` destroys the
+machine, else it rests in ``stopped``. A destroyed machine stays readable (GET, events, wait) for
+``destroyed_retention`` seconds, as on Fly, so its exit code can still be read.
 """
 
 from __future__ import annotations

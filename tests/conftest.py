@@ -91,7 +91,7 @@ def _unit_tests_stay_pure(request: pytest.FixtureRequest, monkeypatch: pytest.Mo
 
     def refuse(what: str) -> Any:
         def refused(*args: Any, **kwargs: Any) -> NoReturn:
-            raise AssertionError(f"a unit test {what}: take {module} out of UNIT_MODULES in tests/conftest.py")
+            raise AssertionError(f"a unit test {what}: take {module} out of UNIT_MODULES (tests/conftest.py)")
 
         return refused
 
