@@ -114,10 +114,11 @@ async def _no_leftover_tasks() -> AsyncIterator[None]:
         if not pending:
             return
         await asyncio.sleep(0)
+    leftovers = [repr(t) for t in pending]
     for task in pending:
         task.cancel()
     await asyncio.gather(*pending, return_exceptions=True)
-    pytest.fail(f"the test left {len(pending)} asyncio task(s) pending: {[repr(t) for t in pending]}")
+    pytest.fail(f"the test left {len(pending)} asyncio task(s) pending: {leftovers}")
 
 
 @pytest.fixture(scope="session")
