@@ -6,8 +6,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# Test processes for `make test` (pytest-xdist). Most tests wait on processes and Redis rather than
+# burn CPU, so more workers than cores still shortens the run; 0 runs in-process (easier debugging).
+PYTEST_WORKERS ?= 4
 
-.PHONY: help install lint format typecheck test test-fast up down status logs demo clean bench
+.PHONY: help install lint format typecheck test test-unit up down status logs demo clean bench
 
 help:
 	@echo "make up        start the local stack (Redis, Fly emulator, scripted model, API, controller)"
@@ -15,7 +18,8 @@ help:
 	@echo "make status    show components, sessions by phase, machines by state"
 	@echo "make logs      follow the components' logs"
 	@echo "make demo      (make up, then) apply manifests/examples/ and follow one session to completion"
-	@echo "make test      run the whole test suite"
+	@echo "make test      run the whole test suite (PYTEST_WORKERS=4 parallel workers)"
+	@echo "make test-unit run only the pure unit tests (no Redis, no processes): seconds"
 	@echo "make lint      ruff (lint + format check) and mypy --strict"
 	@echo "make bench     run the benchmarks in bench/"
 	@echo "make clean     remove .local/"
@@ -41,7 +45,12 @@ typecheck: $(STAMP)
 	$(BIN)/mypy api controller agent local cli
 
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	@start=$$(date +%s); \
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS); status=$$?; \
+	echo "make test: $$(( $$(date +%s) - start )) s wall time"; exit $$status
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest -m unit -q $(PYTEST_ARGS)
 
 up: $(STAMP)
 	$(BIN)/flyswarm up

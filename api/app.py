@@ -60,7 +60,7 @@ from api.errors import (
 )
 from api.logs import get_logger, register_secret
 from api.metrics import ApiMetrics
-from api.middleware import EdgeMiddleware
+from api.middleware import OPEN_PATHS, EdgeMiddleware
 from api.models import Phase, generate_session_id
 from api.selector import SelectorError, parse_selector
 from api.settings import ApiSettings
@@ -154,7 +154,16 @@ async def readyz(request: Request) -> Response:
     return _json({"status": "ok"})
 
 
-@router.get("/metrics", tags=["probes"], summary="Prometheus metrics", response_class=Response)
+@router.get(
+    "/metrics",
+    tags=["probes"],
+    summary="Prometheus metrics (bearer token unless FLYSWARM_METRICS_PUBLIC=true)",
+    response_class=Response,
+    responses={
+        200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}},
+        401: {"model": ErrorBody},
+    },
+)
 async def prometheus_metrics(request: Request) -> Response:
     ctx = _ctx(request)
     await ctx.metrics.refresh_sessions(ctx.store)
@@ -504,6 +513,10 @@ def _install_openapi(app: FastAPI) -> None:
             components.setdefault("schemas", {}).setdefault(name, body)
         components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
         schema["security"] = [{"bearer": []}]
+        # The probes answer without a token: an empty requirement overrides the global one.
+        for path in OPEN_PATHS:
+            for operation in schema["paths"].get(path, {}).values():
+                operation["security"] = []
         app.openapi_schema = schema
         return schema
 

@@ -70,6 +70,10 @@ class Expectations:
 
     def machine_changed(self, session_id: str | None, machine: ObservedMachine, at: datetime) -> None:
         """We changed the machine (or just looked at it with a GET): this is its newest known state."""
+        if machine.state in GONE:
+            # Fly answers GET with state destroyed for a while after a destroy: gone all the same.
+            self.machine_destroyed(session_id, machine.id, at)
+            return
         current = self._machines.get(machine.id)
         if current is not None and current.machine is None:
             return  # a destroyed machine does not come back

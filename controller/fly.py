@@ -568,12 +568,14 @@ class FlyClient:
         Each request asks Fly to wait up to ``long_poll`` seconds (clamped to Fly's bounds, 1-60);
         a 408 (that wait expired) is followed by another request until the overall deadline,
         then :class:`WaitTimeout`. A 404 while
-        waiting for ``destroyed`` counts as reached. Fly has historically required ``version``
-        to wait for ``stopped``; pass the version you stopped.
+        waiting for ``destroyed`` counts as reached. Fly answers 400 to a wait for ``stopped``
+        without ``version``, so that is refused here before any request: pass the version you stopped.
         """
         wanted = [states] if isinstance(states, str) else list(states)
         if not wanted or any(s not in WAITABLE for s in wanted):
             raise ValueError(f"wait states must be among {sorted(WAITABLE)}")
+        if "stopped" in wanted and not version:
+            raise ValueError("Fly requires the machine version to wait for stopped: pass version=")
         deadline_at = self._clock() + timeout
         while True:
             remaining = deadline_at - self._clock()

@@ -1,5 +1,7 @@
 """The Fly Machines emulator: our ``kind`` for Fly. An ASGI app that serves ``/v1/apps/{app}/machines``.
 
+Also the Apps API (``/v1/apps``, local/emulator_apps.py) and ``/v1/orgs/{org}/machines``.
+
 Machines are real local subprocesses (local/emulator_process.py) driven through Fly's states,
 events, leases, waits and restart policies (local/emulator_state.py), behind the same HTTP surface
 as ``https://api.machines.dev`` (shared/fly/openapi.json), including the forms real clients send
@@ -38,16 +40,10 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from api.logs import configure_logging, get_logger
+from local.emulator_errors import FlyError, invalid
 from local.emulator_faults import FaultSettings
 from local.emulator_settings import EmulatorSettings
-from local.emulator_state import (
-    WAITABLE_STATES,
-    EmulatorState,
-    FlyError,
-    ListQuery,
-    invalid,
-    parse_duration,
-)
+from local.emulator_state import WAITABLE_STATES, EmulatorState, ListQuery, parse_duration
 
 __all__ = [
     "EmulatorSettings",
@@ -161,7 +157,9 @@ def _v1(operation: str, handler: Handler) -> Callable[[Request], Awaitable[Respo
         app_name = request.path_params.get("app_name", "")
         machine_id = request.path_params.get("machine_id")
         # Fly scopes creates (and lists) per app, every other action per machine.
-        scope = f"{app_name}/{machine_id}" if machine_id else app_name
+        scope = (
+            f"{app_name}/{machine_id}" if machine_id else app_name or request.path_params.get("org_slug", "")
+        )
         try:
             _authorize(request, state)
             # The request has fully arrived before any injected latency: a client that gives up
@@ -311,6 +309,9 @@ async def wait_machine(request: Request, state: EmulatorState) -> Response:
     if not 1 <= timeout <= 60:
         raise invalid("timeout must be between 1 and 60 seconds")
     version = request.query_params.get("version") or request.query_params.get("instance_id") or None
+    if "stopped" in states and version is None:
+        # Fly only knows which stop you mean for a given version: without one it refuses.
+        raise invalid("version (or instance_id) is required when waiting for state stopped")
     return JSONResponse(await state.wait(p["app_name"], p["machine_id"], states, timeout, version))
 
 
@@ -416,6 +417,73 @@ async def reclaim_memory(request: Request, state: EmulatorState) -> Response:
     return JSONResponse({"actual_mb": 0})
 
 
+# --- apps and the org-wide machine list (local/emulator_apps.py) -------------------------------
+
+
+async def list_apps(request: Request, state: EmulatorState) -> Response:
+    q = request.query_params
+    machines = list(state.machines.values())
+    return JSONResponse(
+        state.apps.list(q.get("org_slug"), _int(request, "limit"), q.get("cursor") or None, machines)
+    )
+
+
+async def create_app_(request: Request, state: EmulatorState) -> Response:
+    return JSONResponse(state.apps.create(await _json(request)), status_code=201)
+
+
+async def show_app(request: Request, state: EmulatorState) -> Response:
+    return JSONResponse(state.apps.show(request.path_params["app_name"], state.machines.values()))
+
+
+async def list_org_machines(request: Request, state: EmulatorState) -> Response:
+    q = request.query_params
+    states_param = q.get("state")
+    return JSONResponse(
+        state.apps.org_machines(
+            request.path_params["org_slug"],
+            state.machines.values(),
+            include_deleted=_bool(request, "include_deleted"),
+            summary=_bool(request, "summary"),
+            region=q.get("region") or None,
+            states=frozenset(s.strip() for s in states_param.split(",") if s.strip())
+            if states_param
+            else None,
+            updated_after=q.get("updated_after") or None,
+            limit=_int(request, "limit"),
+            cursor=q.get("cursor") or None,
+        )
+    )
+
+
+def _apps_routes() -> list[Route]:
+    table: Sequence[tuple[str, str, str, Handler]] = (
+        ("GET", "/v1/apps", "Apps_list", list_apps),
+        ("POST", "/v1/apps", "Apps_create", create_app_),
+        ("GET", "/v1/apps/{app_name}", "Apps_show", show_app),
+        ("GET", "/v1/orgs/{org_slug}/machines", "Machines_org_list", list_org_machines),
+    )
+    return _routes(table)
+
+
+def _routes(table: Sequence[tuple[str, str, str, Handler]]) -> list[Route]:
+    """One route per path serving all its methods, so a wrong method's 405 lists them in ``Allow``."""
+    by_path: dict[str, dict[str, Callable[[Request], Awaitable[Response]]]] = {}
+    for method, path, op, handler in table:
+        by_path.setdefault(path, {})[method] = _v1(op, handler)
+    routes = []
+    for path, endpoints in by_path.items():
+
+        async def dispatch(
+            request: Request, endpoints: dict[str, Callable[[Request], Awaitable[Response]]] = endpoints
+        ) -> Response:
+            method = "GET" if request.method == "HEAD" else request.method
+            return await endpoints[method](request)
+
+        routes.append(Route(path, dispatch, methods=list(endpoints)))
+    return routes
+
+
 def _machines_routes() -> list[Route]:
     table: Sequence[tuple[str, str, str, Handler]] = (
         ("GET", MACHINES, "Machines_list", list_machines),
@@ -448,7 +516,7 @@ def _machines_routes() -> list[Route]:
         ("PUT", MACHINE + "/memory", "Machines_set_memory_limit", set_memory),
         ("POST", MACHINE + "/memory/reclaim", "Machines_reclaim_memory", reclaim_memory),
     )
-    return [Route(path, _v1(op, handler), methods=[method], name=op) for method, path, op, handler in table]
+    return _routes(table)
 
 
 # --- admin (outside /v1: no rate limits, no injected faults) ----------------------------------
@@ -601,7 +669,9 @@ async def _not_found(request: Request, exc: Exception) -> Response:
 
 
 async def _method_not_allowed(request: Request, exc: Exception) -> Response:
-    return JSONResponse({"error": "method not allowed"}, status_code=405)
+    # Starlette's exception carries the route's methods in ``Allow``, which RFC 9110 requires.
+    headers = getattr(exc, "headers", None) or {}
+    return JSONResponse({"error": "method not allowed"}, status_code=405, headers=dict(headers))
 
 
 # --- app, server, CLI ------------------------------------------------------------------------
@@ -623,7 +693,7 @@ def create_app(settings: EmulatorSettings | None = None) -> Starlette:
             await state.aclose()
 
     app = Starlette(
-        routes=[*_machines_routes(), *_admin_routes()],
+        routes=[*_apps_routes(), *_machines_routes(), *_admin_routes()],
         lifespan=lifespan,
         exception_handlers={404: _not_found, 405: _method_not_allowed},
     )

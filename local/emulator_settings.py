@@ -56,3 +56,11 @@ class EmulatorSettings(BaseSettings):
     """When set, only these executables (names or absolute paths) may run; others fail to launch."""
     max_events: int = Field(default=100, ge=50)
     """Events kept per machine (the events endpoint serves at most 50)."""
+    restart_backoff: float = Field(default=1.0, ge=0.0)
+    """Seconds before a restart-policy restart, doubling with each consecutive one (flyd backs off)."""
+    restart_backoff_max: float = Field(default=30.0, ge=0.0)
+    """Cap of that delay; a machine that ran this long before exiting starts again from restart_backoff."""
+    destroyed_retention: float = Field(default=600.0, ge=0.0)
+    """Seconds a destroyed machine still answers GET/events/wait (200, state destroyed) before 404."""
+    default_org: str = "personal"
+    """Organization of apps that exist implicitly (created by their first machine, not POST /v1/apps)."""

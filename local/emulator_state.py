@@ -1,7 +1,7 @@
 """The emulated Fly world: machines, their lifecycle, leases, events and waits.
 
 This module is the emulator minus HTTP. ``EmulatorState`` holds every machine of every app (apps
-exist implicitly) and implements each Machines API operation as a method that either answers at
+are local/emulator_apps.py's) and implements each Machines API operation as a method that either answers at
 once or raises :class:`FlyError` with Fly's status and text. Handlers validate and change state
 synchronously (nothing else runs in between on the event loop), then hand the slow part of a
 transition (signals, timeouts, transient states that stay visible for ``transition_delay``) to
@@ -21,7 +21,9 @@ whatever is in flight (the way out of a wedged machine on Fly too).
 
 When a main process exits on its own, the exit is recorded as an ``exit`` event and the restart
 policy decides: ``always`` restarts; ``on-failure`` (Fly's default, 10 retries) restarts non-zero
-exits; otherwise ``auto_destroy`` destroys the machine, else it rests in ``stopped``.
+exits (each after a doubling backoff, as flyd does); otherwise ``auto_destroy`` destroys the
+machine, else it rests in ``stopped``. A destroyed machine stays readable (GET, events, wait) for
+``destroyed_retention`` seconds, as on Fly, so its exit code can still be read.
 """
 
 from __future__ import annotations
@@ -46,6 +48,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from api.logs import get_logger
+from controller import machine_state as ms
+from controller.machine_state import MachineState as S
+from local.emulator_apps import AppRegistry
+from local.emulator_config import check_guest, check_mounts, known_fields
+from local.emulator_errors import FlyError, invalid, not_found, unable
 from local.emulator_faults import FaultInjector, FaultSettings, RequestStats
 from local.emulator_process import (
     ExitStatus,
@@ -59,9 +66,11 @@ from local.emulator_settings import EmulatorSettings
 
 log = get_logger("flyswarm.emulator")
 
-RESTING_STATES = frozenset({"created", "started", "stopped", "suspended", "failed", "destroyed"})
-WAITABLE_STATES = frozenset({"started", "stopped", "suspended", "destroyed", "failed", "settled"})
-_STOPPING = frozenset({"stopping", "restarting", "replacing", "destroying", "updating"})
+#: What ``wait?state=settled`` accepts: any state a machine rests in, or gone.
+SETTLED_FOR_WAIT = ms.RESTING | ms.GONE
+WAITABLE_STATES = ms.WAITABLE
+#: Transitions during which the main process's exit is expected (not a crash).
+_STOPPING = frozenset({S.STOPPING, S.RESTARTING, S.REPLACING, S.DESTROYING, S.UPDATING})
 DEFAULT_MAX_RETRIES = 10
 EMBEDDED_EVENTS = 20
 
@@ -70,34 +79,6 @@ _DURATION_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _ADJECTIVES = ("quiet", "bold", "swift", "lucky", "misty", "rapid", "sunny", "wild", "calm", "brave")
 _NOUNS = ("river", "forest", "meadow", "canyon", "harbor", "island", "summit", "valley", "glade", "dune")
-
-
-class FlyError(Exception):
-    """An API error as Fly answers it: an HTTP status and ``{"error": ..., "status": ...}``."""
-
-    def __init__(self, http_status: int, error: str, status: str | None = None) -> None:
-        super().__init__(error)
-        self.http_status = http_status
-        self.error = error
-        self.status = status
-
-    def body(self) -> dict[str, Any]:
-        body: dict[str, Any] = {"error": self.error}
-        if self.status is not None:
-            body["status"] = self.status
-        return body
-
-
-def not_found() -> FlyError:
-    return FlyError(404, "machine not found")
-
-
-def invalid(message: str) -> FlyError:
-    return FlyError(400, f"invalid_argument: {message}")
-
-
-def unable(action: str) -> FlyError:
-    return FlyError(412, f"unable to {action} machine from current state")
 
 
 # --- small value helpers ---------------------------------------------------------------------
@@ -269,9 +250,10 @@ def parse_config(raw: Any) -> tuple[dict[str, Any], RunSpec]:
     stop = config.stop_config or _StopConfig()
     stop_signal = parse_signal(stop.signal, "config.stop_config.signal") or int(signal.SIGINT)
     stop_timeout = parse_duration(stop.timeout, "config.stop_config.timeout")
-    stored = dict(raw)
-    # Fly fills in a default guest; echo it back like Fly does.
-    stored.setdefault("guest", {"cpu_kind": "shared", "cpus": 1, "memory_mb": 256})
+    check_mounts(raw.get("mounts"))
+    # Fly keeps only the fields it knows and fills in a default guest; echo that, like Fly does.
+    stored = known_fields(raw)
+    stored["guest"] = check_guest(stored.get("guest"))
     spec = RunSpec(
         image=config.image,
         exec_=tuple(init.exec) if init.exec else None,
@@ -356,6 +338,9 @@ class Machine:
     hung: bool = False
     memory_limit_mb: int | None = None
     destroyed_mono: float | None = None
+    started_mono: float = 0.0
+    restart_pending: bool = False  # exited; the restart policy's backoff is running
+    backoff_streak: int = 0
     pre_destroy_state: str = "stopped"
     events: deque[dict[str, Any]] = field(default_factory=deque)
     versions: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
@@ -380,6 +365,7 @@ class EmulatorState:
         self.stats = RequestStats()
         self.secrets: dict[str, dict[str, str]] = {app: dict(v) for app, v in self.settings.secrets.items()}
         self.machines: dict[str, Machine] = {}
+        self.apps = AppRegistry(self.settings.default_org)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._spawning: set[asyncio.Future[MachineProcess]] = set()
         self._processes: set[MachineProcess] = set()
@@ -482,6 +468,9 @@ class EmulatorState:
                     "requested_stop": requested_stop,
                     "restarting": restarting,
                     "exited_at": rfc3339(time.time()),
+                    # flyd's own failure and the guest init's; empty when the process just exited.
+                    "error": "",
+                    "guest_error": "",
                 },
                 "restart_count": m.restart_count,
             },
@@ -498,9 +487,26 @@ class EmulatorState:
     def machine(self, app: str, machine_id: str) -> Machine:
         """A live (not destroyed) machine of the app, else 404."""
         m = self._find(app, machine_id)
-        if m is None or m.state == "destroyed":
+        if m is None or m.state == S.DESTROYED:
             raise not_found()
         return m
+
+    def _visible(self, app: str, machine_id: str) -> Machine:
+        """A machine GET can still see: live, or destroyed less than ``destroyed_retention`` ago.
+
+        Fly keeps answering 200 with ``state: "destroyed"`` (and the events, exit code included)
+        for a while after a destroy, so a client can read how an ``auto_destroy`` machine ended.
+        """
+        m = self._find(app, machine_id)
+        if m is None or self._forgotten(m):
+            raise not_found()
+        return m
+
+    def _forgotten(self, m: Machine) -> bool:
+        return (
+            m.destroyed_mono is not None
+            and time.monotonic() - m.destroyed_mono >= self.settings.destroyed_retention
+        )
 
     def _check_lease(self, m: Machine, nonce: str | None) -> None:
         lease = m.active_lease(time.time())
@@ -576,7 +582,8 @@ class EmulatorState:
             )
         if req.lease_ttl is not None and req.lease_ttl <= 0:
             raise invalid("lease_ttl must be a positive number of seconds")
-        live = [m for m in self.machines.values() if m.app == app and m.state != "destroyed"]
+        self.apps.ensure(app)
+        live = [m for m in self.machines.values() if m.app == app and m.state != S.DESTROYED]
         if req.name and any(m.name == req.name for m in live):
             raise FlyError(409, f"already_exists: a machine named {req.name!r} already exists in app {app}")
         name = req.name or self._generate_name({m.name for m in live})
@@ -635,7 +642,7 @@ class EmulatorState:
     def get(
         self, app: str, machine_id: str, version: str | None = None, include_lease: bool = False
     ) -> dict[str, Any]:
-        m = self.machine(app, machine_id)
+        m = self._visible(app, machine_id)
         if version and version != m.version:
             for old_version, old_config in m.versions:
                 if old_version == version:
@@ -699,7 +706,10 @@ class EmulatorState:
             )
         if m.state not in ("started", "stopped", "suspended", "failed", "created"):
             raise unable("update")
-        config, spec = parse_config(req.config if req.config is not None else m.config)
+        if req.config is None:
+            # Fly replaces the whole config; an update without one would only restart the machine.
+            raise invalid("config is required")
+        config, spec = parse_config(req.config)
         previous, old_spec = m.state, m.spec
         was_pending = m.launch_pending
         self._cancel_operation(m)
@@ -712,10 +722,10 @@ class EmulatorState:
         self._event(m, "update", "replacing" if previous == "started" else "updating", "user")
         launch = not req.skip_launch
         if previous == "started":
-            self._set_state(m, "replacing")
+            self._set_state(m, S.REPLACING)
             self._run(m, self._replace(m, old_spec, relaunch=launch))
         else:
-            self._set_state(m, "updating")
+            self._set_state(m, S.UPDATING)
             after = "stopped" if previous in ("stopped", "suspended", "failed") else "created"
             relaunch = previous == "created" and was_pending and launch
             self._run(m, self._update_resting(m, after, relaunch=relaunch))
@@ -731,7 +741,7 @@ class EmulatorState:
         if relaunch:
             await self._boot(m)
         else:
-            self._set_state(m, "stopped")
+            self._set_state(m, S.STOPPED)
 
     async def _update_resting(self, m: Machine, after: str, *, relaunch: bool) -> None:
         since = time.monotonic()
@@ -763,10 +773,10 @@ class EmulatorState:
         self._event(m, "start", "starting", "user")
         m.restart_count = 0
         if previous == "suspended":
-            self._set_state(m, "starting")
+            self._set_state(m, S.STARTING)
             self._run(m, self._resume(m))
         else:
-            self._set_state(m, "starting")
+            self._set_state(m, S.STARTING)
             self._run(m, self._boot(m))
         return {"previous_state": previous, "migrated": False, "new_host": ""}
 
@@ -777,20 +787,20 @@ class EmulatorState:
         body = body or {}
         sig = parse_signal(body.get("signal"), "signal")
         timeout = parse_duration(body.get("timeout"), "timeout")
-        if m.state not in ("started", "suspended", "failed", "created"):
+        if m.state not in ("started", "suspended", "failed", "created") and not m.restart_pending:
             raise unable("stop")
         previous = m.state
         self._cancel_operation(m)
         self._event(m, "stop", "stopping", "user")
-        self._set_state(m, "stopping")
+        self._set_state(m, S.STOPPING)
         self._run(m, self._stop(m, sig, timeout, previous))
 
     def suspend(self, app: str, machine_id: str, nonce: str | None) -> None:
         m = self._mutable(app, machine_id, nonce)
-        if m.state != "started" or m.process is None:
+        if m.state != S.STARTED or m.process is None:
             raise unable("suspend")
         self._event(m, "suspend", "suspending", "user")
-        self._set_state(m, "suspending")
+        self._set_state(m, S.SUSPENDING)
         self._run(m, self._suspend(m))
 
     def restart(
@@ -799,27 +809,28 @@ class EmulatorState:
         m = self._mutable(app, machine_id, nonce)
         timeout_s = parse_duration(timeout, "timeout")
         signum = parse_signal(sig, "signal")
-        if m.state != "started":
+        if m.state != S.STARTED:
             raise unable("restart")
         if force_stop:
             signum = int(signal.SIGKILL)
         self._event(m, "restart", "restarting", "user")
-        self._set_state(m, "restarting")
+        self._set_state(m, S.RESTARTING)
         self._run(m, self._restart(m, signum, timeout_s))
 
     def destroy(self, app: str, machine_id: str, nonce: str | None, force: bool) -> None:
         m = self._mutable(app, machine_id, nonce)
-        if not force and m.state not in ("stopped", "suspended", "failed", "created"):
+        at_rest = m.state in ("stopped", "suspended", "failed", "created") or m.restart_pending
+        if not force and not at_rest:
             raise FlyError(
                 412,
                 "failed_precondition: unable to destroy machine, "
                 "not currently stopped, suspended, failed or created",
             )
-        if m.state == "destroying":
+        if m.state == S.DESTROYING:
             return
         self._cancel_operation(m)
         self._event(m, "destroy", "destroying", "user")
-        self._set_state(m, "destroying")
+        self._set_state(m, S.DESTROYING)
         self._run(m, self._destroy(m))
 
     def signal(self, app: str, machine_id: str, body: Any, nonce: str | None) -> None:
@@ -829,7 +840,7 @@ class EmulatorState:
         signum = parse_signal(body.get("signal"), "signal")
         if signum is None:
             raise invalid("signal is required")
-        if m.state != "started" or m.process is None:
+        if m.state != S.STARTED or m.process is None:
             raise unable("signal")
         m.process.send(signum)
 
@@ -849,7 +860,7 @@ class EmulatorState:
     async def _boot(self, m: Machine) -> None:
         """starting -> started (a fresh main process), or failed when it cannot launch."""
         since = time.monotonic()
-        self._set_state(m, "starting")
+        self._set_state(m, S.STARTING)
         await self._linger(since, "starting")
         try:
             argv = resolve_command(
@@ -869,21 +880,26 @@ class EmulatorState:
                     "error": str(exc),
                     "exit_event": {
                         "exit_code": 127,
+                        "guest_exit_code": 127,
                         "signal": -1,
+                        "guest_signal": -1,
                         "oom_killed": False,
                         "requested_stop": False,
                         "restarting": False,
                         "exited_at": rfc3339(time.time()),
+                        "error": f"failed to launch VM: {exc}",
+                        "guest_error": "",
                     },
                     "restart_count": m.restart_count,
                 },
             )
-            self._set_state(m, "failed")
+            self._set_state(m, S.FAILED)
             return
         m.process = process
         m.frozen = m.hung = False
+        m.started_mono = time.monotonic()
         self._track(self._monitor(m, process))
-        self._set_state(m, "started")
+        self._set_state(m, S.STARTED)
         self._event(m, "start", "started", "flyd")
         log.info("machine_started", machine_id=m.id, app=m.app, pid=process.pid)
 
@@ -967,13 +983,31 @@ class EmulatorState:
         self._exit_event(m, status, requested_stop=False, restarting=will_restart)
         if will_restart:
             m.restart_count += 1
+            await self._back_off(m)
             await self._boot(m)
         elif spec.auto_destroy:
             self._event(m, "destroy", "destroying", "flyd")
-            self._set_state(m, "destroying")
+            self._set_state(m, S.DESTROYING)
             await self._destroy(m)
         else:
-            self._set_state(m, "stopped")
+            self._set_state(m, S.STOPPED)
+
+    async def _back_off(self, m: Machine) -> None:
+        """flyd waits before each policy restart, doubling while the machine keeps crashing.
+
+        The machine shows ``starting`` meanwhile (``always`` never rests in ``stopped``); a stop or
+        destroy cancels the pending restart. A run longer than the cap resets the streak.
+        """
+        ran = time.monotonic() - m.started_mono
+        settings = self.settings
+        m.backoff_streak = 1 if ran >= settings.restart_backoff_max else m.backoff_streak + 1
+        delay = min(settings.restart_backoff * 2 ** (m.backoff_streak - 1), settings.restart_backoff_max)
+        self._set_state(m, S.STARTING)
+        m.restart_pending = True
+        try:
+            await asyncio.sleep(delay)
+        finally:
+            m.restart_pending = False
 
     def _stop_timeout(self, spec: RunSpec, requested: float | None) -> float:
         # fly-go always sends "0s": zero means "use the machine's stop_config".
@@ -1024,7 +1058,7 @@ class EmulatorState:
         if status is not None:
             self._exit_event(m, status, requested_stop=True, restarting=False)
         await self._linger(since, "stopping")
-        self._set_state(m, "stopped")
+        self._set_state(m, S.STOPPED)
         log.info("machine_stopped", machine_id=m.id, app=m.app)
 
     async def _suspend(self, m: Machine) -> None:
@@ -1034,7 +1068,7 @@ class EmulatorState:
             m.frozen = True
             await m.process.settle_stop(True)
         await self._linger(since, "suspending")
-        self._set_state(m, "suspended")
+        self._set_state(m, S.SUSPENDED)
         self._event(m, "suspend", "suspended", "flyd")
 
     async def _resume(self, m: Machine) -> None:
@@ -1046,7 +1080,7 @@ class EmulatorState:
         m.frozen = m.hung = False
         await m.process.settle_stop(False)
         await self._linger(since, "starting")
-        self._set_state(m, "started")
+        self._set_state(m, S.STARTED)
         self._event(m, "start", "started", "flyd", {"resumed": True})
 
     async def _restart(self, m: Machine, sig: int | None, timeout: float | None) -> None:
@@ -1065,7 +1099,7 @@ class EmulatorState:
         await self._linger(since, "destroying")
         m.lease = None
         m.destroyed_mono = time.monotonic()
-        self._set_state(m, "destroyed")
+        self._set_state(m, S.DESTROYED)
         self._event(m, "destroy", "destroyed", "flyd")
         log.info("machine_destroyed", machine_id=m.id, app=m.app)
 
@@ -1074,9 +1108,9 @@ class EmulatorState:
     async def wait(
         self, app: str, machine_id: str, states: Iterable[str], timeout: float, version: str | None
     ) -> dict[str, Any]:
-        m = self._find(app, machine_id)
+        m = self._visible(app, machine_id)
         wanted = frozenset(states)
-        if m is None or (m.state == "destroyed" and not wanted & {"destroyed", "settled"}):
+        if m.state == S.DESTROYED and not wanted & {"destroyed", "settled"}:
             raise not_found()
         if version and version != m.version:
             if any(v == version for v, _ in m.versions):
@@ -1084,11 +1118,11 @@ class EmulatorState:
             raise invalid(f"unknown machine version {version}")
 
         def satisfied() -> bool:
-            return m.state in wanted or ("settled" in wanted and m.state in RESTING_STATES)
+            return m.state in wanted or ("settled" in wanted and m.state in SETTLED_FOR_WAIT)
 
         deadline = time.monotonic() + timeout
         while not satisfied():
-            if m.state == "destroyed":
+            if m.state == S.DESTROYED:
                 raise not_found()
             changed = m.changed
             remaining = deadline - time.monotonic()
@@ -1146,7 +1180,7 @@ class EmulatorState:
     # -- events, metadata, versions ------------------------------------------------------------
 
     def events(self, app: str, machine_id: str, limit: int | None) -> list[dict[str, Any]]:
-        m = self.machine(app, machine_id)
+        m = self._visible(app, machine_id)
         if limit is None or limit <= 0:
             limit = 20
         return list(m.events)[: min(limit, 50)]
@@ -1289,6 +1323,7 @@ class EmulatorState:
         """Forget every machine (killing their processes) and reset stats, faults and secrets."""
         await self._kill_everything()
         self.machines.clear()
+        self.apps.clear()
         self.stats.reset()
         self.faults.replace(self.settings.faults.model_copy())
         self.secrets = {app: dict(v) for app, v in self.settings.secrets.items()}

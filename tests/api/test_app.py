@@ -558,3 +558,20 @@ async def test_the_request_id_is_echoed_and_made_when_missing(api: httpx.AsyncCl
     assert given.headers["x-request-id"] == "abc-123"
     made = await api.get("/health", headers={"X-Request-ID": "bad id with spaces"})
     assert made.headers["x-request-id"] != "bad id with spaces" and len(made.headers["x-request-id"]) == 16
+
+
+async def test_openapi_document_declares_what_the_auth_middleware_does(authed_app: Any) -> None:
+    """The probes are open (an empty requirement overrides the global bearer); /metrics documents 401."""
+    auth = {"Authorization": f"Bearer {TOKENS[0]}"}
+    async with client_for(authed_app) as client:
+        document = (await client.get("/openapi.json", headers=auth)).json()
+        assert document["security"] == [{"bearer": []}]
+        for path in ("/health", "/readyz"):
+            assert document["paths"][path]["get"]["security"] == [], path
+            assert (await client.get(path)).status_code == 200, path
+        metrics = document["paths"]["/metrics"]["get"]
+        assert "security" not in metrics  # the global bearer requirement applies
+        assert metrics["responses"]["401"]["content"]["application/json"]["schema"]["$ref"].endswith(
+            "/ErrorBody"
+        )
+        assert (await client.get("/metrics")).status_code == 401

@@ -13,6 +13,7 @@ from api import keys
 from api.models import Phase, SessionSpec, SessionStatus
 from api.store_controller import ControllerStore
 from controller.leader import LeaderElector, LeaderTiming
+from tests.controller.world import renewals
 from tests.store import Store
 
 FAST = LeaderTiming(lease_seconds=1.0, renew_deadline_seconds=0.6, retry_period_seconds=0.1)
@@ -114,7 +115,9 @@ async def test_standby_takes_over_after_the_leader_dies_without_releasing(
     await until(a.is_leader)
     b = LeaderElector(ControllerStore(redis_client), holder_id="b", timing=FAST)
     async with running(b):
-        await asyncio.sleep(0.3)
+        # b has campaigned (it saw a holding the lease) and a has renewed since: b had its chance.
+        await until(lambda: b.current_holder == "a")
+        await renewals(redis_client, 2)
         assert not b.is_leader()
         # A crash: the task dies, nothing is released (we skip run()'s finally by cancelling the
         # renew loop after removing its ability to release).

@@ -6,9 +6,10 @@ import asyncio
 
 import pytest
 
+from api import keys
 from api.models import Phase
 from controller.observed import LaunchRecord
-from tests.controller.world import World
+from tests.controller.world import RunningController, World
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -82,7 +83,8 @@ async def test_capacity_in_one_region_blocks_only_that_region(world: World) -> N
     await world.create_session("in-fra", mode="chat", idleTimeoutSeconds=0)
     await world.create_session("in-ams", mode="chat", idleTimeoutSeconds=0, machine={"region": "ams"})
     await world.until_running("in-fra")
-    await asyncio.sleep(1.0)
+    # Proof the controller had its chances: Fly refused several creates there (only ams is full).
+    await world.until(lambda: _refused_creates(world, 3), what="creates in ams refused three times")
     assert not world.machines("in-ams", live=False)
     assert await world.phase("in-ams") in (Phase.PENDING, Phase.CREATING)
     # Operators see why in the status, not only in the events.
@@ -108,7 +110,14 @@ async def test_unknown_is_never_dead_when_fly_cannot_be_read(world: World) -> No
         return not running.controller.readiness().ready
 
     await world.until(not_ready, what="not ready while Fly fails")
-    await asyncio.sleep(world.settings().heartbeat_ttl_seconds + 1.0)
+
+    async def heartbeat_gone() -> bool:
+        return not await world.redis.exists(keys.heartbeat("steady"))
+
+    await world.until(heartbeat_gone, what="the hung agent's heartbeat expired")
+    # Proof the controller had its chances with the heartbeat gone: more passes with Fly unreadable.
+    seen = _unknown_passes(running)
+    await world.until(lambda: _at_least(_unknown_passes(running), seen + 3), what="three more passes")
     assert world.emulator.machines[machine_id or ""].state == "started"
     session = await world.store.get("steady")
     assert session is not None and session.status.restarts == 0
@@ -122,6 +131,25 @@ async def test_unknown_is_never_dead_when_fly_cannot_be_read(world: World) -> No
     await world.until(lambda: _restarted(world, "steady"), what="heartbeat loss acted on once Fly is back")
     await world.until_running("steady")
     await world.assert_invariants({"steady"})
+
+
+async def _refused_creates(world: World, count: int) -> bool:
+    refused = [r for r in world.emulator.stats.recent if r["op"] == "Machines_create" and r["status"] == 422]
+    return len(refused) >= count
+
+
+def _unknown_passes(running: RunningController) -> float:
+    """Reconcile passes (resync or per key) that ended ``unknown``: inputs unreadable."""
+    return sum(
+        sample.value
+        for metric in running.controller.metrics.passes.collect()
+        for sample in metric.samples
+        if sample.name.endswith("_total") and sample.labels["result"] == "unknown"
+    )
+
+
+async def _at_least(value: float, bound: float) -> bool:
+    return value >= bound
 
 
 async def _has_machines(world: World, session_id: str) -> bool:

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from api import keys
-from tests.controller.world import APP, IMAGE, RunningController, World
+from tests.controller.world import APP, IMAGE, RunningController, World, renewals
 
 pytestmark = pytest.mark.timeout(120)
 ROOT = Path(__file__).resolve().parents[2]
@@ -66,7 +66,10 @@ async def test_killed_leader_is_replaced_within_the_lease_time(world: World, tmp
             assert ready.status_code == 200 and ready.json()["role"] == "leader"
             assert b"flyswarm_controller_leader 1.0" in (await http.get("/metrics")).content
         standby = await world.start_controller(controller_id="ctl-standby", leader_lease_seconds=lease)
-        await asyncio.sleep(0.5)
+        # The standby has campaigned (it saw the process holding the lease) and the process has
+        # renewed since: the standby had its chance and stayed standby.
+        await world.until(_sees_holder(standby, "ctl-proc"), what="the standby saw the holder")
+        await renewals(world.redis, 2)
         assert not standby.controller.elector.is_leader()
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
@@ -100,6 +103,13 @@ async def test_sigterm_drains_releases_the_lease_and_exits_zero(world: World, tm
 def _leads(running: RunningController) -> Callable[[], Awaitable[bool]]:
     async def check() -> bool:
         return running.controller.elector.is_leader()
+
+    return check
+
+
+def _sees_holder(running: RunningController, holder: str) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return running.controller.elector.current_holder == holder
 
     return check
 

@@ -22,6 +22,7 @@ import httpx
 import redis.asyncio as aioredis
 import uvicorn
 
+from api import keys
 from api.models import TERMINAL_PHASES, Phase, Session, SessionSpec
 from controller.fly import FlyClient, FlyClientConfig
 from controller.leader import LeaderTiming
@@ -302,6 +303,8 @@ async def make_world(
         for running in world.controllers:
             with contextlib.suppress(BaseException):
                 await asyncio.wait_for(running.task, 15)
+            # The controller does not close a store it was given: its connections are ours to close.
+            await running.controller.store.close()
         await fly.aclose()
         await http.aclose()
         await store.close()
@@ -309,3 +312,15 @@ async def make_world(
         with contextlib.suppress(BaseException):
             await asyncio.wait_for(serving, 10)
         await state.aclose()
+
+
+async def renewals(redis_client: aioredis.Redis, count: int, timeout: float = 10.0) -> None:
+    """Return once the leader lease's TTL has been pushed back up ``count`` times (renewals seen)."""
+    seen, last = 0, await redis_client.pttl(keys.LEADER)
+    async with asyncio.timeout(timeout):
+        while seen < count:
+            await asyncio.sleep(0.01)
+            now = await redis_client.pttl(keys.LEADER)
+            if now > last:
+                seen += 1
+            last = now

@@ -11,116 +11,13 @@ import json
 import re
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
-from local.emulator import EmulatorSettings, EmulatorState, FaultSettings, create_app, emulator_state
-
-APP = "demo"
-SLEEP = "import time\nprint('ready', flush=True)\nwhile True: time.sleep(0.05)"
-
-
-@dataclass
-class Emulator:
-    client: httpx.AsyncClient
-    state: EmulatorState
-
-    async def create(self, config: dict[str, Any], app: str = APP, **body: Any) -> dict[str, Any]:
-        r = await self.client.post(f"/v1/apps/{app}/machines", json={"config": config, **body})
-        assert r.status_code == 200, r.text
-        machine: dict[str, Any] = r.json()
-        return machine
-
-    async def wait(self, machine_id: str, state: str, app: str = APP, timeout: int = 20) -> dict[str, Any]:
-        r = await self.client.get(
-            f"/v1/apps/{app}/machines/{machine_id}/wait", params={"state": state, "timeout": timeout}
-        )
-        assert r.status_code == 200, r.text
-        body: dict[str, Any] = r.json()
-        return body
-
-    async def get(self, machine_id: str, app: str = APP) -> dict[str, Any]:
-        r = await self.client.get(f"/v1/apps/{app}/machines/{machine_id}")
-        assert r.status_code == 200, r.text
-        body: dict[str, Any] = r.json()
-        return body
-
-    async def post(self, machine_id: str, action: str, app: str = APP, **kwargs: Any) -> httpx.Response:
-        return await self.client.post(f"/v1/apps/{app}/machines/{machine_id}/{action}", **kwargs)
-
-    async def events(self, machine_id: str, app: str = APP, **params: Any) -> list[dict[str, Any]]:
-        r = await self.client.get(f"/v1/apps/{app}/machines/{machine_id}/events", params=params)
-        assert r.status_code == 200, r.text
-        events: list[dict[str, Any]] = r.json()
-        return events
-
-    async def log(self, machine_id: str) -> str:
-        return (await self.client.get(f"/_admin/machines/{machine_id}/logs")).text
-
-    async def pid(self, machine_id: str) -> int | None:
-        pid: int | None = (await self.client.get(f"/_admin/machines/{machine_id}")).json()["pid"]
-        return pid
-
-
-EmulatorFactory = Callable[..., Awaitable[Emulator]]
-
-
-@pytest.fixture
-async def make_emulator(tmp_path: Path) -> AsyncIterator[EmulatorFactory]:
-    states: list[EmulatorState] = []
-    clients: list[httpx.AsyncClient] = []
-
-    async def make(**overrides: Any) -> Emulator:
-        values: dict[str, Any] = {
-            "transition_delay": 0.02,
-            "work_root": tmp_path / f"machines{len(states)}",
-            "stop_timeout": 5.0,
-        }
-        values.update(overrides)
-        app = create_app(EmulatorSettings(**values))
-        state = emulator_state(app)
-        client = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://emulator", timeout=70
-        )
-        states.append(state)
-        clients.append(client)
-        return Emulator(client, state)
-
-    try:
-        yield make
-    finally:
-        for client in clients:
-            await client.aclose()
-        for state in states:
-            await state.aclose()
-
-
-@pytest.fixture
-async def emu(make_emulator: EmulatorFactory) -> Emulator:
-    return await make_emulator()
-
-
-def script_config(script: str, *, policy: str = "no", **extra: Any) -> dict[str, Any]:
-    return {
-        "image": "python:3.11-slim",
-        "init": {"exec": [sys.executable, "-c", script]},
-        "restart": {"policy": policy},
-        **extra,
-    }
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 20.0) -> None:
-    """Poll until ``check`` passes; the timeout only makes a broken test fail fast."""
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.02)
+from local.emulator import FaultSettings
+from tests.local.emulator_harness import APP, SLEEP, Emulator, EmulatorFactory, eventually, script_config
 
 
 async def started_and_ready(emu: Emulator, config: dict[str, Any], **body: Any) -> dict[str, Any]:
@@ -165,26 +62,51 @@ async def test_create_returns_a_machine_in_fly_shape_that_boots_asynchronously(e
     assert (await emu.get(machine["id"]))["state"] == "started"
 
 
-async def test_create_echoes_unknown_config_fields(emu: Emulator) -> None:
+async def test_create_drops_unknown_config_fields_as_fly_does(emu: Emulator) -> None:
     config = script_config(
-        SLEEP, auto_stop_machines=True, services=[{"internal_port": 8080, "autostop": "stop"}]
+        SLEEP,
+        auto_stop_machines=True,
+        services=[{"internal_port": 8080, "autostop": "stop"}],
+        guest={"cpus": 2, "memory_mb": 512, "cpu_kind": "shared", "vcpus": 9},
     )
     machine = await emu.create(config, skip_launch=True)
-    assert machine["config"]["auto_stop_machines"] is True
+    assert "auto_stop_machines" not in machine["config"]
+    assert machine["config"]["guest"] == {"cpus": 2, "memory_mb": 512, "cpu_kind": "shared"}
     assert machine["config"]["services"] == [{"internal_port": 8080, "autostop": "stop"}]
+    assert "auto_stop_machines" not in (await emu.get(machine["id"]))["config"]
 
 
-async def test_create_rejects_bad_configs_with_400(emu: Emulator) -> None:
-    for body in (
-        {"config": {"env": {"A": "b"}}},
-        {"config": {"image": "x", "env": {"A": 1}}},
-        {"config": {"image": "x", "restart": {"policy": "sometimes"}}},
-        {"config": {"image": "x", "stop_config": {"timeout": "ten seconds"}}},
-        {"config": "nope"},
+async def test_create_rejects_bad_configs_with_400_naming_the_field(emu: Emulator) -> None:
+    for body, field in (
+        ({"config": {"env": {"A": "b"}}}, "config.image"),
+        ({"config": {"image": "x", "env": {"A": 1}}}, "config.env"),
+        ({"config": {"image": "x", "restart": {"policy": "sometimes"}}}, "config.restart"),
+        ({"config": {"image": "x", "stop_config": {"timeout": "ten seconds"}}}, "config.stop_config"),
+        ({"config": "nope"}, "config"),
+        ({"config": {"image": "x", "guest": {"cpus": -3}}}, "config.guest.cpus"),
+        ({"config": {"image": "x", "guest": {"cpus": 3}}}, "config.guest.cpus"),
+        ({"config": {"image": "x", "guest": {"memory_mb": 1}}}, "config.guest.memory_mb"),
+        ({"config": {"image": "x", "guest": {"memory_mb": 300}}}, "config.guest.memory_mb"),
+        ({"config": {"image": "x", "guest": {"cpu_kind": "turbo"}}}, "config.guest.cpu_kind"),
+        ({"config": {"image": "x", "mounts": [{"volume": "vol_nope", "path": "/d"}]}}, "config.mounts"),
     ):
         r = await emu.client.post(f"/v1/apps/{APP}/machines", json=body)
         assert r.status_code == 400, body
-        assert r.json()["error"].startswith("invalid_argument")
+        assert r.json()["error"].startswith("invalid_argument"), body
+        assert field in r.json()["error"], (body, r.json())
+    assert await emu.client.get(f"/v1/apps/{APP}/machines") and not emu.state.machines
+
+
+async def test_an_update_without_a_config_is_refused_and_changes_nothing(emu: Emulator) -> None:
+    machine = await emu.create(script_config(SLEEP))
+    await emu.wait(machine["id"], "started")
+    pid = await emu.pid(machine["id"])
+    for kwargs in ({}, {"json": {}}, {"json": {"skip_launch": False}}):
+        r = await emu.client.post(f"/v1/apps/{APP}/machines/{machine['id']}", **kwargs)
+        assert r.status_code == 400 and "config is required" in r.json()["error"], r.text
+    after = await emu.get(machine["id"])
+    assert (after["state"], after["version"]) == ("started", machine["version"])
+    assert await emu.pid(machine["id"]) == pid
 
 
 async def test_machine_names_are_unique_per_app(emu: Emulator) -> None:
@@ -277,7 +199,8 @@ async def test_destroyed_machines_are_hidden_unless_include_deleted(emu: Emulato
     assert (await emu.client.get(f"/v1/apps/{APP}/machines")).json() == []
     listed = (await emu.client.get(f"/v1/apps/{APP}/machines", params={"include_deleted": "true"})).json()
     assert [(m["id"], m["state"]) for m in listed] == [(machine["id"], "destroyed")]
-    assert (await emu.client.get(f"/v1/apps/{APP}/machines/{machine['id']}")).status_code == 404
+    # GET keeps answering for a while, as on Fly (destroyed_retention; test_emulator_fidelity.py).
+    assert (await emu.get(machine["id"]))["state"] == "destroyed"
 
 
 # --- update ----------------------------------------------------------------------------------
@@ -417,7 +340,10 @@ async def test_auto_destroy_destroys_the_machine_when_it_exits(emu: Emulator) ->
     machine = await emu.create(script_config("print('done')", auto_destroy=True))
     waited = await emu.wait(machine["id"], "destroyed")
     assert waited["state"] == "destroyed"
-    assert (await emu.client.get(f"/v1/apps/{APP}/machines/{machine['id']}")).status_code == 404
+    gone = await emu.get(machine["id"])
+    assert gone["state"] == "destroyed"
+    exits = [e for e in gone["events"] if e["type"] == "exit"]
+    assert exits and exits[0]["request"]["exit_event"]["exit_code"] == 0
 
 
 async def test_stop_sends_stop_config_signal_and_records_requested_stop(emu: Emulator) -> None:
@@ -645,7 +571,8 @@ async def test_create_with_lease_ttl_returns_the_nonce(emu: Emulator) -> None:
 async def test_wait_times_out_with_408(emu: Emulator) -> None:
     machine = await emu.create(script_config(SLEEP), skip_launch=True)
     r = await emu.client.get(
-        f"/v1/apps/{APP}/machines/{machine['id']}/wait", params={"state": "stopped", "timeout": 1}
+        f"/v1/apps/{APP}/machines/{machine['id']}/wait",
+        params={"state": "stopped", "timeout": 1, "version": machine["version"]},
     )
     assert r.status_code == 408 and "error" in r.json()
 
@@ -653,9 +580,12 @@ async def test_wait_times_out_with_408(emu: Emulator) -> None:
 async def test_wait_accepts_comma_lists_repeats_and_settled(emu: Emulator) -> None:
     machine = await emu.create(script_config("import sys; sys.exit(0)"))
     url = f"/v1/apps/{APP}/machines/{machine['id']}/wait"
-    r = await emu.client.get(url, params={"state": "stopped,failed", "timeout": 20})
+    version = machine["version"]
+    r = await emu.client.get(url, params={"state": "stopped,failed", "timeout": 20, "instance_id": version})
     assert r.status_code == 200 and r.json()["state"] == "stopped"
-    r = await emu.client.get(url, params=[("state", "failed"), ("state", "stopped"), ("timeout", "5")])
+    r = await emu.client.get(
+        url, params=[("state", "failed"), ("state", "stopped"), ("timeout", "5"), ("version", version)]
+    )
     assert r.status_code == 200 and r.json()["state"] == "stopped"
     r = await emu.client.get(url, params={"state": "settled", "timeout": 5})
     assert r.status_code == 200 and r.json()["state"] == "stopped"

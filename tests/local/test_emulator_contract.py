@@ -2,7 +2,7 @@
 
 Two angles:
 
-* a scenario that calls every machines endpoint the emulator serves, in the forms real clients
+* scenarios that call every machines, apps and org endpoint the emulator serves, in the forms real clients
   send, and validates every response body against the schema the spec declares for its status
   (undeclared error statuses must still be Fly's ``ErrorResponse``);
 * schemathesis generating requests from the spec for every machines operation, against the
@@ -35,6 +35,8 @@ from local.emulator import EmulatorSettings, create_app, emulator_state
 from tests.local.test_emulator_server import running_emulator
 
 MACHINES_PREFIX = "/v1/apps/{app_name}/machines"
+#: Every path the emulator serves under /v1: the machines API, the Apps API, the org machine list.
+SERVED = re.compile(r"^/v1/apps(/\{app_name\}(/machines.*)?)?$|^/v1/orgs/\{org_slug\}/machines$")
 SLEEP = (
     "import signal, time\n"
     "signal.signal(signal.SIGUSR2, lambda *a: None)\n"
@@ -51,7 +53,7 @@ class SpecValidator:
         self.components = spec["components"]
         self.routes: list[tuple[re.Pattern[str], str]] = []
         for template in spec["paths"]:
-            if template.startswith(MACHINES_PREFIX):
+            if SERVED.match(template):
                 pattern = "^" + re.sub(r"\\\{[^}]+\\\}", "[^/]+", re.escape(template)) + "$"
                 self.routes.append((re.compile(pattern), template))
         # Most specific first (literal segments beat parameters).
@@ -69,7 +71,11 @@ class SpecValidator:
 
     def validate(self, method: str, path: str, status: int, body: bytes, headers: httpx.Headers) -> None:
         template = self.template(path)
-        operation = self.spec["paths"][template][method.lower()]
+        operation = self.spec["paths"][template].get(method.lower())
+        if operation is None:  # a method the path does not have: 405 with Fly's error shape
+            assert status == 405, f"{method} {template} -> {status}"
+            self.schema({"$ref": "#/components/schemas/ErrorResponse"}).validate(json.loads(body))
+            return
         self.seen.add((operation["operationId"], method, status))
         declared = operation["responses"].get(str(status))
         payload: Any = json.loads(body) if body else None
@@ -223,15 +229,19 @@ async def test_every_machines_endpoint_answers_per_the_spec(
         "GET", f"{m}/wait", 200, params={"state": "started", "timeout": 20, "version": updated["version"]}
     )
     await call("GET", f"{m}/wait", 400, params={"state": "started", "timeout": 61})
-    await call("GET", f"{m}/wait", 408, params={"state": "stopped", "timeout": 1})
+    current = {"version": updated["version"]}
+    await call("GET", f"{m}/wait", 400, params={"state": "stopped", "timeout": 1})  # no version
+    await call("GET", f"{m}/wait", 408, params={"state": "stopped", "timeout": 1, **current})
     await call("POST", f"{m}/stop", 200, json={"timeout": "0s", "signal": "SIGTERM"}, headers=lease)
-    await call("GET", f"{m}/wait", 200, params={"state": "stopped", "timeout": 20})
+    await call("GET", f"{m}/wait", 200, params={"state": "stopped", "timeout": 20, **current})
     await call("POST", f"{m}/suspend", 412, headers=lease)
     await call("DELETE", f"{m}/lease", 400)
     await call("DELETE", f"{m}/lease", 200, headers=lease)
     await call("DELETE", m, 200, params={"force": "false"})
     await call("GET", f"{m}/wait", 200, params={"state": "destroyed", "timeout": 20})
-    await call("GET", m, 404)
+    assert (await call("GET", m, 200)).json()["state"] == "destroyed"  # for a while, as on Fly
+    await call("GET", f"{m}/events", 200)
+    await call("POST", f"{m}/start", 404)
     await call("GET", base, 200, params={"include_deleted": "true"})
     await call("POST", base, 400, json={"config": {"env": {}}})
 
@@ -313,3 +323,83 @@ def test_schemathesis_finds_no_5xx_and_no_schema_violation(spec: dict[str, Any],
     assert not failures, "\n".join(failures[:20])
     assert stats["server_errors"] == 0
     assert stats["total"] >= 300
+
+
+async def test_apps_and_org_endpoints_answer_per_the_spec(
+    validated_client: tuple[httpx.AsyncClient, SpecValidator],
+) -> None:
+    client, validator = validated_client
+
+    async def call(method: str, url: str, expected: int, **kwargs: Any) -> httpx.Response:
+        r = await client.request(method, url, **kwargs)
+        assert r.status_code == expected, f"{method} {url}: {r.status_code} {r.text}"
+        return r
+
+    created = (await call("POST", "/v1/apps", 201, json={"name": "alpha", "org_slug": "acme"})).json()
+    again = {"name": "beta", "org_slug": "acme", "idempotency_key": "k1"}
+    first = (await call("POST", "/v1/apps", 201, json=again)).json()
+    assert (await call("POST", "/v1/apps", 201, json=again)).json() == first  # a safe retry
+    taken = (await call("POST", "/v1/apps", 422, json={"name": "alpha", "org_slug": "acme"})).json()
+    assert taken["status"] == "name_taken"
+    await call("POST", "/v1/apps", 400, json={"name": "gamma", "idempotency_key": "k1"})
+    await call("POST", "/v1/apps", 400, json={"name": "Not Valid"})
+    await call("POST", "/v1/apps", 400, json={"org_slug": "acme"})
+    app = (await call("GET", "/v1/apps/alpha", 200)).json()
+    assert (app["id"], app["name"], app["organization"]["slug"]) == (created["id"], "alpha", "acme")
+    assert app["machine_count"] == 0
+    await call("GET", "/v1/apps/nope", 404)
+
+    config = {"image": "python", "init": {"exec": [sys.executable, "-c", SLEEP]}, "metadata": {"k": "v"}}
+    ids = []
+    for _ in range(3):
+        r = await call("POST", "/v1/apps/alpha/machines", 200, json={"config": config, "skip_launch": True})
+        ids.append(r.json()["id"])
+    await call("POST", "/v1/apps/implicit/machines", 200, json={"config": config, "skip_launch": True})
+    assert (await call("GET", "/v1/apps/alpha", 200)).json()["machine_count"] == 3
+    implicit = (await call("GET", "/v1/apps/implicit", 200)).json()
+    assert implicit["organization"]["slug"] == "personal"
+
+    listed = (await call("GET", "/v1/apps", 200, params={"org_slug": "acme"})).json()
+    assert [a["name"] for a in listed["apps"]] == ["alpha", "beta"] and listed["total_apps"] == 2
+    page = (await call("GET", "/v1/apps", 200, params={"org_slug": "acme", "limit": 1})).json()
+    assert [a["name"] for a in page["apps"]] == ["alpha"]
+    rest = await call(
+        "GET", "/v1/apps", 200, params={"org_slug": "acme", "limit": 1, "cursor": page["next_cursor"]}
+    )
+    assert [a["name"] for a in rest.json()["apps"]] == ["beta"] and "next_cursor" not in rest.json()
+    await call("GET", "/v1/apps", 400)
+
+    await call("DELETE", f"/v1/apps/alpha/machines/{ids[0]}", 200)
+    await call("GET", f"/v1/apps/alpha/machines/{ids[0]}/wait", 200, params={"state": "destroyed"})
+    org = (await call("GET", "/v1/orgs/acme/machines", 200)).json()
+    assert sorted(m["id"] for m in org["machines"]) == sorted(ids[1:])
+    assert all(m["app_name"] == "alpha" and m["config"]["metadata"] == {"k": "v"} for m in org["machines"])
+    assert org["last_machine_id"] == org["machines"][-1]["id"]
+    deleted = (await call("GET", "/v1/orgs/acme/machines", 200, params={"include_deleted": "true"})).json()
+    assert len(deleted["machines"]) == 3
+    summary = (
+        await call("GET", "/v1/orgs/acme/machines", 200, params={"summary": "true", "limit": 1})
+    ).json()
+    assert "config" not in summary["machines"][0] and summary["next_cursor"]
+    later = await call("GET", "/v1/orgs/acme/machines", 200, params={"updated_after": "2999-01-01T00:00:00Z"})
+    assert later.json()["machines"] == []
+    await call("GET", "/v1/orgs/acme/machines", 400, params={"updated_after": "yesterday"})
+    await call("GET", "/v1/orgs/nobody/machines", 404)
+    personal = (await call("GET", "/v1/orgs/personal/machines", 200)).json()
+    assert [m["app_name"] for m in personal["machines"]] == ["implicit"]
+
+    operations = {op for op, _, _ in validator.seen}
+    assert {"Apps_create", "Apps_show", "Apps_list", "Machines_org_list"} <= operations
+
+
+async def test_a_wrong_method_answers_405_with_allow(
+    validated_client: tuple[httpx.AsyncClient, SpecValidator],
+) -> None:
+    client, _ = validated_client
+    r = await client.request("PATCH", "/v1/apps/demo/machines")
+    assert r.status_code == 405
+    assert set(r.headers["allow"].replace(" ", "").split(",")) == {"GET", "HEAD", "POST"}
+    r = await client.request("PUT", "/v1/apps/demo/machines/0123456789abcd/lease")
+    assert r.status_code == 405
+    assert set(r.headers["allow"].replace(" ", "").split(",")) == {"GET", "HEAD", "POST", "DELETE"}
+    assert r.json() == {"error": "method not allowed"}

@@ -116,9 +116,10 @@ def test_module_entry_point_serves_and_runs_machines_as_processes(tmp_path: Path
         with httpx.Client(base_url=server.base_url, timeout=30) as client:
             r = client.post("/v1/apps/demo/machines", json={"config": {"image": "hello"}})
             assert r.status_code == 200
-            machine_id = r.json()["id"]
+            machine_id, version = r.json()["id"], r.json()["version"]
             r = client.get(
-                f"/v1/apps/demo/machines/{machine_id}/wait", params={"state": "stopped", "timeout": 20}
+                f"/v1/apps/demo/machines/{machine_id}/wait",
+                params={"state": "stopped", "timeout": 20, "version": version},
             )
             assert r.status_code == 200
             assert "hello from a machine" in client.get(f"/_admin/machines/{machine_id}/logs").text
