@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 import httpx  # noqa: E402
 
 from api.models import Phase, utcnow  # noqa: E402
-from api.store import Store  # noqa: E402
+from api.store import ApiStore as Store  # noqa: E402
 from local.redis_server import free_port  # noqa: E402
 
 PROFILES: dict[str, dict[str, float]] = {
