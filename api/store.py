@@ -29,6 +29,7 @@ import builtins
 import functools
 import json
 import secrets
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -63,6 +64,9 @@ T = TypeVar("T")
 DEFAULT_CHANGES_MAXLEN = 100_000
 DEFAULT_EVENTS_MAXLEN = 2_000
 DEFAULT_INBOX_MAXLEN = 10_000
+DEFAULT_POOL_SIZE = 64
+DEFAULT_POOL_TIMEOUT_SECONDS = 1.0
+DEFAULT_BLOCKING_POOL_SIZE = 8
 
 ApplyResult = Literal[
     "created", "configured", "unchanged", "exists", "deleting", "missing", "mode_conflict", "finished"
@@ -81,6 +85,10 @@ class StorePermissionDenied(RuntimeError):
     """The credentials are valid but may not touch these keys (another session's, for an agent)."""
 
 
+class StoreBusy(StoreUnavailable):
+    """Every connection of a pool stayed in use for the pool's whole wait: a real limit, per call."""
+
+
 class InvalidCursor(ValueError):
     """A pagination cursor that this store did not hand out."""
 
@@ -94,6 +102,8 @@ def _unavailable_on_redis_error(func: Callable[P, Awaitable[T]]) -> Callable[P, 
             raise StoreAuthFailed("redis refused the credentials") from exc
         except redis_errors.NoPermissionError as exc:
             raise StorePermissionDenied("redis denied access to these keys") from exc
+        except PoolExhausted as exc:
+            raise StoreBusy(f"all {exc.pool_name} connections to redis are in use") from exc
         except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
             raise StoreUnavailable("redis is unreachable") from exc
         except redis_errors.BusyLoadingError as exc:
@@ -279,6 +289,61 @@ def _flat_to_dict(flat: Sequence[Any]) -> dict[str, str]:
     return {str(flat[i]): str(flat[i + 1]) for i in range(0, len(flat), 2)}
 
 
+class PoolExhausted(redis_errors.ConnectionError):
+    """No connection of a :class:`MeteredPool` came free within its wait (see :class:`StoreBusy`)."""
+
+    def __init__(self, pool_name: str) -> None:
+        super().__init__(f"no {pool_name} connection available")
+        self.pool_name = pool_name
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    name: str
+    in_use: int
+    size: int
+    waiting: int
+    wait_seconds_total: float
+    exhausted_total: int
+
+
+class MeteredPool(aioredis.BlockingConnectionPool):
+    """A sized pool whose callers wait (up to ``timeout``) for a free connection, and which counts
+    what /metrics shows: connections in use, callers waiting, time spent waiting, waits that failed.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.pool_name = "redis"
+        self.waiting = 0
+        self.wait_seconds_total = 0.0
+        self.exhausted_total = 0
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        started = time.monotonic()
+        self.waiting += 1
+        try:
+            return await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
+        except redis_errors.ConnectionError as exc:
+            if str(exc) != "No connection available.":
+                raise
+            self.exhausted_total += 1
+            raise PoolExhausted(self.pool_name) from exc
+        finally:
+            self.waiting -= 1
+            self.wait_seconds_total += time.monotonic() - started
+
+    def stats(self) -> PoolStats:
+        return PoolStats(
+            name=self.pool_name,
+            in_use=len(self._in_use_connections),
+            size=self.max_connections,
+            waiting=self.waiting,
+            wait_seconds_total=self.wait_seconds_total,
+            exhausted_total=self.exhausted_total,
+        )
+
+
 class Store:
     """Async access to sessions in Redis. One instance per process, shared by all tasks."""
 
@@ -289,11 +354,15 @@ class Store:
         changes_maxlen: int = DEFAULT_CHANGES_MAXLEN,
         events_maxlen: int = DEFAULT_EVENTS_MAXLEN,
         inbox_maxlen: int = DEFAULT_INBOX_MAXLEN,
+        blocking: aioredis.Redis | None = None,
     ) -> None:
         # redis-py's stubs type every reply as a union of bytes/str/Awaitable; with
         # decode_responses=True the replies are str, so the client is handled as Any here and
         # the store's own signatures carry the types.
         self.redis: Any = redis
+        # Blocking reads (XREAD BLOCK) run on their own client, so they never hold the connections
+        # that ordinary commands need (see the "blocking reads" block below).
+        self.blocking: Any = blocking if blocking is not None else redis
         self.changes_maxlen = changes_maxlen
         self.events_maxlen = events_maxlen
         self.inbox_maxlen = inbox_maxlen
@@ -310,25 +379,40 @@ class Store:
         socket_timeout: float = 5.0,
         connect_timeout: float = 2.0,
         retries: int = 0,
+        pool_size: int = DEFAULT_POOL_SIZE,
+        pool_timeout: float = DEFAULT_POOL_TIMEOUT_SECONDS,
+        blocking_pool_size: int = DEFAULT_BLOCKING_POOL_SIZE,
         **kwargs: Any,
     ) -> Store:
-        """A store on its own connection pool.
+        """A store on two sized connection pools: ``pool_size`` for commands, ``blocking_pool_size``
+        for blocking reads. A call that finds its pool busy waits up to ``pool_timeout`` for a
+        connection, then fails with :class:`StoreBusy` (that call only; the API answers it 503).
 
         ``retries`` > 0 retries a command on connection errors with a short jittered backoff
         (capped at 0.2 s) so a blip is absorbed while an outage still fails fast (503, not a hang).
         """
-        client = aioredis.Redis.from_url(
+        options: dict[str, Any] = {
+            "decode_responses": True,
+            "socket_timeout": socket_timeout,
+            "socket_connect_timeout": min(connect_timeout, socket_timeout),
+            "health_check_interval": 15,
+            "timeout": pool_timeout,
+        }
+        commands = MeteredPool.from_url(
             url,
-            decode_responses=True,
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=min(connect_timeout, socket_timeout),
-            health_check_interval=15,
+            max_connections=pool_size,
             retry=Retry(ExponentialWithJitterBackoff(cap=0.2, base=0.02), retries) if retries else None,
+            **options,
         )
-        return cls(client, **kwargs)
+        # Blocking reads are never retried by the client: their callers loop and resume from a cursor.
+        blocking = MeteredPool.from_url(url, max_connections=blocking_pool_size, retry=None, **options)
+        commands.pool_name, blocking.pool_name = "commands", "blocking"
+        return cls(aioredis.Redis.from_pool(commands), blocking=aioredis.Redis.from_pool(blocking), **kwargs)
 
     async def close(self) -> None:
         await self.redis.aclose()
+        if self.blocking is not self.redis:
+            await self.blocking.aclose()
 
     @_unavailable_on_redis_error
     async def ping(self) -> bool:
@@ -597,12 +681,40 @@ class Store:
             start = f"({after_id}" if after_id else "-"
             entries = await self.redis.xrange(stream, min=start, max="+", count=count)
         else:
-            reply = await self.redis.xread({stream: after_id or "0-0"}, count=count, block=block_ms)
+            reply = await self.blocking.xread({stream: after_id or "0-0"}, count=count, block=block_ms)
             entries = reply[0][1] if reply else []
         return [
             StoredEvent(id=str(eid), event=SessionEvent.model_validate_json(fields["e"]))
             for eid, fields in entries
         ]
+
+    # -- blocking reads and fan-out (api.fanout) ---------------------------------------------------
+
+    @_unavailable_on_redis_error
+    async def read_events_many(
+        self, cursors: dict[str, str], *, count: int = 100, block_ms: int
+    ) -> dict[str, builtins.list[StoredEvent]]:
+        """One blocking XREAD over many sessions' event streams: ``{session id: last id seen}`` in,
+        ``{session id: events after it}`` out (sessions without new events are left out).
+
+        Runs on the blocking pool: this is how one API reader serves every follower of many sessions.
+        """
+        by_key = {keys.events(sid): sid for sid in cursors}
+        reply = await self.blocking.xread(
+            {keys.events(sid): last for sid, last in cursors.items()}, count=count, block=block_ms
+        )
+        found: dict[str, builtins.list[StoredEvent]] = {}
+        for stream, entries in reply or []:
+            found[by_key[str(stream)]] = [
+                StoredEvent(id=str(eid), event=SessionEvent.model_validate_json(fields["e"]))
+                for eid, fields in entries
+            ]
+        return found
+
+    def pool_stats(self) -> builtins.list[PoolStats]:
+        """In use, size, waiters and total wait of each connection pool (for /metrics)."""
+        pools = {id(c.connection_pool): c.connection_pool for c in (self.redis, self.blocking)}
+        return [p.stats() for p in pools.values() if isinstance(p, MeteredPool)]
 
     # -- inbox ------------------------------------------------------------------------------------
 
@@ -626,7 +738,7 @@ class Store:
         acked = await self.redis.get(keys.inbox_acked(session_id)) or "0-0"
         entries = await self.redis.xrange(keys.inbox(session_id), min=f"({acked}", max="+", count=1)
         if not entries and block_ms is not None:
-            reply = await self.redis.xread({keys.inbox(session_id): acked}, count=1, block=block_ms)
+            reply = await self.blocking.xread({keys.inbox(session_id): acked}, count=1, block=block_ms)
             entries = reply[0][1] if reply else []
         if not entries:
             return None
@@ -674,7 +786,7 @@ class Store:
         if block_ms is None:
             entries = await self.redis.xrange(keys.CHANGES, min=f"({after_id}", max="+", count=count)
         else:
-            reply = await self.redis.xread({keys.CHANGES: after_id}, count=count, block=block_ms)
+            reply = await self.blocking.xread({keys.CHANGES: after_id}, count=count, block=block_ms)
             entries = reply[0][1] if reply else []
         return [Change(entry_id=str(eid), session_id=f["id"], kind=f["kind"]) for eid, f in entries]
 

@@ -1,0 +1,405 @@
+"""Fan-out: every follower of every session in one API process, over a few Redis connections.
+
+A follower (one SSE response or one WebSocket) never reads Redis for live events itself. The
+:class:`Hub` runs at most ``readers`` reader tasks; each one holds one connection of the store's
+blocking pool and issues a single ``XREAD BLOCK`` over every session stream assigned to it (a stream
+is assigned to the reader with the fewest streams when its first follower arrives, and dropped when
+its last follower leaves; a reader with no streams ends and holds no connection). What a reader
+reads is rendered once (:class:`Delivery`) and offered to each follower's bounded buffer.
+
+Exactly once, in order, across history and live events. A follower first replays history from its
+cursor with ``XRANGE`` (ordinary pool), then joins the stream's live feed. Joining is synchronous,
+so it learns the reader's cursor ``C`` at that instant: every event after ``C`` will be offered to
+it. If its history ended before ``C`` it reads the gap with ``XRANGE`` again; then it takes the
+live buffer, skipping any event whose id is not after the last one it delivered.
+
+Back-pressure. Offering never waits: a follower whose buffer would pass ``buffer`` events is cut
+(reason ``slow``), its buffer is dropped, and the transport is interrupted even when it is blocked
+writing to a stalled socket (``on_cut``). The client resumes from its cursor (``Last-Event-ID``).
+New followers past ``max_followers`` are refused with :class:`HubFull` (the API answers 503).
+
+Keep-alives and the end of a stream are the hub's too: a ticker offers a :class:`Tick` to every
+follower idle for ``keepalive_seconds`` and, for each stream quiet that long, reads its session once
+(not once per follower) to end the feed when the session was removed or has finished.
+
+While Redis is down a reader retries from its cursor; followers stay connected and keep getting
+keep-alives, then receive what was appended meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections import deque
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from typing import Literal
+
+from api.metrics import ApiMetrics
+from api.store import Store, StoredEvent, StoreUnavailable
+from api.streaming import REPLAY_BATCH, End, Tick, sse_frame
+
+Transport = Literal["sse", "ws"]
+_RETRY_SECONDS = (0.2, 0.5, 1.0, 2.0)
+
+
+def _key(stream_id: str) -> tuple[int, int]:
+    ms, _, seq = stream_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def after(a: str, b: str | None) -> bool:
+    """Whether stream id ``a`` comes after ``b`` (``None`` = before everything)."""
+    return b is None or _key(a) > _key(b)
+
+
+class Delivery:
+    """One event as fanned out: rendered once for SSE and once for WebSocket, whatever the followers."""
+
+    __slots__ = ("_sse", "_ws", "id", "stored")
+
+    def __init__(self, stored: StoredEvent) -> None:
+        self.stored = stored
+        self.id = stored.id
+        self._sse: bytes | None = None
+        self._ws: str | None = None
+
+    def sse(self) -> bytes:
+        if self._sse is None:
+            self._sse = sse_frame(self.stored)
+        return self._sse
+
+    def ws(self) -> str:
+        if self._ws is None:
+            event = self.stored.event.model_dump(mode="json")
+            self._ws = json.dumps({"type": "event", "id": self.id, "event": event})
+        return self._ws
+
+
+FeedItem = Delivery | Tick | End
+
+
+class HubFull(RuntimeError):
+    """The process already serves ``max_followers`` followers."""
+
+
+class FollowerCut(RuntimeError):
+    """The follower fell too far behind and was disconnected; it resumes from its cursor."""
+
+    def __init__(self, reason: str, last_id: str | None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.last_id = last_id
+
+
+@contextlib.asynccontextmanager
+async def cuttable() -> AsyncIterator[Callable[[], None]]:
+    """A scope the hub can cut from outside: yields ``interrupt``, which makes whatever the scope
+    awaits right now (a send blocked on a stalled client included) stop, and the scope raise
+    ``TimeoutError``. Calling it after the scope ended does nothing.
+    """
+    loop = asyncio.get_running_loop()
+    active = True
+    async with asyncio.timeout(None) as deadline:
+
+        def interrupt() -> None:
+            if active:
+                deadline.reschedule(loop.time())
+
+        try:
+            yield interrupt
+        finally:
+            active = False
+
+
+class Follower:
+    """One follower's bounded buffer. The hub offers; the transport takes with :meth:`get`."""
+
+    __slots__ = ("_pending", "_waiter", "cut_reason", "idle_since", "limit", "on_cut", "transport")
+
+    def __init__(self, transport: Transport, limit: int, on_cut: Callable[[], None] | None) -> None:
+        self.transport = transport
+        self.limit = limit
+        self.on_cut = on_cut
+        self.cut_reason: str | None = None
+        self.idle_since = time.monotonic()
+        self._pending: deque[FeedItem] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def offer(self, items: list[Delivery]) -> bool:
+        """Buffer live events; False (and the follower is cut) when that would pass its limit."""
+        if self.cut_reason is not None:
+            return True
+        if len(self._pending) + len(items) > self.limit:
+            self.cut("slow")
+            return False
+        self._pending.extend(items)
+        self._wake()
+        return True
+
+    def tick(self) -> None:
+        if not self._pending and self.cut_reason is None:
+            self._pending.append(Tick())
+            self._wake()
+
+    def end(self, item: End) -> None:
+        self._pending.append(item)
+        self._wake()
+
+    def cut(self, reason: str) -> None:
+        self.cut_reason = reason
+        self._pending.clear()
+        self._wake()
+        if self.on_cut is not None:
+            self.on_cut()
+
+    async def get(self) -> FeedItem:
+        while not self._pending:
+            if self.cut_reason is not None:
+                raise FollowerCut(self.cut_reason, None)
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        self.idle_since = time.monotonic()
+        return self._pending.popleft()
+
+
+class _Stream:
+    """One followed session: its followers, and the last id its reader fanned out."""
+
+    __slots__ = ("checked_at", "cursor", "followers", "quiet_since", "reader", "session_id")
+
+    def __init__(self, session_id: str, cursor: str, reader: _Reader) -> None:
+        self.session_id = session_id
+        self.cursor = cursor
+        self.reader = reader
+        self.followers: set[Follower] = set()
+        self.quiet_since = self.checked_at = time.monotonic()
+
+
+class _Reader:
+    """One multiplexing reader: a loop of ``XREAD BLOCK`` over the streams assigned to it."""
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+        self.streams: dict[str, _Stream] = {}
+        self.task: asyncio.Task[None] | None = None
+        self._read: asyncio.Task[dict[str, list[StoredEvent]]] | None = None
+        self._reading: set[str] = set()
+
+    def add(self, stream: _Stream) -> None:
+        self.streams[stream.session_id] = stream
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(self._run(), name="fanout-reader")
+            self.hub.metrics.stream_readers.inc()
+        elif self._read is not None and stream.session_id not in self._reading:
+            # Its read does not include the new stream: interrupt it rather than wait a slice out.
+            self._read.cancel()
+
+    async def _run(self) -> None:
+        failures = 0
+        try:
+            while self.streams:
+                cursors = {sid: s.cursor for sid, s in self.streams.items()}
+                self._reading = set(cursors)
+                self._read = asyncio.ensure_future(
+                    self.hub.store.read_events_many(cursors, count=REPLAY_BATCH, block_ms=self.hub.block_ms)
+                )
+                try:
+                    await asyncio.wait({self._read})
+                    if self._read.cancelled():
+                        continue  # a stream was added: read again with it
+                    found = self._read.result()
+                except StoreUnavailable:
+                    # Down or busy: keep every follower, retry from the cursors.
+                    await asyncio.sleep(_RETRY_SECONDS[min(failures, len(_RETRY_SECONDS) - 1)])
+                    failures += 1
+                    continue
+                finally:
+                    self._read = None
+                failures = 0
+                self.hub.fan_out(found)
+        finally:
+            if self._read is not None:
+                self._read.cancel()
+            self.hub.metrics.stream_readers.dec()
+
+
+class Hub:
+    """The process's followers, their streams and the readers feeding them (``app.state``'s one)."""
+
+    def __init__(
+        self,
+        store: Store,
+        metrics: ApiMetrics,
+        *,
+        readers: int,
+        max_followers: int,
+        buffer: int,
+        keepalive_seconds: float,
+        block_slice_seconds: float,
+    ) -> None:
+        self.store = store
+        self.metrics = metrics
+        self.max_followers = max_followers
+        self.buffer = buffer
+        self.keepalive_seconds = keepalive_seconds
+        self.block_ms = max(1, int(block_slice_seconds * 1000))
+        self.followers = 0
+        self._readers = [_Reader(self) for _ in range(readers)]
+        self._streams: dict[str, _Stream] = {}
+        self._ticker: asyncio.Task[None] | None = None
+
+    # -- followers --------------------------------------------------------------------------------
+
+    async def events(
+        self,
+        session_id: str,
+        cursor: str | None,
+        transport: Transport,
+        on_cut: Callable[[], None] | None = None,
+    ) -> AsyncGenerator[FeedItem, None]:
+        """Events after ``cursor`` (history, then live), keep-alive ticks, and the end.
+
+        Raises :class:`HubFull` before yielding anything when the process is at its follower limit,
+        :class:`FollowerCut` when the follower fell behind, :class:`StoreUnavailable` when history
+        cannot be read.
+        """
+        if self.followers >= self.max_followers:
+            raise HubFull(f"this API process already serves {self.max_followers} followers")
+        follower = Follower(transport, self.buffer, on_cut)
+        self.followers += 1
+        self.metrics.followers.labels(transport).inc()
+        last = cursor
+        try:
+            async for item in self._history(session_id, last, None):
+                last = item.id
+                yield item
+            joined = self._join(session_id, follower, last)
+            async for item in self._history(session_id, last, joined):
+                last = item.id
+                yield item
+            while True:
+                try:
+                    got = await follower.get()
+                except FollowerCut as cut:
+                    raise FollowerCut(cut.reason, last) from None
+                if isinstance(got, Delivery):
+                    if not after(got.id, last):
+                        continue  # already sent from history
+                    last = got.id
+                yield got
+                if isinstance(got, End):
+                    return
+        finally:
+            self._leave(session_id, follower)
+            self.followers -= 1
+            self.metrics.followers.labels(transport).dec()
+            if follower.cut_reason is not None:
+                self.metrics.slow_disconnects.labels(transport).inc()
+
+    async def _history(self, session_id: str, last: str | None, upto: str | None) -> AsyncIterator[Delivery]:
+        """Stored events after ``last``: all of them (``upto`` None), or until ``upto`` is passed."""
+        if upto is not None and not after(upto, last):
+            return
+        while True:
+            batch = await self.store.read_events(session_id, last, count=REPLAY_BATCH)
+            for stored in batch:
+                last = stored.id
+                yield Delivery(stored)
+            if len(batch) < REPLAY_BATCH or (upto is not None and last is not None and not after(upto, last)):
+                return
+
+    def _join(self, session_id: str, follower: Follower, last: str | None) -> str:
+        """Attach ``follower`` to the live feed; returns the cursor after which it gets every event."""
+        stream = self._streams.get(session_id)
+        if stream is None:
+            reader = min(self._readers, key=lambda r: len(r.streams))
+            stream = self._streams[session_id] = _Stream(session_id, last or "0-0", reader)
+            reader.add(stream)
+            self.metrics.followed_streams.set(len(self._streams))
+        stream.followers.add(follower)
+        if self._ticker is None or self._ticker.done():
+            self._ticker = asyncio.create_task(self._tick_loop(), name="fanout-ticker")
+        return stream.cursor
+
+    def _leave(self, session_id: str, follower: Follower) -> None:
+        stream = self._streams.get(session_id)
+        if stream is None or follower not in stream.followers:
+            return
+        stream.followers.discard(follower)
+        if not stream.followers:
+            self._drop(stream)
+
+    def _drop(self, stream: _Stream) -> None:
+        self._streams.pop(stream.session_id, None)
+        stream.reader.streams.pop(stream.session_id, None)
+        self.metrics.followed_streams.set(len(self._streams))
+
+    # -- readers and ticker -----------------------------------------------------------------------
+
+    def fan_out(self, found: dict[str, list[StoredEvent]]) -> None:
+        """Offer what a reader read to every follower of each stream (never waits)."""
+        now = time.monotonic()
+        for session_id, batch in found.items():
+            stream = self._streams.get(session_id)
+            if stream is None or not batch:
+                continue
+            fresh = [Delivery(s) for s in batch if after(s.id, stream.cursor)]
+            if not fresh:
+                continue
+            stream.cursor = fresh[-1].id
+            stream.quiet_since = now
+            for follower in list(stream.followers):
+                follower.offer(fresh)
+            self.metrics.fanned_out.inc(len(fresh) * len(stream.followers))
+
+    async def _tick_loop(self) -> None:
+        period = max(0.05, self.keepalive_seconds / 2)
+        while self._streams:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            quiet: list[_Stream] = []
+            for stream in list(self._streams.values()):
+                for follower in stream.followers:
+                    if now - follower.idle_since >= self.keepalive_seconds:
+                        follower.tick()
+                if (
+                    now - stream.quiet_since >= self.keepalive_seconds
+                    and now - stream.checked_at >= self.keepalive_seconds
+                ):
+                    quiet.append(stream)
+            if quiet:
+                await self._check_liveness(quiet)
+
+    async def _check_liveness(self, quiet: list[_Stream]) -> None:
+        """End the feeds of removed sessions, and of finished ones that stayed quiet an interval."""
+        try:
+            sessions = {s.id: s for s in await self.store.get_many([q.session_id for q in quiet])}
+        except StoreUnavailable:
+            return  # unknown is not gone: keep following
+        now = time.monotonic()
+        for stream in quiet:
+            stream.checked_at = now
+            session = sessions.get(stream.session_id)
+            if session is not None and not session.effective_phase().finished:
+                continue
+            if self._streams.get(stream.session_id) is not stream:
+                continue  # left or was replaced while we read
+            end = End("deleted" if session is None else "finished")
+            for follower in list(stream.followers):
+                follower.end(end)
+            self._drop(stream)
+
+    async def aclose(self) -> None:
+        tasks = [t for t in (self._ticker, *(r.task for r in self._readers)) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
