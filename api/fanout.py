@@ -209,27 +209,36 @@ class _Reader:
             while self.streams:
                 cursors = {sid: s.cursor for sid, s in self.streams.items()}
                 self._reading = set(cursors)
-                self._read = asyncio.ensure_future(
-                    self.hub.store.read_events_many(cursors, count=REPLAY_BATCH, block_ms=self.hub.block_ms)
+                read = self._read = asyncio.ensure_future(
+                    self.hub.store.read_events_many(
+                        cursors, count=self.hub.read_count, block_ms=self.hub.block_ms
+                    )
                 )
                 try:
-                    await asyncio.wait({self._read})
-                    if self._read.cancelled():
-                        continue  # a stream was added: read again with it
-                    found = self._read.result()
+                    await asyncio.wait({read})
+                finally:
+                    self._read = None
+                    read.cancel()  # only matters when this reader itself is being cancelled
+                    read.add_done_callback(_retrieve)
+                if read.cancelled():
+                    continue  # a stream was added: read again with it
+                try:
+                    found = read.result()
                 except StoreUnavailable:
                     # Down or busy: keep every follower, retry from the cursors.
                     await asyncio.sleep(_RETRY_SECONDS[min(failures, len(_RETRY_SECONDS) - 1)])
                     failures += 1
                     continue
-                finally:
-                    self._read = None
                 failures = 0
                 self.hub.fan_out(found)
         finally:
-            if self._read is not None:
-                self._read.cancel()
             self.hub.metrics.stream_readers.dec()
+
+
+def _retrieve(task: asyncio.Future[dict[str, list[StoredEvent]]]) -> None:
+    """Mark a read's failure as seen (a cancelled reader never looks at it)."""
+    if not task.cancelled():
+        task.exception()
 
 
 class Hub:
@@ -252,6 +261,8 @@ class Hub:
         self.buffer = buffer
         self.keepalive_seconds = keepalive_seconds
         self.block_ms = max(1, int(block_slice_seconds * 1000))
+        # One read never brings more than a follower may buffer, so a burst alone cuts nobody.
+        self.read_count = min(REPLAY_BATCH, buffer)
         self.followers = 0
         self._readers = [_Reader(self) for _ in range(readers)]
         self._streams: dict[str, _Stream] = {}
