@@ -36,12 +36,14 @@ from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Literal
 
+from api.logs import get_logger
 from api.metrics import ApiMetrics
 from api.store import Store, StoredEvent, StoreUnavailable
 from api.streaming import REPLAY_BATCH, End, Tick, sse_frame
 
 Transport = Literal["sse", "ws"]
 _RETRY_SECONDS = (0.2, 0.5, 1.0, 2.0)
+_log = get_logger("api.fanout")
 
 
 def _key(stream_id: str) -> tuple[int, int]:
@@ -224,8 +226,10 @@ class _Reader:
                     continue  # a stream was added: read again with it
                 try:
                     found = read.result()
-                except StoreUnavailable:
-                    # Down or busy: keep every follower, retry from the cursors.
+                except Exception as exc:
+                    # Down or busy (or a bug): keep every follower, retry from the cursors.
+                    if not isinstance(exc, StoreUnavailable):
+                        _log.error("fanout_read_failed", error=type(exc).__name__)
                     await asyncio.sleep(_RETRY_SECONDS[min(failures, len(_RETRY_SECONDS) - 1)])
                     failures += 1
                     continue
