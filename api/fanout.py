@@ -43,6 +43,7 @@ from api.streaming import REPLAY_BATCH, End, Tick, sse_frame
 
 Transport = Literal["sse", "ws"]
 _RETRY_SECONDS = (0.2, 0.5, 1.0, 2.0)
+FANOUT_SLICE = 100  # followers woken per turn of the event loop
 _log = get_logger("api.fanout")
 
 
@@ -59,11 +60,12 @@ def after(a: str, b: str | None) -> bool:
 class Delivery:
     """One event as fanned out: rendered once for SSE and once for WebSocket, whatever the followers."""
 
-    __slots__ = ("_sse", "_ws", "id", "stored")
+    __slots__ = ("_sse", "_ws", "id", "key", "stored")
 
     def __init__(self, stored: StoredEvent) -> None:
         self.stored = stored
         self.id = stored.id
+        self.key = _key(stored.id)  # parsed once, compared by every follower
         self._sse: bytes | None = None
         self._ws: str | None = None
 
@@ -234,7 +236,7 @@ class _Reader:
                     failures += 1
                     continue
                 failures = 0
-                self.hub.fan_out(found)
+                await self.hub.fan_out(found)
         finally:
             self.hub.metrics.stream_readers.dec()
 
@@ -301,15 +303,16 @@ class Hub:
             async for item in self._history(session_id, last, joined):
                 last = item.id
                 yield item
+            last_key = _key(last) if last is not None else (-1, -1)
             while True:
                 try:
                     got = await follower.get()
                 except FollowerCut as cut:
                     raise FollowerCut(cut.reason, last) from None
                 if isinstance(got, Delivery):
-                    if not after(got.id, last):
+                    if got.key <= last_key:
                         continue  # already sent from history
-                    last = got.id
+                    last, last_key = got.id, got.key
                 yield got
                 if isinstance(got, End):
                     return
@@ -360,8 +363,13 @@ class Hub:
 
     # -- readers and ticker -----------------------------------------------------------------------
 
-    def fan_out(self, found: dict[str, list[StoredEvent]]) -> None:
-        """Offer what a reader read to every follower of each stream (never waits)."""
+    async def fan_out(self, found: dict[str, list[StoredEvent]]) -> None:
+        """Offer what a reader read to every follower of each stream.
+
+        Offering never waits on a follower. Followers are woken a slice at a time, letting the
+        event loop run in between, so that requests (a POST waiting on Redis, a probe) are served
+        between slices instead of after thousands of sends.
+        """
         now = time.monotonic()
         for session_id, batch in found.items():
             stream = self._streams.get(session_id)
@@ -372,9 +380,14 @@ class Hub:
                 continue
             stream.cursor = fresh[-1].id
             stream.quiet_since = now
-            for follower in list(stream.followers):
-                follower.offer(fresh)
-            self.metrics.fanned_out.inc(len(fresh) * len(stream.followers))
+            # The cursor moved first: a follower joining while we slice reads the gap from history.
+            followers = list(stream.followers)
+            for start in range(0, len(followers), FANOUT_SLICE):
+                if start:
+                    await asyncio.sleep(0)
+                for follower in followers[start : start + FANOUT_SLICE]:
+                    follower.offer(fresh)
+            self.metrics.fanned_out.inc(len(fresh) * len(followers))
 
     async def _tick_loop(self) -> None:
         period = max(0.05, self.keepalive_seconds / 2)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import re
@@ -63,50 +64,70 @@ class Tally:
         self.retries = 0
 
 
+class _SseProtocol(asyncio.Protocol):
+    """One SSE follower as a bare protocol: no task, no stream reader, a regex over what arrives
+    (the generator must cost far less per event than the API, or it measures itself)."""
+
+    def __init__(self, path: str, tally: Tally, ready: asyncio.Event, done: asyncio.Future[bool]) -> None:
+        self.path, self.tally, self.ready, self.done = path, tally, ready, done
+        self.head = True
+        self.tail = b""
+        self.count = 0
+        self.ordered = True
+        self.last = (0, 0)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        request = f"GET {self.path} HTTP/1.1\r\nHost: bench\r\nAccept: text/event-stream\r\n\r\n"
+        transport.write(request.encode())  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        now = time.time()
+        self.tail += data
+        if self.head:
+            end = self.tail.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            if self.tail.split(b" ", 2)[1] != b"200":
+                self.done.set_result(False)  # 503 at a limit: the caller retries
+                return
+            self.head, self.tail = False, self.tail[end + 4 :]
+            self.ready.set()
+        cut = self.tail.rfind(b"\n\n")
+        if cut < 0:
+            return
+        frames, self.tail = self.tail[: cut + 2], self.tail[cut + 2 :]
+        for match in _ID_RE.finditer(frames):
+            key = (int(match[1]), int(match[2]))
+            self.ordered = self.ordered and key > self.last
+            self.last = key
+            self.count += 1
+        self.tally.latencies.extend(now - float(t) for t in _T_RE.findall(frames))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_result(True)
+
+
 async def _sse_follower(
     host: str, port: int, path: str, tally: Tally, stop: asyncio.Event, ready: asyncio.Event
 ) -> None:
+    loop = asyncio.get_running_loop()
     while True:
-        reader, writer = await asyncio.open_connection(host, port, limit=1 << 20)
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: bench\r\nAccept: text/event-stream\r\n\r\n".encode())
-        status = (await reader.readline()).split()
-        if len(status) > 1 and status[1] == b"200":
-            break
-        tally.retries += 1  # 503 at a limit: retry like EventSource would
-        writer.close()
-        await asyncio.sleep(0.5)
-    while (await reader.readline()) not in (b"\r\n", b""):
-        pass
-    ready.set()
-    count, ordered, last, tail = 0, True, (0, 0), b""
-    reading = asyncio.ensure_future(reader.read(1 << 16))
-    stopping = asyncio.ensure_future(stop.wait())
-    while True:
-        await asyncio.wait({reading, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        if not reading.done():
-            break
-        data = reading.result()
-        if not data:
-            break
-        now = time.time()
-        tail += data
-        cut = tail.rfind(b"\n\n")
-        if cut < 0:
-            reading = asyncio.ensure_future(reader.read(1 << 16))
+        done: asyncio.Future[bool] = loop.create_future()
+        transport, protocol = await loop.create_connection(
+            functools.partial(_SseProtocol, path, tally, ready, done), host, port
+        )
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({done, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        transport.close()
+        if done.done() and not done.result():
+            tally.retries += 1
+            await asyncio.sleep(0.5)
             continue
-        frames, tail = tail[: cut + 2], tail[cut + 2 :]
-        for match in _ID_RE.finditer(frames):
-            key = (int(match[1]), int(match[2]))
-            ordered = ordered and key > last
-            last = key
-            count += 1
-        tally.latencies.extend(now - float(t) for t in _T_RE.findall(frames))
-        reading = asyncio.ensure_future(reader.read(1 << 16))
-    reading.cancel()
-    stopping.cancel()
-    tally.counts.append(count)
-    tally.in_order += ordered
-    writer.close()
+        break
+    tally.counts.append(protocol.count)
+    tally.in_order += protocol.ordered
 
 
 async def _ws_follower(url: str, tally: Tally, stop: asyncio.Event, ready: asyncio.Event) -> None:
@@ -186,6 +207,8 @@ class RunResult:
     complete: int
     kb_per_follower: float
     api_cores: float
+    generator_cores: float
+    redis_cores: float
     post_p99_ms: float
     idle_post_p99_ms: float
     retries: int
@@ -237,7 +260,7 @@ async def produce(store: Store, session_id: str, seconds: float, rate: float) ->
 
 
 async def one_run(
-    args: argparse.Namespace, base: str, api_pid: int, store: Store, transport: str, n: int
+    args: argparse.Namespace, base: str, api_pid: int, redis_pid: int, store: Store, transport: str, n: int
 ) -> RunResult:
     session_id = f"bench-{transport}-{n}"
     async with httpx.AsyncClient(base_url=base, timeout=30.0) as client:
@@ -279,11 +302,15 @@ async def one_run(
             await asyncio.sleep(1.0)
             rss_with = rss_kb(api_pid)
             cpu_before, wall = cpu_seconds(api_pid) or 0.0, time.monotonic()
+            gen_before, redis_before = cpu_seconds(gen.pid) or 0.0, cpu_seconds(redis_pid) or 0.0
             sent, loaded = await asyncio.gather(
                 produce(store, session_id, args.seconds, args.rate),
                 post_latencies(client, messages, args.seconds, args.post_rate),
             )
-            cores = ((cpu_seconds(api_pid) or 0.0) - cpu_before) / (time.monotonic() - wall)
+            elapsed = time.monotonic() - wall
+            cores = ((cpu_seconds(api_pid) or 0.0) - cpu_before) / elapsed
+            gen_cores = ((cpu_seconds(gen.pid) or 0.0) - gen_before) / elapsed
+            redis_cores = ((cpu_seconds(redis_pid) or 0.0) - redis_before) / elapsed
             await asyncio.sleep(2.0)  # stragglers
             gen.stdin.write("STOP\n")
             gen.stdin.flush()
@@ -303,6 +330,8 @@ async def one_run(
         min(complete, result["in_order"]),
         (rss_with - rss_before) / n,
         cores,
+        gen_cores,
+        redis_cores,
         p99(loaded) * 1000,
         p99(idle) * 1000,
         result["retries"],
@@ -328,7 +357,7 @@ def report(args: argparse.Namespace, results: list[RunResult], fd_note: str) -> 
     print(fd_note)
     print(
         f"{'run':<12}{'connect s':>10}{'p50 ms':>9}{'p99 ms':>9}{'complete':>15}{'KB/follower':>13}"
-        f"{'API cores':>11}{'POST p99 ms':>13}{'idle p99':>10}{'ratio':>7}"
+        f"{'API cores':>11}{'gen cores':>11}{'redis':>7}{'POST p99 ms':>13}{'idle p99':>10}{'ratio':>7}"
     )
     for r in results:
         ratio = r.post_p99_ms / r.idle_post_p99_ms if r.idle_post_p99_ms else float("nan")
@@ -336,6 +365,7 @@ def report(args: argparse.Namespace, results: list[RunResult], fd_note: str) -> 
         print(
             f"{name:<12}{r.connect_seconds:>10.1f}{r.p50_ms:>9.1f}{r.p99_ms:>9.1f}"
             f"{f'{r.complete}/{r.followers}':>15}{r.kb_per_follower:>13.1f}{r.api_cores:>11.2f}"
+            f"{r.generator_cores:>11.2f}{r.redis_cores:>7.2f}"
             f"{r.post_p99_ms:>13.1f}{r.idle_post_p99_ms:>10.1f}{ratio:>7.2f}"
         )
         if r.retries:
@@ -352,11 +382,13 @@ def report(args: argparse.Namespace, results: list[RunResult], fd_note: str) -> 
     print("complete = followers that got every produced event exactly once and in order.")
 
 
-async def drive(args: argparse.Namespace, base: str, api_pid: int, redis_url: str) -> list[RunResult]:
+async def drive(
+    args: argparse.Namespace, base: str, api_pid: int, redis_pid: int, redis_url: str
+) -> list[RunResult]:
     store = Store.from_url(redis_url)
     try:
         runs = [("sse", n) for n in args.sizes] + [("ws", n) for n in args.ws_sizes]
-        return [await one_run(args, base, api_pid, store, transport, n) for transport, n in runs]
+        return [await one_run(args, base, api_pid, redis_pid, store, transport, n) for transport, n in runs]
     finally:
         await store.close()
 
@@ -375,6 +407,7 @@ def main() -> None:
     parser.add_argument("--post-rate", type=float, default=25.0, help="POST /messages per second")
     parser.add_argument("--ramp", type=int, default=200, help="followers connecting at once")
     parser.add_argument("--connect-timeout", type=float, default=180.0)
+    parser.add_argument("--profile", help="write a cProfile of the API process to this file")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--path", help=argparse.SUPPRESS)
@@ -407,9 +440,12 @@ def main() -> None:
             }
             env.pop("API_TOKENS", None)
             base = f"http://127.0.0.1:{port}"
-            with server_process([sys.executable, "-m", "api.server"], env, work / "api.log") as api:
+            command = [sys.executable, "-m", "api.server"]
+            if args.profile:  # cProfile of the API process, written when it exits
+                command = [sys.executable, "-m", "cProfile", "-o", args.profile, "-m", "api.server"]
+            with server_process(command, env, work / "api.log") as api:
                 wait_until_up(f"{base}/health", api)
-                results = asyncio.run(drive(args, base, api.pid, redis.url))
+                results = asyncio.run(drive(args, base, api.pid, redis.process.pid, redis.url))
         finally:
             redis.stop()
     report(args, results, fd_note)
