@@ -64,7 +64,9 @@ async def test_300_followers_leave_writes_reads_and_probes_answering_and_all_get
     settings = api_settings(redis_url, redis_pool_size=8, stream_readers=2, sse_keepalive_seconds=1.0)
     app = create_app(settings)
     with live_server(app) as base:
-        followers = await asyncio.gather(*(open_sse(base, "/sessions/crowd/events") for _ in range(300)))
+        followers = await asyncio.gather(
+            *(_follow_retrying(base, "/sessions/crowd/events") for _ in range(300))
+        )
         assert {f.status for f in followers} == {200}
         async with httpx.AsyncClient(base_url=base, timeout=10.0) as client:
             await _until(lambda: _followers_are(client, 300))
@@ -84,6 +86,18 @@ async def test_300_followers_leave_writes_reads_and_probes_answering_and_all_get
             assert len(clients) <= 8 + 2 + 2  # both pools, plus this test's store and client
         for f in followers:
             f.close()
+
+
+async def _follow_retrying(base: str, path: str) -> SseFollower:
+    """Open a follower; a 503 (300 connecting at once over 8 command connections may wait past the
+    pool's wait) is retried after its Retry-After, as EventSource does."""
+    while True:
+        follower = await open_sse(base, path)
+        if follower.status == 200:
+            return follower
+        assert follower.status == 503
+        follower.close()
+        await asyncio.sleep(0.2)
 
 
 async def _followers_are(client: httpx.AsyncClient, count: int, transport: str = "sse") -> bool:
