@@ -17,6 +17,9 @@ Back-pressure. Offering never waits: a follower whose buffer would pass ``buffer
 (reason ``slow``), its buffer is dropped, and the transport is interrupted even when it is blocked
 writing to a stalled socket (``on_cut``). The client resumes from its cursor (``Last-Event-ID``).
 New followers past ``max_followers`` are refused with :class:`HubFull` (the API answers 503).
+Fairness: one event for thousands of followers is thousands of socket writes, so followers are woken
+``FANOUT_SLICE`` at a time with a turn of the event loop in between; a POST or a probe waiting on
+Redis is served between slices rather than after the whole burst.
 
 Keep-alives and the end of a stream are the hub's too: a ticker offers a :class:`Tick` to every
 follower idle for ``keepalive_seconds`` and, for each stream quiet that long, reads its session once

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import functools
 import json
 import os
@@ -62,14 +63,20 @@ class Tally:
         self.counts: list[int] = []
         self.in_order = 0
         self.retries = 0
+        self.live: list[_Count] = []  # per follower, while it follows
 
 
-class _SseProtocol(asyncio.Protocol):
+class _Count:
+    count = 0
+
+
+class _SseProtocol(asyncio.Protocol, _Count):
     """One SSE follower as a bare protocol: no task, no stream reader, a regex over what arrives
     (the generator must cost far less per event than the API, or it measures itself)."""
 
     def __init__(self, path: str, tally: Tally, ready: asyncio.Event, done: asyncio.Future[bool]) -> None:
         self.path, self.tally, self.ready, self.done = path, tally, ready, done
+        tally.live.append(self)
         self.head = True
         self.tail = b""
         self.count = 0
@@ -133,7 +140,8 @@ async def _sse_follower(
 async def _ws_follower(url: str, tally: Tally, stop: asyncio.Event, ready: asyncio.Event) -> None:
     from websockets.asyncio.client import connect
 
-    count, ordered, last = 0, True, (0, 0)
+    ordered, last, counter = True, (0, 0), _Count()
+    tally.live.append(counter)
     async with connect(url, compression=None, max_size=None) as ws:
         ready.set()
         stopping = asyncio.ensure_future(stop.wait())
@@ -153,13 +161,14 @@ async def _ws_follower(url: str, tally: Tally, stop: asyncio.Event, ready: async
             key = (int(ms), int(seq))
             ordered = ordered and key > last
             last = key
-            count += 1
-    tally.counts.append(count)
+            counter.count += 1
+    tally.counts.append(counter.count)
     tally.in_order += ordered
 
 
 async def worker(args: argparse.Namespace) -> None:
-    """Open ``--n`` followers (``--ramp`` at a time), say READY, follow until STOP on stdin."""
+    """Open ``--n`` followers (``--ramp`` at a time), say STARTED, follow until ``STOP <events>`` on
+    stdin and every follower got that many (or a minute passed), then print the tally."""
     tally, stop = Tally(), asyncio.Event()
     gate = asyncio.Semaphore(args.ramp)
     host, port = "127.0.0.1", int(args.url.rsplit(":", 1)[1])
@@ -179,7 +188,11 @@ async def worker(args: argparse.Namespace) -> None:
 
     tasks = [asyncio.create_task(one()) for _ in range(args.n)]
     print("STARTED", flush=True)
-    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    line = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    expected, deadline = int(line.split()[1]), time.monotonic() + 60
+    # Every event produced, or a minute past the end of production: whatever is late is counted missing.
+    while time.monotonic() < deadline and any(c.count < expected for c in tally.live):
+        await asyncio.sleep(0.1)
     stop.set()
     await asyncio.gather(*tasks, return_exceptions=True)
     print(
@@ -213,6 +226,7 @@ class RunResult:
     idle_post_p99_ms: float
     retries: int
     connect_seconds: float
+    load: float = 0.0
 
 
 def rss_kb(pid: int) -> int:
@@ -311,8 +325,7 @@ async def one_run(
             cores = ((cpu_seconds(api_pid) or 0.0) - cpu_before) / elapsed
             gen_cores = ((cpu_seconds(gen.pid) or 0.0) - gen_before) / elapsed
             redis_cores = ((cpu_seconds(redis_pid) or 0.0) - redis_before) / elapsed
-            await asyncio.sleep(2.0)  # stragglers
-            gen.stdin.write("STOP\n")
+            gen.stdin.write(f"STOP {sent}\n")
             gen.stdin.flush()
             result = json.loads(await asyncio.get_running_loop().run_in_executor(None, gen.stdout.readline))
         finally:
@@ -357,7 +370,8 @@ def report(args: argparse.Namespace, results: list[RunResult], fd_note: str) -> 
     print(fd_note)
     print(
         f"{'run':<12}{'connect s':>10}{'p50 ms':>9}{'p99 ms':>9}{'complete':>15}{'KB/follower':>13}"
-        f"{'API cores':>11}{'gen cores':>11}{'redis':>7}{'POST p99 ms':>13}{'idle p99':>10}{'ratio':>7}"
+        f"{'API cores':>11}{'gen cores':>11}{'redis':>7}{'load':>6}"
+        f"{'POST p99 ms':>13}{'idle p99':>10}{'ratio':>7}"
     )
     for r in results:
         ratio = r.post_p99_ms / r.idle_post_p99_ms if r.idle_post_p99_ms else float("nan")
@@ -365,7 +379,7 @@ def report(args: argparse.Namespace, results: list[RunResult], fd_note: str) -> 
         print(
             f"{name:<12}{r.connect_seconds:>10.1f}{r.p50_ms:>9.1f}{r.p99_ms:>9.1f}"
             f"{f'{r.complete}/{r.followers}':>15}{r.kb_per_follower:>13.1f}{r.api_cores:>11.2f}"
-            f"{r.generator_cores:>11.2f}{r.redis_cores:>7.2f}"
+            f"{r.generator_cores:>11.2f}{r.redis_cores:>7.2f}{r.load:>6.1f}"
             f"{r.post_p99_ms:>13.1f}{r.idle_post_p99_ms:>10.1f}{ratio:>7.2f}"
         )
         if r.retries:
@@ -379,16 +393,31 @@ def report(args: argparse.Namespace, results: list[RunResult], fd_note: str) -> 
             print(
                 "  goals at 5 000: " + "; ".join(f"{text} {'ok' if ok else 'MISSED'}" for text, ok in checks)
             )
-    print("complete = followers that got every produced event exactly once and in order.")
+    print("complete = followers that got every produced event exactly once and in order;")
+    print("load = the machine's 1-minute load average when the run started (other work shares the CPUs).")
 
 
-async def drive(
-    args: argparse.Namespace, base: str, api_pid: int, redis_pid: int, redis_url: str
-) -> list[RunResult]:
+def api_env(args: argparse.Namespace, redis_url: str, port: int) -> dict[str, str]:
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "REDIS_URL": redis_url,
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        "LOG_LEVEL": "warning",
+        "FLYSWARM_LOG_JSON": "true",
+        "FLYSWARM_STREAM_MAX_FOLLOWERS": str(max([*args.sizes, *args.ws_sizes, 1]) + 100),
+    }
+    env.pop("API_TOKENS", None)
+    return env
+
+
+async def run_with_store(
+    args: argparse.Namespace, base: str, api_pid: int, redis_pid: int, redis_url: str, transport: str, n: int
+) -> RunResult:
     store = Store.from_url(redis_url)
     try:
-        runs = [("sse", n) for n in args.sizes] + [("ws", n) for n in args.ws_sizes]
-        return [await one_run(args, base, api_pid, redis_pid, store, transport, n) for transport, n in runs]
+        return await one_run(args, base, api_pid, redis_pid, store, transport, n)
     finally:
         await store.close()
 
@@ -427,25 +456,22 @@ def main() -> None:
         work = Path(tmp)
         redis = start_redis(work / "redis")
         try:
-            port = free_port()
-            env = {
-                **os.environ,
-                "PYTHONPATH": str(ROOT),
-                "REDIS_URL": redis.url,
-                "HOST": "127.0.0.1",
-                "PORT": str(port),
-                "LOG_LEVEL": "warning",
-                "FLYSWARM_LOG_JSON": "true",
-                "FLYSWARM_STREAM_MAX_FOLLOWERS": str(max([*args.sizes, *args.ws_sizes, 1]) + 100),
-            }
-            env.pop("API_TOKENS", None)
-            base = f"http://127.0.0.1:{port}"
-            command = [sys.executable, "-m", "api.server"]
-            if args.profile:  # cProfile of the API process, written when it exits
-                command = [sys.executable, "-m", "cProfile", "-o", args.profile, "-m", "api.server"]
-            with server_process(command, env, work / "api.log") as api:
-                wait_until_up(f"{base}/health", api)
-                results = asyncio.run(drive(args, base, api.pid, redis.process.pid, redis.url))
+            results = []
+            # A fresh API process per run: RSS per follower is then not blurred by the previous run.
+            for transport, n in [("sse", n) for n in args.sizes] + [("ws", n) for n in args.ws_sizes]:
+                port = free_port()
+                base = f"http://127.0.0.1:{port}"
+                command = [sys.executable, "-m", "api.server"]
+                if args.profile:  # cProfile of the API process, written when it exits
+                    command = [sys.executable, "-m", "cProfile", "-o", args.profile, "-m", "api.server"]
+                env = api_env(args, redis.url, port)
+                with server_process(command, env, work / f"api-{transport}-{n}.log") as api:
+                    wait_until_up(f"{base}/health", api)
+                    load = os.getloadavg()[0]
+                    result = asyncio.run(
+                        run_with_store(args, base, api.pid, redis.process.pid, redis.url, transport, n)
+                    )
+                    results.append(dataclasses.replace(result, load=load))
         finally:
             redis.stop()
     report(args, results, fd_note)
