@@ -26,7 +26,13 @@ Auth
 
 Redis outages
     Every :class:`~api.store.StoreUnavailable` becomes a 503 with ``Retry-After: 1``; the client's
-    connection pool reconnects by itself, so the API serves again as soon as Redis is back.
+    connection pool reconnects by itself, so the API serves again as soon as Redis is back. A
+    request that waited ``FLYSWARM_REDIS_POOL_TIMEOUT_SECONDS`` for a free connection
+    (:class:`~api.store.StoreBusy`) gets the same 503, with a message naming the limit.
+
+Followers
+    ``follow=true`` event streams and WebSockets are served by the process's fan-out hub
+    (:mod:`api.fanout`, SSE framing in :mod:`api.sse`): a few Redis readers for every follower.
 """
 
 from __future__ import annotations
