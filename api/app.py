@@ -63,7 +63,8 @@ from api.errors import (
     field_problems,
     invalid,
 )
-from api.fanout import FeedItem, Hub
+from api.fanout import Hub
+from api.follower import FeedItem
 from api.logs import get_logger, register_secret
 from api.metrics import ApiMetrics
 from api.middleware import EdgeMiddleware

@@ -27,7 +27,8 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from api.errors import error_payload
-from api.fanout import Delivery, FeedItem, FollowerCut, HubFull, cuttable
+from api.fanout import HubFull
+from api.follower import Delivery, FeedItem, FollowerCut, cuttable
 from api.metrics import ApiMetrics
 from api.store import StoreUnavailable
 from api.streaming import SSE_KEEPALIVE, End, sse_end_frame

@@ -31,7 +31,8 @@ from typing import Any
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from api.errors import ApiError, FieldProblem, bad_request, error_payload
-from api.fanout import Delivery, FollowerCut, Hub, HubFull, cuttable
+from api.fanout import Hub, HubFull
+from api.follower import Delivery, FollowerCut, cuttable
 from api.logs import get_logger
 from api.sse import slow_client_message
 from api.store import Store, StoreUnavailable
