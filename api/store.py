@@ -305,7 +305,7 @@ class ApiStore(SessionIndexReads):
             start = f"({after_id}" if after_id else "-"
             entries = await self._redis.xrange(stream, min=start, max="+", count=count)
         else:
-            reply = await self._redis.xread({stream: after_id or "0-0"}, count=count, block=block_ms)
+            reply = await self._blocking.xread({stream: after_id or "0-0"}, count=count, block=block_ms)
             entries = reply[0][1] if reply else []
         return [
             StoredEvent(id=str(eid), event=SessionEvent.model_validate_json(fields["e"]))
@@ -313,6 +313,29 @@ class ApiStore(SessionIndexReads):
         ]
 
     # -- inbox ------------------------------------------------------------------------------------
+
+    # -- blocking reads and fan-out (api.fanout) ---------------------------------------------------
+
+    @unavailable_on_redis_error
+    async def read_events_many(
+        self, cursors: dict[str, str], *, count: int = 100, block_ms: int
+    ) -> dict[str, builtins.list[StoredEvent]]:
+        """One blocking XREAD over many sessions' event streams: ``{session id: last id seen}`` in,
+        ``{session id: events after it}`` out (sessions without new events are left out).
+
+        Runs on the blocking pool: this is how one API reader serves every follower of many sessions.
+        """
+        by_key = {keys.events(sid): sid for sid in cursors}
+        reply = await self._blocking.xread(
+            {keys.events(sid): last for sid, last in cursors.items()}, count=count, block=block_ms
+        )
+        found: dict[str, builtins.list[StoredEvent]] = {}
+        for stream, entries in reply or []:
+            found[by_key[str(stream)]] = [
+                StoredEvent(id=str(eid), event=SessionEvent.model_validate_json(fields["e"]))
+                for eid, fields in entries
+            ]
+        return found
 
     @unavailable_on_redis_error
     async def send_message(self, session_id: str, text: str) -> InboxMessage:

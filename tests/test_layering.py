@@ -77,7 +77,7 @@ STORE_MODULES = {
     "api.store_lease",
     "api.transcripts",
 }
-SHARED_STORE_MODULES = {"api.store_base"}
+SHARED_STORE_MODULES = {"api.store_base", "api.store_pools"}
 ROLE_STORES = {
     "api": {"api.store"},
     "controller": {"api.store_controller"},
