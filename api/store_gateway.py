@@ -145,4 +145,6 @@ class GatewayStore(EventWrites):
     @unavailable_on_redis_error
     async def mark_budget_exceeded(self, session_id: str, budget: str) -> bool:
         """Record on the session that ``budget`` refused it (once); the controller then finishes it."""
-        return bool(await self._exceeded(keys=[keys.session(session_id)], args=[budget, utcnow().isoformat()]))
+        return bool(
+            await self._exceeded(keys=[keys.session(session_id)], args=[budget, utcnow().isoformat()])
+        )

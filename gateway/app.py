@@ -60,9 +60,20 @@ PROXIED = frozenset({"/v1/messages", "/v1/messages/count_tokens"})
 # Request headers never forwarded: hop-by-hop ones, the agent's credentials, what httpx sets itself.
 _DROP_REQUEST = frozenset(
     {
-        b"host", b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"te",
-        b"upgrade", b"content-length", b"x-api-key", b"authorization", b"accept-encoding", b"cookie",
-        b"proxy-authorization", b"trailer",
+        b"host",
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"transfer-encoding",
+        b"te",
+        b"upgrade",
+        b"content-length",
+        b"x-api-key",
+        b"authorization",
+        b"accept-encoding",
+        b"cookie",
+        b"proxy-authorization",
+        b"trailer",
     }
 )
 _DROP_RESPONSE = frozenset({"connection", "keep-alive", "transfer-encoding", "proxy-connection", "upgrade"})
@@ -136,7 +147,9 @@ class Gateway:
         elif path == "/metrics" and method == "GET":
             await self._metrics(scope, send)
         else:
-            await _error(send, GatewayError(404, "not_found", f"{method} {path} is not served by this gateway"))
+            await _error(
+                send, GatewayError(404, "not_found", f"{method} {path} is not served by this gateway")
+            )
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -160,7 +173,9 @@ class Gateway:
 
     async def _metrics(self, scope: Scope, send: Send) -> None:
         if self._metrics_tokens:
-            given = (_token_from([(n, v) for n, v in scope["headers"] if n == b"authorization"]) or "").encode()
+            given = (
+                _token_from([(n, v) for n, v in scope["headers"] if n == b"authorization"]) or ""
+            ).encode()
             if not any(hmac.compare_digest(given, t) for t in self._metrics_tokens):
                 await _error(send, GatewayError(401, "metrics", "a bearer token from API_TOKENS is required"))
                 return
@@ -194,7 +209,9 @@ class Gateway:
         try:
             view = await self.store.view(token.session_id, [b.counter_key(now) for b in self.budgets])
         except StoreUnavailable:
-            raise GatewayError(503, "unavailable", "the control plane's store is unavailable; retry") from None
+            raise GatewayError(
+                503, "unavailable", "the control plane's store is unavailable; retry"
+            ) from None
         if not digest_matches(token.value, view.token_digest):
             raise GatewayError(401, "unauthenticated", "x-api-key: unknown or revoked session token")
         session = view.session
@@ -253,7 +270,9 @@ class Gateway:
             raise GatewayError(504, "upstream_timeout", "the upstream did not answer in time") from None
         except httpx.HTTPError as exc:
             log.warning("gateway_upstream_unreachable", error=type(exc).__name__)
-            raise GatewayError(502, "upstream_unreachable", "the upstream Messages API is unreachable") from None
+            raise GatewayError(
+                502, "upstream_unreachable", "the upstream Messages API is unreachable"
+            ) from None
         self.metrics.upstream.labels(path).observe(time.perf_counter() - started)
         meter: StreamMeter | JsonMeter | None = None
         if response.status_code == 200 and path == "/v1/messages":
@@ -265,7 +284,9 @@ class Gateway:
                     "type": "http.response.start",
                     "status": response.status_code,
                     "headers": [
-                        (n, v) for n, v in response.headers.raw if n.decode("latin-1").lower() not in _DROP_RESPONSE
+                        (n, v)
+                        for n, v in response.headers.raw
+                        if n.decode("latin-1").lower() not in _DROP_RESPONSE
                     ],
                 }
             )

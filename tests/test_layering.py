@@ -5,10 +5,11 @@
 * ``local`` may import ``api`` and ``controller``;
 * only the Fly client modules (``controller/fly*.py``) import httpx in the controller;
 * only the store layer (``api/store.py``, ``api/store_*.py``, ``api/transcripts.py``) imports redis
-  in ``api``, ``controller`` and ``agent``;
+  in ``api``, ``controller``, ``agent`` and ``gateway``;
 * each role imports only its own store: ``api`` the API's (``api.store``), ``controller`` the
   controller's (``api.store_controller``), ``agent`` (and the local stand-in agent) the agent's
-  (``api.store_agent``), ``gateway`` the gateway's (``api.store_gateway``); the shared base (``api.store_base``: errors, helpers) is open to all;
+  (``api.store_agent``), ``gateway`` the gateway's (``api.store_gateway``); the shared base
+  (``api.store_base``: errors, helpers) is open to all;
 * no code outside the store reaches the Redis client through attribute access
   (``self.store.redis.hset(...)``, ``store._redis``, ``x.pubsub()``, ``x.register_script(...)``):
   an import check alone cannot see that;
