@@ -30,6 +30,7 @@ retries 5xx); an unreachable upstream 502.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -56,6 +57,7 @@ Send = Callable[[Message], Awaitable[None]]
 
 log = get_logger("gateway")
 
+_QUEUE = 64  # chunks read ahead of the agent at most (back-pressure beyond)
 PROXIED = frozenset({"/v1/messages", "/v1/messages/count_tokens"})
 # Request headers never forwarded: hop-by-hop ones, the agent's credentials, what httpx sets itself.
 _DROP_REQUEST = frozenset(
@@ -300,18 +302,37 @@ class Gateway:
     async def _pipe(
         self, response: httpx.Response, send: Send, meter: StreamMeter | JsonMeter | None, deadline: float
     ) -> None:
+        """Relay the body: each send carries every chunk that arrived while the previous was sent.
+
+        A reader task takes chunks off the upstream into a small bounded queue; this loop sends
+        what is there in one write. Nothing waits for more bytes (an event goes out as soon as it
+        arrives), but a burst of events costs one write instead of one each. The bounded queue
+        keeps the back-pressure: a slow agent stops the reader after ``_QUEUE`` chunks.
+        """
+        queue: asyncio.Queue[bytes | None] = asyncio.Queue(_QUEUE)
+        reader = asyncio.create_task(_read_into(response, queue))
         try:
-            async for chunk in response.aiter_raw():
-                if meter is not None:
-                    meter.feed(chunk)
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                if time.monotonic() > deadline:
+            finished = False
+            while not finished:
+                parts = [await queue.get()]
+                while not queue.empty():
+                    parts.append(queue.get_nowait())
+                if parts[-1] is None:
+                    finished = True
+                    parts.pop()
+                if parts:
+                    data = b"".join(p for p in parts if p is not None)
+                    if meter is not None:
+                        meter.feed(data)
+                    await send({"type": "http.response.body", "body": data, "more_body": True})
+                if not finished and time.monotonic() > deadline:
                     # A silent upstream is the idle timeout's; this caps a slow but steady one.
                     log.warning("gateway_request_timeout", seconds=self.settings.request_timeout_seconds)
                     break
-        except (httpx.HTTPError, TimeoutError) as exc:
-            # Headers are sent: all that is left is to end the body (the agent sees a cut stream).
-            log.warning("gateway_upstream_cut", error=type(exc).__name__)
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _record(self, session_id: str, labels: dict[str, str], meter: StreamMeter | JsonMeter) -> None:
@@ -340,6 +361,17 @@ class Gateway:
                 await asyncio.shield(self.store.append_event(session_id, _usage_event(model, usage, totals)))
         except StoreUnavailable:
             log.error("gateway_usage_not_recorded", session=session_id, cost_usd=usage.cost_usd)
+
+
+async def _read_into(response: httpx.Response, queue: asyncio.Queue[bytes | None]) -> None:
+    """Put the upstream's chunks on ``queue``, then None (also when the upstream fails or idles)."""
+    try:
+        async for chunk in response.aiter_raw():
+            await queue.put(chunk)
+    except (httpx.HTTPError, TimeoutError) as exc:
+        # Headers are sent: all that is left is to end the body (the agent sees a cut stream).
+        log.warning("gateway_upstream_cut", error=type(exc).__name__)
+    await queue.put(None)
 
 
 def _usage_event(model: str, usage: MeteredUsage, totals: SessionUsage) -> SessionEvent:
