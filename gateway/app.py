@@ -30,13 +30,10 @@ retries 5xx); an unreachable upstream 502.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
-
-import httpx
 
 from api.logs import get_logger
 from api.models import TERMINAL_PHASES, SessionEvent, SessionUsage, utcnow
@@ -49,6 +46,7 @@ from gateway.metering import JsonMeter, StreamMeter
 from gateway.metrics import GatewayMetrics
 from gateway.pricing import PriceTable
 from gateway.settings import GatewaySettings
+from gateway.upstream import Upstream, UpstreamError, UpstreamResponse, UpstreamTimeout
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -57,9 +55,8 @@ Send = Callable[[Message], Awaitable[None]]
 
 log = get_logger("gateway")
 
-_QUEUE = 64  # chunks read ahead of the agent at most (back-pressure beyond)
 PROXIED = frozenset({"/v1/messages", "/v1/messages/count_tokens"})
-# Request headers never forwarded: hop-by-hop ones, the agent's credentials, what httpx sets itself.
+# Request headers never forwarded: hop-by-hop ones, the agent's credentials, what the client sets itself.
 _DROP_REQUEST = frozenset(
     {
         b"host",
@@ -78,7 +75,9 @@ _DROP_REQUEST = frozenset(
         b"trailer",
     }
 )
-_DROP_RESPONSE = frozenset({"connection", "keep-alive", "transfer-encoding", "proxy-connection", "upgrade"})
+_DROP_RESPONSE = frozenset(
+    {b"connection", b"keep-alive", b"transfer-encoding", b"proxy-connection", b"upgrade"}
+)
 
 
 def _token_from(headers: list[tuple[bytes, bytes]]) -> str | None:
@@ -103,7 +102,7 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.store = store
         self._owns_store = store is None
-        self.client: httpx.AsyncClient | None = None
+        self.upstream: Upstream | None = None
         key = settings.upstream_api_key
         self._upstream_key = key.get_secret_value().encode() if key is not None else None
         self._metrics_tokens = [t.get_secret_value().encode() for t in settings.api_tokens]
@@ -117,16 +116,13 @@ class Gateway:
                 socket_timeout=self.settings.redis_timeout_seconds,
                 retries=2,
             )
-        s = self.settings
-        self.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(s.idle_timeout_seconds, connect=s.connect_timeout_seconds),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=200),
-            follow_redirects=False,
+        self.upstream = Upstream(
+            self.settings.upstream_url, connect_timeout=self.settings.connect_timeout_seconds
         )
 
     async def shutdown(self) -> None:
-        if self.client is not None:
-            await self.client.aclose()
+        if self.upstream is not None:
+            await self.upstream.aclose()
         if self.store is not None and self._owns_store:
             await self.store.close()
 
@@ -256,83 +252,61 @@ class Gateway:
     async def _forward(
         self, scope: Scope, send: Send, body: bytes, session_id: str, labels: dict[str, str], deadline: float
     ) -> int:
-        assert self.client is not None
+        assert self.upstream is not None
         path = scope["path"]
         query = scope.get("query_string", b"").decode("latin-1")
-        url = self.settings.upstream_url + path + (f"?{query}" if query else "")
-        request = self.client.build_request(
-            "POST", url, headers=self._upstream_headers(scope["headers"]), content=body
-        )
+        idle = self.settings.idle_timeout_seconds
         started = time.perf_counter()
         try:
-            response = await asyncio.wait_for(
-                self.client.send(request, stream=True), timeout=max(0.0, deadline - time.monotonic())
+            response = await self.upstream.request(
+                path + (f"?{query}" if query else ""),
+                self._upstream_headers(scope["headers"]),
+                body,
+                head_timeout=max(0.0, min(idle, deadline - time.monotonic())),
             )
-        except (httpx.TimeoutException, TimeoutError):
+        except UpstreamTimeout:
             raise GatewayError(504, "upstream_timeout", "the upstream did not answer in time") from None
-        except httpx.HTTPError as exc:
-            log.warning("gateway_upstream_unreachable", error=type(exc).__name__)
+        except UpstreamError as exc:
+            log.warning("gateway_upstream_unreachable", error=str(exc))
             raise GatewayError(
                 502, "upstream_unreachable", "the upstream Messages API is unreachable"
             ) from None
         self.metrics.upstream.labels(path).observe(time.perf_counter() - started)
         meter: StreamMeter | JsonMeter | None = None
-        if response.status_code == 200 and path == "/v1/messages":
-            streamed = response.headers.get("content-type", "").startswith("text/event-stream")
-            meter = StreamMeter() if streamed else JsonMeter()
+        if response.status == 200 and path == "/v1/messages":
+            content_type = next((v for n, v in response.headers if n.lower() == b"content-type"), b"")
+            meter = StreamMeter() if content_type.startswith(b"text/event-stream") else JsonMeter()
         try:
             await send(
                 {
                     "type": "http.response.start",
-                    "status": response.status_code,
-                    "headers": [
-                        (n, v)
-                        for n, v in response.headers.raw
-                        if n.decode("latin-1").lower() not in _DROP_RESPONSE
-                    ],
+                    "status": response.status,
+                    "headers": [(n, v) for n, v in response.headers if n.lower() not in _DROP_RESPONSE],
                 }
             )
             await self._pipe(response, send, meter, deadline)
         finally:
-            await response.aclose()
+            response.close()
             if meter is not None:
                 await self._record(session_id, labels, meter)
-        return response.status_code
+        return response.status
 
     async def _pipe(
-        self, response: httpx.Response, send: Send, meter: StreamMeter | JsonMeter | None, deadline: float
+        self, response: UpstreamResponse, send: Send, meter: StreamMeter | JsonMeter | None, deadline: float
     ) -> None:
-        """Relay the body: each send carries every chunk that arrived while the previous was sent.
-
-        A reader task takes chunks off the upstream into a small bounded queue; this loop sends
-        what is there in one write. Nothing waits for more bytes (an event goes out as soon as it
-        arrives), but a burst of events costs one write instead of one each. The bounded queue
-        keeps the back-pressure: a slow agent stops the reader after ``_QUEUE`` chunks.
-        """
-        queue: asyncio.Queue[bytes | None] = asyncio.Queue(_QUEUE)
-        reader = asyncio.create_task(_read_into(response, queue))
+        """Relay the body as it arrives: each send carries all that came since the previous one."""
         try:
-            finished = False
-            while not finished:
-                parts = [await queue.get()]
-                while not queue.empty():
-                    parts.append(queue.get_nowait())
-                if parts[-1] is None:
-                    finished = True
-                    parts.pop()
-                if parts:
-                    data = b"".join(p for p in parts if p is not None)
-                    if meter is not None:
-                        meter.feed(data)
-                    await send({"type": "http.response.body", "body": data, "more_body": True})
-                if not finished and time.monotonic() > deadline:
+            async for data in response.chunks(self.settings.idle_timeout_seconds):
+                if meter is not None:
+                    meter.feed(data)
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+                if time.monotonic() > deadline:
                     # A silent upstream is the idle timeout's; this caps a slow but steady one.
                     log.warning("gateway_request_timeout", seconds=self.settings.request_timeout_seconds)
                     break
-        finally:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
+        except UpstreamError as exc:
+            # Headers are sent: all that is left is to end the body (the agent sees a cut stream).
+            log.warning("gateway_upstream_cut", error=str(exc))
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _record(self, session_id: str, labels: dict[str, str], meter: StreamMeter | JsonMeter) -> None:
@@ -361,17 +335,6 @@ class Gateway:
                 await asyncio.shield(self.store.append_event(session_id, _usage_event(model, usage, totals)))
         except StoreUnavailable:
             log.error("gateway_usage_not_recorded", session=session_id, cost_usd=usage.cost_usd)
-
-
-async def _read_into(response: httpx.Response, queue: asyncio.Queue[bytes | None]) -> None:
-    """Put the upstream's chunks on ``queue``, then None (also when the upstream fails or idles)."""
-    try:
-        async for chunk in response.aiter_raw():
-            await queue.put(chunk)
-    except (httpx.HTTPError, TimeoutError) as exc:
-        # Headers are sent: all that is left is to end the body (the agent sees a cut stream).
-        log.warning("gateway_upstream_cut", error=type(exc).__name__)
-    await queue.put(None)
 
 
 def _usage_event(model: str, usage: MeteredUsage, totals: SessionUsage) -> SessionEvent:

@@ -61,7 +61,10 @@ def test_controller_app_is_always_on_in_frankfurt_with_https_and_health_checks()
     check = controller_checks[0]
     assert (check["type"], check["path"], check["port"]) == ("http", "/readyz", 9090)
     (gateway_check,) = [c for c in config["checks"].values() if c.get("processes") == ["gateway"]]
-    assert (gateway_check["path"], gateway_check["port"]) == ("/readyz", int(config["env"]["FLYSWARM_GATEWAY_PORT"]))
+    assert (gateway_check["path"], gateway_check["port"]) == (
+        "/readyz",
+        int(config["env"]["FLYSWARM_GATEWAY_PORT"]),
+    )
 
 
 def test_controller_app_env_holds_no_secret_and_points_at_the_agent_app() -> None:
