@@ -14,12 +14,14 @@ calls; anything else is an Anthropic-shaped 404) it:
 3. **forwards** it with the real key, headers kept but for hop-by-hop ones and the agent's
    credentials, the query (``?beta=true``) kept, and ``accept-encoding: identity`` so the
    response can be metered as it passes. The response (status, headers, body: errors and
-   ``retry-after`` included) goes back byte for byte as it arrives; each chunk is sent before the
-   next is read, so a slow agent slows the upstream read (back-pressure), never a buffer.
+   ``retry-after`` included) goes back byte for byte as it arrives (:mod:`gateway.upstream`): each
+   write carries what arrived since the previous one, and past a few dozen chunks not yet relayed
+   the upstream socket stops being read, so a slow agent slows the upstream (back-pressure), never
+   a buffer.
 4. **meters** ``usage`` from the passing bytes (:mod:`gateway.metering`), prices it
-   (:mod:`gateway.pricing`), adds it to the session's totals and to every matching label budget,
-   and appends a ``usage`` event to the session's stream. The upstream is read to its end even if
-   the agent hangs up, so what was spent is counted.
+   (:mod:`gateway.pricing`), adds it to the session's totals with a ``usage`` event on its stream
+   (one Lua step) and to every matching label budget. The upstream is read to its end even if the
+   agent hangs up, so what was spent is counted.
 
 Timeouts: connecting (``..._CONNECT_TIMEOUT_SECONDS``), silence from the upstream before its
 headers or between chunks (``..._IDLE_TIMEOUT_SECONDS``: 504 before headers, a cut stream after),
@@ -36,7 +38,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from api.logs import get_logger
-from api.models import TERMINAL_PHASES, SessionEvent, SessionUsage, utcnow
+from api.models import TERMINAL_PHASES, SessionEvent, utcnow
 from api.session_token import digest_matches, parse
 from api.store_base import StoreUnavailable
 from api.store_gateway import GatewayStore, MeteredUsage
@@ -330,14 +332,14 @@ class Gateway:
         assert self.store is not None
         try:
             # Shielded: the spend is recorded even when the request's task is being cancelled.
-            totals = await asyncio.shield(self.store.record_usage(session_id, usage, charged))
-            if totals is not None:
-                await asyncio.shield(self.store.append_event(session_id, _usage_event(model, usage, totals)))
+            event = _usage_event(model, usage)
+            await asyncio.shield(self.store.record_usage(session_id, usage, charged, event))
         except StoreUnavailable:
             log.error("gateway_usage_not_recorded", session=session_id, cost_usd=usage.cost_usd)
 
 
-def _usage_event(model: str, usage: MeteredUsage, totals: SessionUsage) -> SessionEvent:
+def _usage_event(model: str, usage: MeteredUsage) -> SessionEvent:
+    """The ``usage`` event of one response (the store adds the session's ``totalCostUsd``)."""
     return SessionEvent(
         type="usage",
         source="gateway",
@@ -349,7 +351,6 @@ def _usage_event(model: str, usage: MeteredUsage, totals: SessionUsage) -> Sessi
             "cacheCreationInputTokens": usage.cache_creation_input_tokens,
             "cacheReadInputTokens": usage.cache_read_input_tokens,
             "costUsd": usage.cost_usd,
-            "totalCostUsd": totals.costUsd,
         },
     )
 
