@@ -9,7 +9,7 @@ import httpx
 
 from api.models import Session
 from gateway.pricing import BUILTIN_PRICES
-from tests.gateway.conftest import GatewayRig, agent_headers, messages_body, wait_for
+from tests.gateway.conftest import UPSTREAM_KEY, GatewayRig, agent_headers, messages_body, wait_for
 
 # claude-test-* is priced by the table's "default" (the dearest family).
 PRICE = BUILTIN_PRICES["default"]
@@ -152,3 +152,20 @@ async def test_metrics_count_tokens_and_cost_by_model_and_label(
     assert f"flyswarm_gateway_tokens_total{{{labels}}} {float(input_tokens)}" in text
     assert "flyswarm_gateway_upstream_seconds_bucket" in text
     assert 'flyswarm_gateway_cost_usd_total{label="web",model="claude-test-1"}' in text
+
+
+async def test_a_response_the_agent_hangs_up_on_is_still_metered_whole(
+    rig: GatewayRig, http: httpx.AsyncClient
+) -> None:
+    gw = rig.gateway()
+    _session, token = await rig.session("s-hangup")
+    prompt = '[[scenario:text {"text": "%s"}]]' % ("many words " * 3000)
+    _input, output_tokens = await _stream_usage(http, rig.model.url, UPSTREAM_KEY, prompt)
+    async with http.stream(
+        "POST", f"{gw.url}/v1/messages", json=messages_body(prompt), headers=agent_headers(token.value)
+    ) as response:
+        async for _chunk in response.aiter_raw():
+            break  # the agent goes away after the first bytes
+    # The upstream was read to its end: the final message_delta's output count was metered.
+    totals = await wait_for(lambda: rig.usage("s-hangup"))
+    assert totals.outputTokens == output_tokens > 1000
