@@ -193,6 +193,7 @@ class Gateway:
         except GatewayError as exc:
             # Raised only before the response started: after that, the pipe ends the body itself.
             self.metrics.refused.labels(exc.reason).inc()
+            log.info("gateway_refused", path=path, status=exc.status, reason=exc.reason)
             await _error(send, exc)
             status = exc.status
         self.metrics.requests.labels(path, str(status)).inc()

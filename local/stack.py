@@ -683,7 +683,7 @@ class Stack:
             # for a moment, and `up` promises a ready stack.
             self._wait_ready(list(components.values()), {})
             if not self.config.uses_model:
-                outcome["model"] = "not used (ANTHROPIC_API_KEY is set: agents call the real API)"
+                outcome["model"] = "not used (ANTHROPIC_API_KEY is set: the gateway forwards to the real API)"
                 model_pid = self.recorded_pid("model")
                 if model_pid is not None and _pid_alive(model_pid) and "cli model" in _cmdline(model_pid):
                     self._stop_pid(model_pid)
