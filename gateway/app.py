@@ -38,8 +38,8 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from api.logs import get_logger
-from api.models import TERMINAL_PHASES, SessionEvent, utcnow
-from api.session_token import digest_matches, parse
+from api.models import SessionEvent, utcnow
+from api.session_token import Refusal, check, parse
 from api.store_base import StoreUnavailable
 from api.store_gateway import GatewayStore, MeteredUsage
 from gateway.budgets import Budget
@@ -200,11 +200,12 @@ class Gateway:
 
     async def _admit(self, token_value: str | None) -> tuple[str, dict[str, str]]:
         """The session the token belongs to and its labels, or a :class:`GatewayError`."""
-        if not token_value:
-            raise GatewayError(401, "unauthenticated", "x-api-key: a session token is required")
-        token = parse(token_value)
+        token = parse(token_value) if token_value else None
         if token is None:
-            raise GatewayError(401, "unauthenticated", "x-api-key: not a flyswarm session token")
+            # Missing or malformed: refused without a store read.
+            refusal = check(token_value, None, None)
+            assert isinstance(refusal, Refusal)
+            raise GatewayError(refusal.status, refusal.reason, f"x-api-key: {refusal.message}")
         now = utcnow()
         assert self.store is not None
         try:
@@ -213,13 +214,11 @@ class Gateway:
             raise GatewayError(
                 503, "unavailable", "the control plane's store is unavailable; retry"
             ) from None
-        if not digest_matches(token.value, view.token_digest):
-            raise GatewayError(401, "unauthenticated", "x-api-key: unknown or revoked session token")
+        verdict = check(token.value, view.token_digest, view.session)
+        if isinstance(verdict, Refusal):
+            raise GatewayError(verdict.status, verdict.reason, f"x-api-key: {verdict.message}")
         session = view.session
-        if session is None or session.deleted:
-            raise GatewayError(403, "deleted", f"session {token.session_id} was deleted")
-        if session.effective_phase() in TERMINAL_PHASES:
-            raise GatewayError(403, "finished", f"session {token.session_id} is finished")
+        assert session is not None
         spent = session.usage.costUsd if session.usage else 0.0
         limit = session.spec.maxCostUsd
         if limit is not None and spent >= limit:

@@ -8,7 +8,8 @@ from datetime import UTC, datetime
 import pytest
 from pydantic import ValidationError
 
-from api.session_token import digest_matches, mint, parse
+from api.models import Metadata, Phase, Session, SessionSpec, SessionStatus, utcnow
+from api.session_token import Refusal, check, digest_matches, mint, parse
 from gateway.budgets import Budget, BudgetSpec, period_start
 from gateway.metering import JsonMeter, StreamMeter
 from gateway.pricing import BUILTIN_PRICES, PriceTable
@@ -97,3 +98,25 @@ def test_bad_budget_and_price_settings_name_the_field() -> None:
         GatewaySettings(budgets=json.dumps(twice))
     with pytest.raises(ValidationError, match="output"):
         GatewaySettings(prices='{"m": {"input": 1, "cacheWrite": 0, "cacheRead": 0}}')
+
+
+def test_the_token_verdict_is_401_for_bad_tokens_and_403_for_the_wrong_session_or_time() -> None:
+    token = mint("s-1")
+    live = Session(metadata=Metadata(name="s-1"), spec=SessionSpec(prompt="x"))
+    finished = live.model_copy(update={"status": SessionStatus(phase=Phase.FAILED)})
+    deleted = Session(metadata=Metadata(name="s-1", deletionTimestamp=utcnow()), spec=SessionSpec(prompt="x"))
+    assert check(token.value, token.digest, live) == token
+    assert check(token.value, token.digest, live, for_session="s-1") == token
+    cases = [
+        (check(None, None, None), 401),
+        (check("sk-nope", token.digest, live), 401),
+        (check(token.value, None, live), 401),
+        (check(token.value, mint("s-1").digest, live), 401),
+        (check(token.value, token.digest, None), 403),
+        (check(token.value, token.digest, deleted), 403),
+        (check(token.value, token.digest, finished), 403),
+        (check(token.value, token.digest, live, for_session="s-2"), 403),
+    ]
+    for verdict, status in cases:
+        assert isinstance(verdict, Refusal) and verdict.status == status, verdict
+        assert token.value not in verdict.message
