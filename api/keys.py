@@ -95,6 +95,15 @@ def transcript_projects(session_id: str) -> str:
     return f"{transcript_prefix(session_id)}projects"
 
 
+def session_token(session_id: str) -> str:
+    """String: SHA-256 (hex) of the session's current gateway token (see api/session_token.py).
+
+    Written by the controller at each launch (a new launch replaces it), deleted when the session
+    finishes or is removed; read by the gateway only.
+    """
+    return f"{_tag(session_id)}:token"
+
+
 def session_registry(session_id: str) -> str:
     """Set: the session's keys beyond :func:`session_fixed_keys` (transcripts), for its removal.
 
@@ -112,6 +121,7 @@ def session_fixed_keys(session_id: str) -> tuple[str, ...]:
         inbox(session_id),
         inbox_acked(session_id),
         launch(session_id),
+        session_token(session_id),
     )
 
 
@@ -128,6 +138,14 @@ def session_key_pattern(session_id: str) -> str:
 def acl_user(session_id: str) -> str:
     """The per-session Redis ACL user name."""
     return f"fs-session-{session_id}"
+
+
+def budget_spend(budget: str, period_start: str) -> str:
+    """String (float): USD spent by every session matching one label budget in one period.
+
+    Global (a budget spans sessions); expires a while after its period ends. Written by the gateway.
+    """
+    return f"{PREFIX}:budget:{budget}:{period_start}"
 
 
 # -- pub/sub --------------------------------------------------------------------------------------

@@ -120,6 +120,7 @@ def session_from_hash(raw: dict[str, str]) -> Session | None:
         "spec": json.loads(raw["spec"]),
         "status": json.loads(raw["status"]) if raw.get("status") else {},
         "agent": json.loads(raw["agent"]) if raw.get("agent") else None,
+        "usage": json.loads(raw["usage"]) if raw.get("usage") else None,
     }
     return Session.model_validate(data)
 

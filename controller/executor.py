@@ -105,7 +105,15 @@ class SoleAuthority:
 class ConfigBuilder(Protocol):
     """Builds the machine config of a session's launch (``controller.machine_config.machine_config_for``)."""
 
-    def __call__(self, session: Session, *, launch_id: str, region: str, redis_url: str) -> MachineConfig: ...
+    def __call__(
+        self,
+        session: Session,
+        *,
+        launch_id: str,
+        region: str,
+        redis_url: str,
+        session_token: str | None = None,
+    ) -> MachineConfig: ...
 
 
 @dataclass(frozen=True)
@@ -305,6 +313,9 @@ class Executor:
         if result == "fenced":
             return Transient("status write fenced: a newer leader exists")
         if result == "written":
+            if action.status.phase.finished:
+                # A finished session's token opens nothing any more (the gateway also refuses it).
+                await self.store.revoke_session_token(action.session_id)
             for event in action.events:
                 await self.store.append_event(action.session_id, event)
             log.info(
@@ -335,9 +346,15 @@ class Executor:
             return Requeue(wait)
         credentials = await self.store.ensure_session_credentials(action.session_id)
         redis_url = agent_redis_url(self.agent_redis_base_url, credentials)
+        # A fresh gateway token per launch: the previous machine's stops working at once.
+        token = await self.store.mint_session_token(action.session_id)
         try:
             config = self.config_builder(
-                session, launch_id=action.launch_id, region=action.region, redis_url=redis_url
+                session,
+                launch_id=action.launch_id,
+                region=action.region,
+                redis_url=redis_url,
+                session_token=token.value,
             )
         except ValueError as err:
             return Permanent(f"machine config refused: {err}")

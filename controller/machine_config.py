@@ -49,12 +49,28 @@ def machine_name(session_id: str, launch_id: str) -> str:
 
 
 def agent_env(
-    session: Session, settings: ControllerSettings, *, launch_id: str, credentials_url: str
+    session: Session,
+    settings: ControllerSettings,
+    *,
+    launch_id: str,
+    credentials_url: str,
+    session_token: str | None = None,
 ) -> dict[str, str]:
-    """The machine's environment: the spec's variables, then ours (ours win; the API forbids clashes)."""
+    """The machine's environment: the spec's variables, then ours (ours win; the API forbids clashes).
+
+    ``session_token`` is the launch's per-session gateway token: the agent's (and so the CLI's)
+    ``ANTHROPIC_API_KEY``. It opens nothing but the gateway, for this session, while it lives; the
+    real Anthropic key never reaches a machine.
+    """
     ttl = max(int(settings.heartbeat_ttl_seconds), 3)
     stop_timeout = max(settings.stop_grace_seconds - _STOP_MARGIN_SECONDS, 1.0)
+    model: dict[str, str] = {}
+    if session_token is not None:
+        model["ANTHROPIC_API_KEY"] = session_token
+    if settings.agent_gateway_url:
+        model["ANTHROPIC_BASE_URL"] = settings.agent_gateway_url
     return {
+        **model,
         **session.spec.machine.env,
         "FLYSWARM_SESSION_ID": session.id,
         "FLYSWARM_LAUNCH_ID": launch_id,
@@ -72,6 +88,7 @@ def machine_config_for(
     *,
     launch_id: str,
     credentials_url: str,
+    session_token: str | None = None,
     image: str | None = None,
     region: str | None = None,
 ) -> dict[str, Any]:
@@ -86,7 +103,13 @@ def machine_config_for(
     config: dict[str, Any] = {
         "image": spec.machine.image or image or settings.fly_agent_image,
         "guest": {"cpu_kind": guest.cpuKind, "cpus": guest.cpus, "memory_mb": guest.memoryMb},
-        "env": agent_env(session, settings, launch_id=launch_id, credentials_url=credentials_url),
+        "env": agent_env(
+            session,
+            settings,
+            launch_id=launch_id,
+            credentials_url=credentials_url,
+            session_token=session_token,
+        ),
         "metadata": machine_tags(session.id, launch_id),
         "auto_destroy": spec.mode == "task",
         "restart": {"policy": "no"},
@@ -108,12 +131,21 @@ class MachineConfigBuilder:
         self.settings = settings
         self.image = image
 
-    def __call__(self, session: Session, *, launch_id: str, region: str, redis_url: str) -> MachineConfig:
+    def __call__(
+        self,
+        session: Session,
+        *,
+        launch_id: str,
+        region: str,
+        redis_url: str,
+        session_token: str | None = None,
+    ) -> MachineConfig:
         body = machine_config_for(
             session,
             self.settings,
             launch_id=launch_id,
             credentials_url=redis_url,
+            session_token=session_token,
             image=self.image,
             region=region,
         )

@@ -75,6 +75,14 @@ class ControllerSettings(BaseSettings):
             "credentials in it are replaced by the session's own before it is handed to a machine."
         ),
     )
+    agent_gateway_url: str | None = Field(
+        default=None,
+        validation_alias="FLYSWARM_AGENT_GATEWAY_URL",
+        description=(
+            "The model gateway as agents reach it (their ANTHROPIC_BASE_URL, e.g. over 6PN); unset: "
+            "the agent app's own ANTHROPIC_BASE_URL secret applies (the local stack sets one)."
+        ),
+    )
     fly_api_token: SecretStr | None = Field(
         default=None,
         validation_alias="FLY_API_TOKEN",

@@ -1,14 +1,15 @@
 """The package layering of DESIGN.md, enforced over the source with ``ast``.
 
 * ``api`` imports none of the other packages;
-* ``controller`` and ``agent`` import only ``api`` (never ``local``, ``cli`` or each other);
+* ``controller``, ``agent`` and ``gateway`` import only ``api`` (never ``local``, ``cli`` or each other);
 * ``local`` may import ``api`` and ``controller``;
 * only the Fly client modules (``controller/fly*.py``) import httpx in the controller;
 * only the store layer (``api/store.py``, ``api/store_*.py``, ``api/transcripts.py``) imports redis
-  in ``api``, ``controller`` and ``agent``;
+  in ``api``, ``controller``, ``agent`` and ``gateway``;
 * each role imports only its own store: ``api`` the API's (``api.store``), ``controller`` the
   controller's (``api.store_controller``), ``agent`` (and the local stand-in agent) the agent's
-  (``api.store_agent``); the shared base (``api.store_base``: errors, helpers) is open to all;
+  (``api.store_agent``), ``gateway`` the gateway's (``api.store_gateway``); the shared base
+  (``api.store_base``: errors, helpers) is open to all;
 * no code outside the store reaches the Redis client through attribute access
   (``self.store.redis.hset(...)``, ``store._redis``, ``x.pubsub()``, ``x.register_script(...)``):
   an import check alone cannot see that;
@@ -23,14 +24,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("api", "controller", "agent", "local", "cli")
+PACKAGES = ("api", "controller", "agent", "gateway", "local", "cli")
 
 ALLOWED = {
     "api": set(),
     "controller": {"api"},
     "agent": {"api"},
+    "gateway": {"api"},
     "local": {"api", "controller"},
-    "cli": {"api", "controller", "agent", "local"},
+    "cli": {"api", "controller", "agent", "gateway", "local"},
 }
 
 
@@ -75,6 +77,8 @@ STORE_MODULES = {
     "api.store_controller",
     "api.store_credentials",
     "api.store_lease",
+    "api.store_gateway",
+    "api.store_tokens",
     "api.transcripts",
 }
 SHARED_STORE_MODULES = {"api.store_base", "api.store_pools"}
@@ -82,6 +86,7 @@ ROLE_STORES = {
     "api": {"api.store"},
     "controller": {"api.store_controller"},
     "agent": {"api.store_agent", "api.transcripts"},
+    "gateway": {"api.store_gateway"},
     "local": {"api.store_agent"},
     "cli": set(),
 }
@@ -132,7 +137,7 @@ def _imported_names(path: Path) -> set[str]:
 
 def test_only_the_store_layer_talks_to_redis() -> None:
     offenders = []
-    for package in ("api", "controller", "agent"):
+    for package in ("api", "controller", "agent", "gateway"):
         for path in _modules(package):
             if _is_store_module(path):
                 continue

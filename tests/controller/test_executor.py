@@ -261,3 +261,27 @@ def test_create_pacer_hands_out_slots_at_the_create_rate_first_come_first_served
     assert pacer.admit("s3") == 0.0
     assert pacer.admit("s4") == pytest.approx(1.0)
     assert CreatePacer(None).admit("any") == 0.0
+
+
+async def test_each_launch_gets_a_fresh_gateway_token_and_a_finished_session_loses_it(
+    world: World, redis_client: aioredis.Redis
+) -> None:
+    """The machine's ANTHROPIC_API_KEY is the launch's session token (never the real key); a new
+    launch replaces it; a finished session's token is revoked."""
+    from api import keys
+    from api.session_token import digest_matches
+
+    executor = make_executor(world)
+    machine_id = await started_machine(world, executor, "tok")
+    token = world.emulator.machines[machine_id].config["env"]["ANTHROPIC_API_KEY"]
+    assert token.startswith("fst_tok_")
+    assert digest_matches(token, await redis_client.get(keys.session_token("tok")))
+
+    session = await world.store.get("tok")
+    assert session is not None
+    assert await executor.apply(CreateMachine("tok", "l2", "fra"), session=session) == Done()
+    assert not digest_matches(token, await redis_client.get(keys.session_token("tok"))), "old token lives"
+
+    finished = session.status.model_copy(update={"phase": Phase.SUCCEEDED, "reason": "Completed"})
+    assert await executor.apply(SetStatus("tok", finished)) == Done()
+    assert await redis_client.get(keys.session_token("tok")) is None
