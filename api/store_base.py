@@ -32,6 +32,9 @@ from redis.backoff import ExponentialWithJitterBackoff
 
 from api import keys
 from api.models import Session, SessionEvent, SessionSpec
+from api.store_errors import StoreAuthFailed as StoreAuthFailed
+from api.store_errors import StorePermissionDenied as StorePermissionDenied
+from api.store_errors import StoreUnavailable as StoreUnavailable
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -39,18 +42,6 @@ T = TypeVar("T")
 DEFAULT_CHANGES_MAXLEN = 100_000
 DEFAULT_EVENTS_MAXLEN = 2_000
 DEFAULT_INBOX_MAXLEN = 10_000
-
-
-class StoreUnavailable(RuntimeError):
-    """Redis could not be reached or answered with an error we cannot act on."""
-
-
-class StoreAuthFailed(StoreUnavailable):
-    """Redis refused the credentials (wrong password or a disabled per-session user)."""
-
-
-class StorePermissionDenied(RuntimeError):
-    """The credentials are valid but may not touch these keys (another session's, for an agent)."""
 
 
 def unavailable_on_redis_error(func: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:

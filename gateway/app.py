@@ -43,6 +43,7 @@ from api.session_token import digest_matches, parse
 from api.store_base import StoreUnavailable
 from api.store_gateway import GatewayStore, MeteredUsage
 from gateway.budgets import Budget
+from gateway.channel import AgentChannel
 from gateway.errors import GatewayError
 from gateway.metering import JsonMeter, StreamMeter
 from gateway.metrics import GatewayMetrics
@@ -94,6 +95,7 @@ class Gateway:
         key = settings.upstream_api_key
         self._upstream_key = key.get_secret_value().encode() if key is not None else None
         self._metrics_tokens = [t.get_secret_value().encode() for t in settings.api_tokens]
+        self.channel = AgentChannel(settings)  # the agents' way to their own state: /agent/v1/...
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -110,8 +112,10 @@ class Gateway:
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=200),
             follow_redirects=False,
         )
+        await self.channel.startup()
 
     async def shutdown(self) -> None:
+        await self.channel.shutdown()
         if self.client is not None:
             await self.client.aclose()
         if self.store is not None and self._owns_store:
@@ -129,6 +133,8 @@ class Gateway:
                 await _error(send, GatewayError(405, "method", f"{method} {path} is not supported"))
                 return
             await self._proxy(scope, receive, send)
+        elif path.startswith("/agent/"):
+            await self.channel(scope, receive, send)
         elif path in ("/healthz", "/health") and method in ("GET", "HEAD"):
             await _reply(send, 200, b'{"ok":true}', b"application/json")
         elif path == "/readyz" and method == "GET":
