@@ -157,9 +157,9 @@ class AgentChannel:
         if not digest_matches(token.value, admission.token_digest):
             raise ChannelError(401, "unauthorized", "x-api-key: unknown or revoked session token")
         if not admission.exists or admission.deleted:
-            raise ChannelError(403, "forbidden", f"session {token.session_id} was deleted")
+            raise ChannelError(403, "deleted", f"session {token.session_id} was deleted")
         if admission.finished:
-            raise ChannelError(403, "forbidden", f"session {token.session_id} is finished")
+            raise ChannelError(403, "finished", f"session {token.session_id} is finished")
         return token.session_id
 
     def _store(self) -> ChannelStore:
@@ -206,7 +206,7 @@ def _build_app(channel: AgentChannel) -> FastAPI:
         except ValueError as exc:  # an invalid stored spec: the agent reports SpecInvalid
             return _error(422, "session_spec_invalid", str(exc)[:1000])
         if session is None:
-            raise ChannelError(403, "forbidden", f"session {session_id} was deleted")
+            raise ChannelError(403, "deleted", f"session {session_id} was deleted")
         return Response(session.model_dump_json(), media_type="application/json")
 
     @app.put(PREFIX + "/report")
@@ -277,19 +277,9 @@ def _transcript_routes(app: FastAPI, channel: AgentChannel, Session: Any) -> Non
                 status_code=409,
             )
         stored = None
-        if not body.key.subpath:
-            stored = (
-                next(
-                    (
-                        s
-                        for s in await store.list_session_summaries(body.key.project_key)
-                        if s.get("session_id") == body.key.session_id
-                    ),
-                    None,
-                )
-                if body.summary is not None
-                else None
-            )
+        if fold is not None:  # what is stored now (this fold, or a retried batch's earlier one)
+            summaries = await guarded(store.list_session_summaries(body.key.project_key))
+            stored = next((s for s in summaries if s.get("session_id") == body.key.session_id), None)
         return JSONResponse({"summary": stored})
 
     @app.post(PREFIX + "/transcripts/load")
