@@ -26,7 +26,7 @@ import httpx
 
 from agent.channel_transcripts import ChannelTranscripts
 from api.models import AgentReport, InboxMessage, Session, SessionEvent, utcnow
-from api.store_errors import StoreAuthFailed, StoreUnavailable
+from api.store_errors import StoreAuthFailed, StorePermissionDenied, StoreUnavailable
 from api.transcript_types import SummaryFold
 
 PREFIX = "/agent/v1"
@@ -100,7 +100,11 @@ class AgentChannel:
             raise StoreAuthFailed("the control plane refused the session token (403)")
         if response.status_code == 422:
             raise ValueError(_message(response))
-        return Session.model_validate_json(response.content)
+        session = Session.model_validate_json(response.content)
+        if session.id != session_id:
+            # The token decides the session: this machine was handed another session's token.
+            raise StorePermissionDenied(f"the session token is {session.id}'s, not {session_id}'s")
+        return session
 
     async def write_agent_report(self, session_id: str, report: AgentReport) -> bool:
         """Write the agent-owned report (the controller is woken); False when the session is gone."""

@@ -179,9 +179,18 @@ def _error(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message, **extra}}, status_code=status)
 
 
+async def _session_of(request: Request) -> str:
+    channel: AgentChannel = request.app.state.channel
+    return await channel.session_of(request)
+
+
+# The session a request's token names: every route's one way to a session id.
+SessionId = Annotated[str, Depends(_session_of)]
+
+
 def _build_app(channel: AgentChannel) -> FastAPI:
     app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
-    Session = Annotated[str, Depends(channel.session_of)]
+    app.state.channel = channel
 
     @app.exception_handler(ChannelError)
     async def _refused(request: Request, exc: ChannelError) -> JSONResponse:
@@ -200,7 +209,7 @@ def _build_app(channel: AgentChannel) -> FastAPI:
         return _error(422, "invalid", "the request has invalid fields", fields=fields)
 
     @app.get(PREFIX + "/session")
-    async def get_session(session_id: Session) -> Response:
+    async def get_session(session_id: SessionId) -> Response:
         try:
             session = await channel._store().get(session_id)
         except ValueError as exc:  # an invalid stored spec: the agent reports SpecInvalid
@@ -210,15 +219,15 @@ def _build_app(channel: AgentChannel) -> FastAPI:
         return Response(session.model_dump_json(), media_type="application/json")
 
     @app.put(PREFIX + "/report")
-    async def put_report(session_id: Session, report: AgentReport) -> dict[str, bool]:
+    async def put_report(session_id: SessionId, report: AgentReport) -> dict[str, bool]:
         return {"written": await channel._store().write_agent_report(session_id, report)}
 
     @app.put(PREFIX + "/heartbeat", status_code=204)
-    async def put_heartbeat(session_id: Session, beat: HeartbeatBody) -> None:
+    async def put_heartbeat(session_id: SessionId, beat: HeartbeatBody) -> None:
         await channel._store().heartbeat(session_id, beat.machineId, beat.ttlSeconds, beat.state)
 
     @app.post(PREFIX + "/events")
-    async def post_events(session_id: Session, body: EventsBody) -> dict[str, list[str]]:
+    async def post_events(session_id: SessionId, body: EventsBody) -> dict[str, list[str]]:
         forged = [i for i, e in enumerate(body.events) if e.source != "agent"]
         if forged:
             fields = [
@@ -229,7 +238,7 @@ def _build_app(channel: AgentChannel) -> FastAPI:
 
     @app.get(PREFIX + "/inbox/next")
     async def inbox_next(
-        session_id: Session, waitMs: Annotated[int, Query(ge=0, le=MAX_WAIT_MS)] = 0
+        session_id: SessionId, waitMs: Annotated[int, Query(ge=0, le=MAX_WAIT_MS)] = 0
     ) -> Response:
         store = channel._store()
         acked, message = await store.inbox_peek(session_id)
@@ -240,18 +249,18 @@ def _build_app(channel: AgentChannel) -> FastAPI:
         return Response(body, media_type="application/json")
 
     @app.post(PREFIX + "/inbox/ack", status_code=204)
-    async def inbox_ack(session_id: Session, body: AckBody) -> None:
+    async def inbox_ack(session_id: SessionId, body: AckBody) -> None:
         await channel._store().inbox_ack(session_id, body.id)
 
-    _transcript_routes(app, channel, Session)
+    _transcript_routes(app, channel)
     return app
 
 
-def _transcript_routes(app: FastAPI, channel: AgentChannel, Session: Any) -> None:
+def _transcript_routes(app: FastAPI, channel: AgentChannel) -> None:
     """The SDK ``SessionStore`` over HTTP, for the token's session's transcripts."""
 
     @app.post(PREFIX + "/transcripts/append")
-    async def append(session_id: Session, body: AppendBody) -> Response:
+    async def append(session_id: SessionId, body: AppendBody) -> Response:
         key, entries = body.key.key(), body.entries
         fold = None
         if body.summary is not None and not body.key.subpath:
@@ -283,34 +292,34 @@ def _transcript_routes(app: FastAPI, channel: AgentChannel, Session: Any) -> Non
         return JSONResponse({"summary": stored})
 
     @app.post(PREFIX + "/transcripts/load")
-    async def load(session_id: Session, body: LookupBody) -> dict[str, Any]:
+    async def load(session_id: SessionId, body: LookupBody) -> dict[str, Any]:
         store = channel._store().transcripts(session_id)
         return {"entries": await guarded(store.load(body.key.key()))}
 
     @app.get(PREFIX + "/transcripts/sessions")
     async def list_sessions(
-        session_id: Session, projectKey: Annotated[str, Query(min_length=1, max_length=4096)]
+        session_id: SessionId, projectKey: Annotated[str, Query(min_length=1, max_length=4096)]
     ) -> dict[str, Any]:
         store = channel._store().transcripts(session_id)
         return {"sessions": await guarded(store.list_sessions(projectKey))}
 
     @app.get(PREFIX + "/transcripts/summaries")
     async def list_summaries(
-        session_id: Session, projectKey: Annotated[str, Query(min_length=1, max_length=4096)]
+        session_id: SessionId, projectKey: Annotated[str, Query(min_length=1, max_length=4096)]
     ) -> dict[str, Any]:
         store = channel._store().transcripts(session_id)
         return {"summaries": await guarded(store.list_session_summaries(projectKey))}
 
     @app.post(PREFIX + "/transcripts/delete", status_code=204)
-    async def delete(session_id: Session, body: LookupBody) -> None:
+    async def delete(session_id: SessionId, body: LookupBody) -> None:
         await guarded(channel._store().transcripts(session_id).delete(body.key.key()))
 
     @app.post(PREFIX + "/transcripts/subkeys")
-    async def list_subkeys(session_id: Session, body: LookupBody) -> dict[str, Any]:
+    async def list_subkeys(session_id: SessionId, body: LookupBody) -> dict[str, Any]:
         store = channel._store().transcripts(session_id)
         key = {"project_key": body.key.project_key, "session_id": body.key.session_id}
         return {"subkeys": await guarded(store.list_subkeys(key))}  # type: ignore[arg-type]
 
     @app.get(PREFIX + "/transcripts/projects")
-    async def projects(session_id: Session) -> dict[str, Any]:
+    async def projects(session_id: SessionId) -> dict[str, Any]:
         return {"projects": await guarded(channel._store().transcripts(session_id).project_keys())}
