@@ -18,7 +18,11 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Self, TypeVar
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
 
 from api import keys
 from api.models import TERMINAL_PHASES, InboxMessage, SessionEvent
@@ -46,6 +50,25 @@ class Admission:
 
 class ChannelStore(AgentStore):
     """Async access for the agent channel of the gateway. One instance per process."""
+
+    @classmethod
+    def connect(
+        cls, url: str, *, socket_timeout: float = 5.0, max_connections: int = 64, retries: int = 2
+    ) -> Self:
+        """A store on a *bounded* pool: a burst of thousands of agents' requests queues for at most
+        ``max_connections`` connections (waiting up to ``socket_timeout``) instead of opening one
+        each. The inbox hub's one blocking read takes one of them."""
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            decode_responses=True,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=min(2.0, socket_timeout),
+            health_check_interval=15,
+            max_connections=max_connections,
+            timeout=socket_timeout,
+            retry=Retry(ExponentialWithJitterBackoff(cap=0.2, base=0.02), retries) if retries else None,
+        )
+        return cls(aioredis.Redis(connection_pool=pool))
 
     @unavailable_on_redis_error
     async def admission(self, session_id: str) -> Admission:

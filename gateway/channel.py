@@ -127,10 +127,9 @@ class AgentChannel:
 
     async def startup(self) -> None:
         if self.store is None:
-            self.store = ChannelStore.from_url(
+            self.store = ChannelStore.connect(
                 self.settings.redis_url.get_secret_value(),
                 socket_timeout=max(self.settings.redis_timeout_seconds, 2.0),
-                retries=2,
             )
         block_ms = int(min(1000.0, self.settings.redis_timeout_seconds * 500))
         self._hub = InboxHub(self.store, block_ms=max(block_ms, 10))
