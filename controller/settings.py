@@ -75,6 +75,14 @@ class ControllerSettings(BaseSettings):
             "credentials in it are replaced by the session's own before it is handed to a machine."
         ),
     )
+    agent_control_url: str = Field(
+        default="http://127.0.0.1:8082",
+        validation_alias="FLYSWARM_AGENT_CONTROL_URL",
+        description=(
+            "The gateway as agents reach it (on Fly, over 6PN): their `ANTHROPIC_BASE_URL` and their "
+            "only way to their session's state. Machines get no Redis address."
+        ),
+    )
     fly_api_token: SecretStr | None = Field(
         default=None,
         validation_alias="FLY_API_TOKEN",
