@@ -42,7 +42,7 @@ from api.models import AgentReport, SessionEvent
 from api.session_token import digest_matches, parse
 from api.store_channel import ChannelStore, guarded
 from api.store_errors import StoreUnavailable
-from api.transcripts import TranscriptKey
+from api.transcript_types import TranscriptKey
 from gateway.inbox import InboxHub, InboxWaits
 from gateway.settings import GatewaySettings
 
