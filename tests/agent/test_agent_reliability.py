@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from api.store_errors import StoreUnavailable
 from local.model import ModelServer
 from tests.agent.conftest import AgentRig, gateway_for
 from tests.restartable_redis import RestartableRedis
@@ -70,6 +71,14 @@ async def test_task_that_finishes_while_redis_is_down_reports_its_result_once_re
     agent = await rig.start_session("outage")
     await rig.wait_for_event("outage", "run_started")
 
+    def the_model_is_answering() -> bool:
+        return any(
+            r["time"] >= started and r.get("scenario") == "slow" and not r.get("side_query")
+            for r in model_server.state.requests
+        )
+
+    # The gateway admits a model request by its token in Redis: kill Redis once it was admitted.
+    await _until(the_model_is_answering, 30, "the model request")
     own_redis.kill()  # mid-run: the model answers while Redis is away
 
     def retried_past_the_old_limit() -> bool:
@@ -85,7 +94,13 @@ async def test_task_that_finishes_while_redis_is_down_reports_its_result_once_re
 
     own_redis.start()
     assert await agent.wait(60) == 0, agent.log()
-    session = await rig.store.get("outage")
+    session = None
+    for _ in range(100):  # the test's own connection to the killed server reconnects
+        try:
+            session = await rig.store.get("outage")
+            break
+        except StoreUnavailable:
+            await asyncio.sleep(0.05)
     assert session is not None and session.agent is not None
     assert session.agent.state == "done"
     assert session.agent.resultText == f"answer {marker}"
