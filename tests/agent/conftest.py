@@ -198,9 +198,8 @@ async def store(redis_client: aioredis.Redis, redis_url: str) -> AsyncIterator[S
 
 def gateway_for(redis_url: str, model: ModelServer, **settings: Any) -> GatewayServer:
     """The control plane's gateway over ``redis_url``, in front of the scripted model."""
-    return start_gateway(
-        redis_url=redis_url, upstream_url=model.url, upstream_api_key=UPSTREAM_KEY, **settings
-    )
+    values: dict[str, Any] = {"upstream_url": model.url, "upstream_api_key": UPSTREAM_KEY, **settings}
+    return start_gateway(redis_url=redis_url, **values)
 
 
 @pytest.fixture(scope="session")

@@ -155,7 +155,9 @@ async def test_tools_find_no_key_and_no_other_session_data(leak_rig: AgentRig, t
         assert SENTINEL not in text, f"the upstream key leaked into {where}"
         assert SENTINEL.split("-SENTINEL-")[1] not in text, f"part of the upstream key leaked into {where}"
         assert VICTIM_SECRET not in text, f"the victim's data leaked into {where}"
-        if where in ("env.txt", "events", "agent log", "machine config"):
+        # (Other processes of this shared test host - other suites' agents - may show Redis URLs in
+        # /proc; what this agent and its machine hold may not.)
+        if where in ("env.txt", "agent log", "machine config"):
             assert "redis://" not in text.replace("redis://[^ ]+", ""), f"a Redis address reached {where}"
     # Nothing the agent's processes hold opens Redis: no address, no credential in their environment.
     assert "REDIS" not in outputs["env.txt"].upper()
