@@ -380,7 +380,6 @@ class Session(BaseModel):
             return Phase.SUCCEEDED if self.agent.state == "done" else Phase.FAILED
         return phase
 
-
     def budget_exhausted(self) -> str | None:
         """Why the session's spend is over a budget (a message), or None.
 
@@ -391,7 +390,9 @@ class Session(BaseModel):
         if usage is not None and usage.budgetExceeded:
             return f"budget {usage.budgetExceeded} exhausted (session spent {usage.costUsd:.4f} USD)"
         limit = self.spec.maxCostUsd
-        costs = [c for c in (usage.costUsd if usage else None, self.agent.costUsd if self.agent else None) if c]
+        costs = [
+            c for c in (usage.costUsd if usage else None, self.agent.costUsd if self.agent else None) if c
+        ]
         if limit is not None and costs and max(costs) >= limit:
             return f"cost {max(costs):.4f} USD reached maxCostUsd={limit}"
         return None

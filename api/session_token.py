@@ -13,6 +13,7 @@ constant-time comparison of digests.
 
 The token is useless outside the control plane (it opens nothing but the gateway) and after its
 session ends (revoked, and refused for a finished or deleted session even before revocation).
+:func:`check` is the whole verdict (401/403 and why), shared by every service that accepts tokens.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import hmac
 import secrets
 from dataclasses import dataclass
 
-from api.models import DNS_LABEL_RE
+from api.models import DNS_LABEL_RE, TERMINAL_PHASES, Session
 
 PREFIX = "fst"
 _SECRET_BYTES = 32
@@ -80,3 +81,42 @@ def digest_matches(value: str, stored_digest: str | None) -> bool:
 def looks_like_session_token(value: str) -> bool:
     """True for anything that starts like a token (the scripted model refuses those outright)."""
     return value.startswith(PREFIX + "_")
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a token may not act: ``status`` 401 (not a valid token) or 403 (valid, but not here/now)."""
+
+    status: int
+    reason: str
+    message: str
+
+
+def check(
+    value: str | None,
+    stored_digest: str | None,
+    session: Session | None,
+    *,
+    for_session: str | None = None,
+) -> SessionToken | Refusal:
+    """Verify a presented token against its session's stored digest and record.
+
+    ``stored_digest`` and ``session`` are what the store holds for the session the token names.
+    ``for_session``, when the caller acts on a session named elsewhere (a URL path), must be that
+    same session. Missing, malformed, forged, replaced or revoked → 401; a valid token of a deleted
+    or finished session, or of another session than ``for_session`` → 403.
+    """
+    if not value:
+        return Refusal(401, "unauthenticated", "a session token is required")
+    token = parse(value)
+    if token is None:
+        return Refusal(401, "unauthenticated", "not a flyswarm session token")
+    if not digest_matches(token.value, stored_digest):
+        return Refusal(401, "unauthenticated", "unknown or revoked session token")
+    if session is None or session.deleted:
+        return Refusal(403, "deleted", f"session {token.session_id} was deleted")
+    if session.effective_phase() in TERMINAL_PHASES:
+        return Refusal(403, "finished", f"session {token.session_id} is finished")
+    if for_session is not None and for_session != token.session_id:
+        return Refusal(403, "other_session", f"this token belongs to session {token.session_id}")
+    return token

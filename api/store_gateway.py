@@ -3,7 +3,7 @@
 A role of the store (see :mod:`api.store_base`), used by :mod:`gateway` only. Per request the
 gateway makes one pipelined round trip (:meth:`GatewayStore.view`: the token's digest, the session
 record and the spend of every configured label budget), and per response one more
-(:meth:`GatewayStore.record_usage`).
+(:meth:`GatewayStore.record_usage`: totals, the ``usage`` event, label budgets).
 
 Usage totals live in the session hash's own ``usage`` field (beside ``status`` and ``agent``),
 written by the gateway alone through a Lua script that adds the response's tokens and cost to the
@@ -25,10 +25,12 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from api import keys
-from api.models import Session, SessionUsage, utcnow
+from api.models import Session, SessionEvent, SessionUsage, utcnow
 from api.store_base import EventWrites, session_from_hash, unavailable_on_redis_error
 
-# KEYS: session hash. ARGV: input, output, cache write, cache read tokens, cost USD, now (ISO).
+# KEYS: session hash, events stream. ARGV: input, output, cache write, cache read tokens, cost USD,
+# now (ISO), the usage event's JSON ('' for none), events maxlen. The event gets the session's new
+# total as data.totalCostUsd and goes on the stream in the same step.
 # Returns the new usage JSON, or false when the session is gone.
 _RECORD_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
@@ -49,6 +51,11 @@ add('costUsd', tonumber(ARGV[5]))
 u['updatedAt'] = ARGV[6]
 local out = cjson.encode(u)
 redis.call('HSET', KEYS[1], 'usage', out)
+if ARGV[7] ~= '' then
+  local event = cjson.decode(ARGV[7])
+  event['data']['totalCostUsd'] = u['costUsd']
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[8], '*', 'e', cjson.encode(event))
+end
 return out
 """
 
@@ -117,14 +124,17 @@ class GatewayStore(EventWrites):
         session_id: str,
         usage: MeteredUsage,
         budget_keys: Sequence[tuple[str, int]] = (),
+        event: SessionEvent | None = None,
     ) -> SessionUsage | None:
         """Add one response's usage to the session's totals and to each ``(budget key, ttl)``.
 
-        Returns the session's new totals, or None when the session no longer exists (its budget
-        counters are still charged: the money is spent either way).
+        ``event`` (a ``usage`` event) is appended to the session's stream in the same step, with
+        the session's new total cost as ``data.totalCostUsd``. Returns the session's new totals,
+        or None when the session no longer exists (its budget counters are still charged: the
+        money is spent either way).
         """
         reply = await self._record(
-            keys=[keys.session(session_id)],
+            keys=[keys.session(session_id), keys.events(session_id)],
             args=[
                 usage.input_tokens,
                 usage.output_tokens,
@@ -132,6 +142,8 @@ class GatewayStore(EventWrites):
                 usage.cache_read_input_tokens,
                 repr(usage.cost_usd),
                 utcnow().isoformat(),
+                event.model_dump_json() if event is not None else "",
+                self.events_maxlen,
             ],
         )
         if budget_keys and usage.cost_usd > 0:
@@ -145,4 +157,6 @@ class GatewayStore(EventWrites):
     @unavailable_on_redis_error
     async def mark_budget_exceeded(self, session_id: str, budget: str) -> bool:
         """Record on the session that ``budget`` refused it (once); the controller then finishes it."""
-        return bool(await self._exceeded(keys=[keys.session(session_id)], args=[budget, utcnow().isoformat()]))
+        return bool(
+            await self._exceeded(keys=[keys.session(session_id)], args=[budget, utcnow().isoformat()])
+        )

@@ -565,7 +565,8 @@ def agent() -> None:
     """Run the agent of one session, as each machine does (`python -m agent`).
 
     Configured by the environment the controller gives a machine: FLYSWARM_SESSION_ID,
-    FLYSWARM_REDIS_URL, ANTHROPIC_API_KEY (and ANTHROPIC_BASE_URL for the scripted model).
+    FLYSWARM_REDIS_URL, ANTHROPIC_BASE_URL (the model gateway) and ANTHROPIC_API_KEY (the session's
+    gateway token, never the real key).
     """
     _run_module_main("agent.runner")
 

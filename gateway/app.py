@@ -14,12 +14,14 @@ calls; anything else is an Anthropic-shaped 404) it:
 3. **forwards** it with the real key, headers kept but for hop-by-hop ones and the agent's
    credentials, the query (``?beta=true``) kept, and ``accept-encoding: identity`` so the
    response can be metered as it passes. The response (status, headers, body: errors and
-   ``retry-after`` included) goes back byte for byte as it arrives; each chunk is sent before the
-   next is read, so a slow agent slows the upstream read (back-pressure), never a buffer.
+   ``retry-after`` included) goes back byte for byte as it arrives (:mod:`gateway.upstream`): each
+   write carries what arrived since the previous one, and past a few dozen chunks not yet relayed
+   the upstream socket stops being read, so a slow agent slows the upstream (back-pressure), never
+   a buffer.
 4. **meters** ``usage`` from the passing bytes (:mod:`gateway.metering`), prices it
-   (:mod:`gateway.pricing`), adds it to the session's totals and to every matching label budget,
-   and appends a ``usage`` event to the session's stream. The upstream is read to its end even if
-   the agent hangs up, so what was spent is counted.
+   (:mod:`gateway.pricing`), adds it to the session's totals with a ``usage`` event on its stream
+   (one Lua step) and to every matching label budget. The upstream is read to its end even if the
+   agent hangs up, so what was spent is counted.
 
 Timeouts: connecting (``..._CONNECT_TIMEOUT_SECONDS``), silence from the upstream before its
 headers or between chunks (``..._IDLE_TIMEOUT_SECONDS``: 504 before headers, a cut stream after),
@@ -35,11 +37,9 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-import httpx
-
 from api.logs import get_logger
-from api.models import TERMINAL_PHASES, SessionEvent, SessionUsage, utcnow
-from api.session_token import digest_matches, parse
+from api.models import SessionEvent, utcnow
+from api.session_token import Refusal, check, parse
 from api.store_base import StoreUnavailable
 from api.store_gateway import GatewayStore, MeteredUsage
 from gateway.budgets import Budget
@@ -49,6 +49,7 @@ from gateway.metering import JsonMeter, StreamMeter
 from gateway.metrics import GatewayMetrics
 from gateway.pricing import PriceTable
 from gateway.settings import GatewaySettings
+from gateway.upstream import Upstream, UpstreamError, UpstreamResponse, UpstreamTimeout
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -58,15 +59,28 @@ Send = Callable[[Message], Awaitable[None]]
 log = get_logger("gateway")
 
 PROXIED = frozenset({"/v1/messages", "/v1/messages/count_tokens"})
-# Request headers never forwarded: hop-by-hop ones, the agent's credentials, what httpx sets itself.
+# Request headers never forwarded: hop-by-hop ones, the agent's credentials, what the client sets itself.
 _DROP_REQUEST = frozenset(
     {
-        b"host", b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"te",
-        b"upgrade", b"content-length", b"x-api-key", b"authorization", b"accept-encoding", b"cookie",
-        b"proxy-authorization", b"trailer",
+        b"host",
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"transfer-encoding",
+        b"te",
+        b"upgrade",
+        b"content-length",
+        b"x-api-key",
+        b"authorization",
+        b"accept-encoding",
+        b"cookie",
+        b"proxy-authorization",
+        b"trailer",
     }
 )
-_DROP_RESPONSE = frozenset({"connection", "keep-alive", "transfer-encoding", "proxy-connection", "upgrade"})
+_DROP_RESPONSE = frozenset(
+    {b"connection", b"keep-alive", b"transfer-encoding", b"proxy-connection", b"upgrade"}
+)
 
 
 def _token_from(headers: list[tuple[bytes, bytes]]) -> str | None:
@@ -91,7 +105,7 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.store = store
         self._owns_store = store is None
-        self.client: httpx.AsyncClient | None = None
+        self.upstream: Upstream | None = None
         key = settings.upstream_api_key
         self._upstream_key = key.get_secret_value().encode() if key is not None else None
         self._metrics_tokens = [t.get_secret_value().encode() for t in settings.api_tokens]
@@ -106,18 +120,15 @@ class Gateway:
                 socket_timeout=self.settings.redis_timeout_seconds,
                 retries=2,
             )
-        s = self.settings
-        self.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(s.idle_timeout_seconds, connect=s.connect_timeout_seconds),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=200),
-            follow_redirects=False,
+        self.upstream = Upstream(
+            self.settings.upstream_url, connect_timeout=self.settings.connect_timeout_seconds
         )
         await self.channel.startup()
 
     async def shutdown(self) -> None:
         await self.channel.shutdown()
-        if self.client is not None:
-            await self.client.aclose()
+        if self.upstream is not None:
+            await self.upstream.aclose()
         if self.store is not None and self._owns_store:
             await self.store.close()
 
@@ -142,7 +153,9 @@ class Gateway:
         elif path == "/metrics" and method == "GET":
             await self._metrics(scope, send)
         else:
-            await _error(send, GatewayError(404, "not_found", f"{method} {path} is not served by this gateway"))
+            await _error(
+                send, GatewayError(404, "not_found", f"{method} {path} is not served by this gateway")
+            )
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -166,7 +179,9 @@ class Gateway:
 
     async def _metrics(self, scope: Scope, send: Send) -> None:
         if self._metrics_tokens:
-            given = (_token_from([(n, v) for n, v in scope["headers"] if n == b"authorization"]) or "").encode()
+            given = (
+                _token_from([(n, v) for n, v in scope["headers"] if n == b"authorization"]) or ""
+            ).encode()
             if not any(hmac.compare_digest(given, t) for t in self._metrics_tokens):
                 await _error(send, GatewayError(401, "metrics", "a bearer token from API_TOKENS is required"))
                 return
@@ -184,30 +199,32 @@ class Gateway:
         except GatewayError as exc:
             # Raised only before the response started: after that, the pipe ends the body itself.
             self.metrics.refused.labels(exc.reason).inc()
+            log.info("gateway_refused", path=path, status=exc.status, reason=exc.reason)
             await _error(send, exc)
             status = exc.status
         self.metrics.requests.labels(path, str(status)).inc()
 
     async def _admit(self, token_value: str | None) -> tuple[str, dict[str, str]]:
         """The session the token belongs to and its labels, or a :class:`GatewayError`."""
-        if not token_value:
-            raise GatewayError(401, "unauthenticated", "x-api-key: a session token is required")
-        token = parse(token_value)
+        token = parse(token_value) if token_value else None
         if token is None:
-            raise GatewayError(401, "unauthenticated", "x-api-key: not a flyswarm session token")
+            # Missing or malformed: refused without a store read.
+            refusal = check(token_value, None, None)
+            assert isinstance(refusal, Refusal)
+            raise GatewayError(refusal.status, refusal.reason, f"x-api-key: {refusal.message}")
         now = utcnow()
         assert self.store is not None
         try:
             view = await self.store.view(token.session_id, [b.counter_key(now) for b in self.budgets])
         except StoreUnavailable:
-            raise GatewayError(503, "unavailable", "the control plane's store is unavailable; retry") from None
-        if not digest_matches(token.value, view.token_digest):
-            raise GatewayError(401, "unauthenticated", "x-api-key: unknown or revoked session token")
+            raise GatewayError(
+                503, "unavailable", "the control plane's store is unavailable; retry"
+            ) from None
+        verdict = check(token.value, view.token_digest, view.session)
+        if isinstance(verdict, Refusal):
+            raise GatewayError(verdict.status, verdict.reason, f"x-api-key: {verdict.message}")
         session = view.session
-        if session is None or session.deleted:
-            raise GatewayError(403, "deleted", f"session {token.session_id} was deleted")
-        if session.effective_phase() in TERMINAL_PHASES:
-            raise GatewayError(403, "finished", f"session {token.session_id} is finished")
+        assert session is not None
         spent = session.usage.costUsd if session.usage else 0.0
         limit = session.spec.maxCostUsd
         if limit is not None and spent >= limit:
@@ -243,60 +260,61 @@ class Gateway:
     async def _forward(
         self, scope: Scope, send: Send, body: bytes, session_id: str, labels: dict[str, str], deadline: float
     ) -> int:
-        assert self.client is not None
+        assert self.upstream is not None
         path = scope["path"]
         query = scope.get("query_string", b"").decode("latin-1")
-        url = self.settings.upstream_url + path + (f"?{query}" if query else "")
-        request = self.client.build_request(
-            "POST", url, headers=self._upstream_headers(scope["headers"]), content=body
-        )
+        idle = self.settings.idle_timeout_seconds
         started = time.perf_counter()
         try:
-            response = await asyncio.wait_for(
-                self.client.send(request, stream=True), timeout=max(0.0, deadline - time.monotonic())
+            response = await self.upstream.request(
+                path + (f"?{query}" if query else ""),
+                self._upstream_headers(scope["headers"]),
+                body,
+                head_timeout=max(0.0, min(idle, deadline - time.monotonic())),
             )
-        except (httpx.TimeoutException, TimeoutError):
+        except UpstreamTimeout:
             raise GatewayError(504, "upstream_timeout", "the upstream did not answer in time") from None
-        except httpx.HTTPError as exc:
-            log.warning("gateway_upstream_unreachable", error=type(exc).__name__)
-            raise GatewayError(502, "upstream_unreachable", "the upstream Messages API is unreachable") from None
+        except UpstreamError as exc:
+            log.warning("gateway_upstream_unreachable", error=str(exc))
+            raise GatewayError(
+                502, "upstream_unreachable", "the upstream Messages API is unreachable"
+            ) from None
         self.metrics.upstream.labels(path).observe(time.perf_counter() - started)
         meter: StreamMeter | JsonMeter | None = None
-        if response.status_code == 200 and path == "/v1/messages":
-            streamed = response.headers.get("content-type", "").startswith("text/event-stream")
-            meter = StreamMeter() if streamed else JsonMeter()
+        if response.status == 200 and path == "/v1/messages":
+            content_type = next((v for n, v in response.headers if n.lower() == b"content-type"), b"")
+            meter = StreamMeter() if content_type.startswith(b"text/event-stream") else JsonMeter()
         try:
             await send(
                 {
                     "type": "http.response.start",
-                    "status": response.status_code,
-                    "headers": [
-                        (n, v) for n, v in response.headers.raw if n.decode("latin-1").lower() not in _DROP_RESPONSE
-                    ],
+                    "status": response.status,
+                    "headers": [(n, v) for n, v in response.headers if n.lower() not in _DROP_RESPONSE],
                 }
             )
             await self._pipe(response, send, meter, deadline)
         finally:
-            await response.aclose()
+            response.close()
             if meter is not None:
                 await self._record(session_id, labels, meter)
-        return response.status_code
+        return response.status
 
     async def _pipe(
-        self, response: httpx.Response, send: Send, meter: StreamMeter | JsonMeter | None, deadline: float
+        self, response: UpstreamResponse, send: Send, meter: StreamMeter | JsonMeter | None, deadline: float
     ) -> None:
+        """Relay the body as it arrives: each send carries all that came since the previous one."""
         try:
-            async for chunk in response.aiter_raw():
+            async for data in response.chunks(self.settings.idle_timeout_seconds):
                 if meter is not None:
-                    meter.feed(chunk)
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    meter.feed(data)
+                await send({"type": "http.response.body", "body": data, "more_body": True})
                 if time.monotonic() > deadline:
                     # A silent upstream is the idle timeout's; this caps a slow but steady one.
                     log.warning("gateway_request_timeout", seconds=self.settings.request_timeout_seconds)
                     break
-        except (httpx.HTTPError, TimeoutError) as exc:
+        except UpstreamError as exc:
             # Headers are sent: all that is left is to end the body (the agent sees a cut stream).
-            log.warning("gateway_upstream_cut", error=type(exc).__name__)
+            log.warning("gateway_upstream_cut", error=str(exc))
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _record(self, session_id: str, labels: dict[str, str], meter: StreamMeter | JsonMeter) -> None:
@@ -320,14 +338,14 @@ class Gateway:
         assert self.store is not None
         try:
             # Shielded: the spend is recorded even when the request's task is being cancelled.
-            totals = await asyncio.shield(self.store.record_usage(session_id, usage, charged))
-            if totals is not None:
-                await asyncio.shield(self.store.append_event(session_id, _usage_event(model, usage, totals)))
+            event = _usage_event(model, usage)
+            await asyncio.shield(self.store.record_usage(session_id, usage, charged, event))
         except StoreUnavailable:
             log.error("gateway_usage_not_recorded", session=session_id, cost_usd=usage.cost_usd)
 
 
-def _usage_event(model: str, usage: MeteredUsage, totals: SessionUsage) -> SessionEvent:
+def _usage_event(model: str, usage: MeteredUsage) -> SessionEvent:
+    """The ``usage`` event of one response (the store adds the session's ``totalCostUsd``)."""
     return SessionEvent(
         type="usage",
         source="gateway",
@@ -339,7 +357,6 @@ def _usage_event(model: str, usage: MeteredUsage, totals: SessionUsage) -> Sessi
             "cacheCreationInputTokens": usage.cache_creation_input_tokens,
             "cacheReadInputTokens": usage.cache_read_input_tokens,
             "costUsd": usage.cost_usd,
-            "totalCostUsd": totals.costUsd,
         },
     )
 

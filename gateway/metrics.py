@@ -23,24 +23,35 @@ class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
-            "flyswarm_gateway_requests", "Proxied requests by path and status.", ["path", "status"],
+            "flyswarm_gateway_requests",
+            "Proxied requests by path and status.",
+            ["path", "status"],
             registry=self.registry,
         )
         self.refused = Counter(
-            "flyswarm_gateway_refused", "Requests refused by the gateway itself.", ["reason"],
+            "flyswarm_gateway_refused",
+            "Requests refused by the gateway itself.",
+            ["reason"],
             registry=self.registry,
         )
         self.tokens = Counter(
-            "flyswarm_gateway_tokens", "Metered tokens by model, kind and session label.",
-            ["model", "kind", "label"], registry=self.registry,
+            "flyswarm_gateway_tokens",
+            "Metered tokens by model, kind and session label.",
+            ["model", "kind", "label"],
+            registry=self.registry,
         )
         self.cost = Counter(
-            "flyswarm_gateway_cost_usd", "Metered cost (USD) by model and session label.",
-            ["model", "label"], registry=self.registry,
+            "flyswarm_gateway_cost_usd",
+            "Metered cost (USD) by model and session label.",
+            ["model", "label"],
+            registry=self.registry,
         )
         self.upstream = Histogram(
-            "flyswarm_gateway_upstream_seconds", "Time until the upstream's response headers.",
-            ["path"], buckets=_BUCKETS, registry=self.registry,
+            "flyswarm_gateway_upstream_seconds",
+            "Time until the upstream's response headers.",
+            ["path"],
+            buckets=_BUCKETS,
+            registry=self.registry,
         )
 
     def metered(self, model: str, label: str, usage: MeteredUsage) -> None:

@@ -35,7 +35,9 @@ def serve(settings: GatewaySettings) -> None:
         register_secret(settings.upstream_api_key.get_secret_value())
     else:
         get_logger("gateway").warning("gateway_no_upstream_key", upstream=settings.upstream_url)
-    get_logger("gateway").info("gateway_serving", host=settings.host, port=settings.port, upstream=settings.upstream_url)
+    get_logger("gateway").info(
+        "gateway_serving", host=settings.host, port=settings.port, upstream=settings.upstream_url
+    )
     uvicorn.Server(uvicorn_config(settings)).run()
 
 

@@ -51,7 +51,11 @@ class GatewaySettings(BaseSettings):
         description="Address to bind (on Fly: `fly-local-6pn` or `::`, so agents reach it over 6PN).",
     )
     port: int = Field(
-        default=DEFAULT_PORT, ge=0, le=65535, validation_alias="FLYSWARM_GATEWAY_PORT", description="Port to bind."
+        default=DEFAULT_PORT,
+        ge=0,
+        le=65535,
+        validation_alias="FLYSWARM_GATEWAY_PORT",
+        description="Port to bind.",
     )
     upstream_url: str = Field(
         default=DEFAULT_UPSTREAM,

@@ -46,8 +46,9 @@ Settings (environment; defaults in parentheses):
 
 ``FLYSWARM_LOCAL_DIR`` (``.local``) state directory; ``FLYSWARM_REDIS_PORT`` (6399);
 ``FLYSWARM_EMULATOR_PORT`` (4280, the port of Fly's internal Machines API);
-``FLYSWARM_MODEL_PORT`` (4281); ``FLYSWARM_GATEWAY_PORT`` (8082); ``PORT`` (8080, the API); ``FLYSWARM_CONTROLLER_PORT`` (9090, the
-controller's health and metrics); ``FLY_APP_NAME`` (``flyswarm-agents``); ``FLY_AGENT_IMAGE``
+``FLYSWARM_MODEL_PORT`` (4281); ``FLYSWARM_GATEWAY_PORT`` (8082, the model gateway); ``PORT``
+(8080, the API); ``FLYSWARM_CONTROLLER_PORT`` (9090, the controller's health and metrics);
+``FLY_APP_NAME`` (``flyswarm-agents``); ``FLY_AGENT_IMAGE``
 (``flyswarm-agent``); ``ANTHROPIC_API_KEY`` (unset: scripted model); ``FLYSWARM_UP_TIMEOUT`` (60 s,
 how long ``up`` waits for readiness); ``FLYSWARM_DOWN_TIMEOUT`` (15 s, SIGTERM→SIGKILL grace).
 Every other variable in the environment of ``up`` passes through to the components (for example
@@ -682,7 +683,7 @@ class Stack:
             # for a moment, and `up` promises a ready stack.
             self._wait_ready(list(components.values()), {})
             if not self.config.uses_model:
-                outcome["model"] = "not used (ANTHROPIC_API_KEY is set: agents call the real API)"
+                outcome["model"] = "not used (ANTHROPIC_API_KEY is set: the gateway forwards to the real API)"
                 model_pid = self.recorded_pid("model")
                 if model_pid is not None and _pid_alive(model_pid) and "cli model" in _cmdline(model_pid):
                     self._stop_pid(model_pid)

@@ -123,9 +123,7 @@ def model() -> Iterator[ModelServer]:
 
 
 @pytest.fixture
-async def rig(
-    redis_client: aioredis.Redis, redis_url: str, model: ModelServer
-) -> AsyncIterator[GatewayRig]:
+async def rig(redis_client: aioredis.Redis, redis_url: str, model: ModelServer) -> AsyncIterator[GatewayRig]:
     store = Store.from_url(redis_url)
     rig = GatewayRig(store=store, model=model, redis_url=redis_url)
     try:

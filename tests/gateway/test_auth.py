@@ -61,7 +61,12 @@ async def test_missing_malformed_and_forged_tokens_are_401(rig: GatewayRig, http
     headers = agent_headers("x")
     del headers["x-api-key"]
     forged = token_b.value.replace("_s-b_", "_s-a_")  # session b's secret, naming session a
-    for h in (headers, agent_headers("sk-ant-not-a-token"), agent_headers(forged), agent_headers(mint("s-a").value)):
+    for h in (
+        headers,
+        agent_headers("sk-ant-not-a-token"),
+        agent_headers(forged),
+        agent_headers(mint("s-a").value),
+    ):
         response = await _post(http, gw.url, h)
         assert response.status_code == 401
         assert _error_type(response) == "authentication_error"

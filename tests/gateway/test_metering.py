@@ -9,7 +9,7 @@ import httpx
 
 from api.models import Session
 from gateway.pricing import BUILTIN_PRICES
-from tests.gateway.conftest import GatewayRig, agent_headers, messages_body, wait_for
+from tests.gateway.conftest import UPSTREAM_KEY, GatewayRig, agent_headers, messages_body, wait_for
 
 # claude-test-* is priced by the table's "default" (the dearest family).
 PRICE = BUILTIN_PRICES["default"]
@@ -52,7 +52,7 @@ async def test_streams_are_metered_and_totals_add_up(rig: GatewayRig, http: http
     gw = rig.gateway()
     _session, token = await rig.session("s-sse")
     first = await _stream_usage(http, gw.url, token.value, "one")
-    second = await _stream_usage(http, gw.url, token.value, "[[scenario:text {\"text\": \"a longer answer\"}]]")
+    second = await _stream_usage(http, gw.url, token.value, '[[scenario:text {"text": "a longer answer"}]]')
 
     async def two() -> object:
         usage = await rig.usage("s-sse")
@@ -97,7 +97,9 @@ async def test_max_cost_is_enforced_with_at_most_one_response_over(
     _session, token = await rig.session("s-budget", maxCostUsd=0.0001)
     first = await _stream_usage(http, gw.url, token.value)
     assert _cost(*first) >= 0.0001, "one response must cross this budget"
-    refused = await http.post(f"{gw.url}/v1/messages", json=messages_body(), headers=agent_headers(token.value))
+    refused = await http.post(
+        f"{gw.url}/v1/messages", json=messages_body(), headers=agent_headers(token.value)
+    )
     assert refused.status_code == 402
     assert refused.json()["error"]["type"] == "billing_error"
     assert "maxCostUsd" in refused.json()["error"]["message"]
@@ -120,7 +122,9 @@ async def test_a_label_budget_stops_a_second_session_once_the_first_spent_it(
     _c, token_c = await rig.session("s-android", labels={"team": "android"})
     await _stream_usage(http, gw.url, token_a.value)
     await wait_for(lambda: rig.usage("s-ios-a"))
-    refused = await http.post(f"{gw.url}/v1/messages", json=messages_body(), headers=agent_headers(token_b.value))
+    refused = await http.post(
+        f"{gw.url}/v1/messages", json=messages_body(), headers=agent_headers(token_b.value)
+    )
     assert refused.status_code == 402
     assert "ios-daily" in refused.json()["error"]["message"]
     usage_b = await rig.usage("s-ios-b")
@@ -131,7 +135,9 @@ async def test_a_label_budget_stops_a_second_session_once_the_first_spent_it(
     assert (await _stream_usage(http, gw.url, token_c.value))[0] > 0
 
 
-async def test_metrics_count_tokens_and_cost_by_model_and_label(rig: GatewayRig, http: httpx.AsyncClient) -> None:
+async def test_metrics_count_tokens_and_cost_by_model_and_label(
+    rig: GatewayRig, http: httpx.AsyncClient
+) -> None:
     gw = rig.gateway(metrics_label="team")
     _session, token = await rig.session("s-metrics", labels={"team": "web"})
     input_tokens, _out = await _stream_usage(http, gw.url, token.value)
@@ -142,7 +148,24 @@ async def test_metrics_count_tokens_and_cost_by_model_and_label(rig: GatewayRig,
         return text if counted in text else None
 
     text = await wait_for(scrape)
-    line = f'flyswarm_gateway_tokens_total{{kind="input",label="web",model="claude-test-1"}} {float(input_tokens)}'
-    assert line in text
+    labels = 'kind="input",label="web",model="claude-test-1"'
+    assert f"flyswarm_gateway_tokens_total{{{labels}}} {float(input_tokens)}" in text
     assert "flyswarm_gateway_upstream_seconds_bucket" in text
     assert 'flyswarm_gateway_cost_usd_total{label="web",model="claude-test-1"}' in text
+
+
+async def test_a_response_the_agent_hangs_up_on_is_still_metered_whole(
+    rig: GatewayRig, http: httpx.AsyncClient
+) -> None:
+    gw = rig.gateway()
+    _session, token = await rig.session("s-hangup")
+    prompt = '[[scenario:text {"text": "%s"}]]' % ("many words " * 3000)
+    _input, output_tokens = await _stream_usage(http, rig.model.url, UPSTREAM_KEY, prompt)
+    async with http.stream(
+        "POST", f"{gw.url}/v1/messages", json=messages_body(prompt), headers=agent_headers(token.value)
+    ) as response:
+        async for _chunk in response.aiter_raw():
+            break  # the agent goes away after the first bytes
+    # The upstream was read to its end: the final message_delta's output count was metered.
+    totals = await wait_for(lambda: rig.usage("s-hangup"))
+    assert totals.outputTokens == output_tokens > 1000

@@ -89,7 +89,9 @@ def test_without_a_key_the_agents_use_the_scripted_model(tmp_path: Path) -> None
     assert "ANTHROPIC_API_KEY" not in secrets
     gateway = components["gateway"].env
     assert gateway["FLYSWARM_GATEWAY_UPSTREAM_URL"] == "http://127.0.0.1:4281"
-    assert gateway["ANTHROPIC_API_KEY"] == components["model"].env["FLYSWARM_MODEL_API_KEY"] == stack.model_key()
+    assert (
+        gateway["ANTHROPIC_API_KEY"] == components["model"].env["FLYSWARM_MODEL_API_KEY"] == stack.model_key()
+    )
     assert secrets[MARKER_ENV] == str(stack.root)
     assert secrets["FLYSWARM_WORK_ROOT"] == str(stack.root / "sessions")
 
