@@ -59,7 +59,7 @@ def agent_env(
         **session.spec.machine.env,
         "FLYSWARM_SESSION_ID": session.id,
         "FLYSWARM_LAUNCH_ID": launch_id,
-        "FLYSWARM_CONTROL_URL": settings.agent_control_url,
+        "FLYSWARM_CONTROL_URL": settings.agent_gateway_url,
         "FLYSWARM_SESSION_TOKEN": session_token,
         "FLYSWARM_HEARTBEAT_TTL_SECONDS": str(ttl),
         "FLYSWARM_HEARTBEAT_INTERVAL_SECONDS": _number(ttl / 3),

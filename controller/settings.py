@@ -75,9 +75,9 @@ class ControllerSettings(BaseSettings):
             "credentials in it are replaced by the session's own before it is handed to a machine."
         ),
     )
-    agent_control_url: str = Field(
+    agent_gateway_url: str = Field(
         default="http://127.0.0.1:8082",
-        validation_alias="FLYSWARM_AGENT_CONTROL_URL",
+        validation_alias="FLYSWARM_AGENT_GATEWAY_URL",
         description=(
             "The gateway as agents reach it (on Fly, over 6PN): their `ANTHROPIC_BASE_URL` and their "
             "only way to their session's state. Machines get no Redis address."

@@ -140,7 +140,7 @@ async def test_tools_find_no_key_and_no_other_session_data(leak_rig: AgentRig, t
     machine_config = json.dumps(
         machine_config_for(
             (await rig.store.get("leaky")),  # type: ignore[arg-type]
-            ControllerSettings(_env_file=None, agent_control_url=rig.gateway.url),  # type: ignore[call-arg]
+            ControllerSettings(_env_file=None, agent_gateway_url=rig.gateway.url),  # type: ignore[call-arg]
             launch_id="g1r0-leak",
             session_token=token,
         )

@@ -29,7 +29,7 @@ def make_settings(**overrides: Any) -> ControllerSettings:
     values: dict[str, Any] = {
         "redis_url": f"redis://default:{CONTROLLER_REDIS_PASSWORD}@127.0.0.1:6379/0",
         "fly_api_token": FLY_TOKEN,
-        "agent_control_url": CONTROL_URL,
+        "agent_gateway_url": CONTROL_URL,
         **overrides,
     }
     return ControllerSettings(_env_file=None, **values)  # type: ignore[call-arg]
