@@ -12,8 +12,8 @@ machine over loopback, the latency the extra hop adds to what an agent does most
 
 Both sides run the same calls one after another from one client process; the gateway is a separate
 process (``python -m gateway.server``), as in production. Printed: p50 / p95 of each, the added
-p50, and the goal (added p50 <= 5 ms for a write, <= 10 ms for a delivery: well under the heartbeat
-interval and a human's message).
+p50, and the goal: added p50 <= 20 ms for a write (0.2 % of the 10 s heartbeat interval; events are
+written off the SDK loop, batched) and <= 50 ms for a delivery (a message a person typed).
 
 Run: ``python bench/channel.py`` (about half a minute), or ``--rounds 1000``.
 """
@@ -43,8 +43,8 @@ from api.store_agent import AgentStore  # noqa: E402
 from api.store_controller import ControllerStore  # noqa: E402
 from local.redis_server import free_port, start_redis  # noqa: E402
 
-GOAL_WRITE_MS = 5.0
-GOAL_DELIVERY_MS = 10.0
+GOAL_WRITE_MS = 20.0
+GOAL_DELIVERY_MS = 50.0
 Store = AgentStore | AgentChannel
 
 
