@@ -36,6 +36,7 @@ from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.logs import get_logger
 from api.models import AgentReport, SessionEvent
@@ -198,6 +199,12 @@ def _build_app(channel: AgentChannel) -> FastAPI:
     @app.exception_handler(StoreUnavailable)
     async def _unavailable(request: Request, exc: StoreUnavailable) -> JSONResponse:
         return _error(503, "unavailable", "the control plane's store is unavailable; retry")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
+        message = f"{request.method} {request.url.path} is not a route of the agent channel"
+        return _error(exc.status_code, code, message if exc.status_code in (404, 405) else str(exc.detail))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -129,6 +129,10 @@ async def test_the_token_decides_the_session_whatever_the_agent_names(
     for path in ("/agent/v1/sessions/theirs", "/agent/v1/session?id=theirs", "/agent/v1/theirs/session"):
         response = await http.get(gateway.url + path, headers={"x-api-key": token})
         assert "secret plans" not in response.text
+        if "?" not in path:
+            assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
+        else:  # the query is ignored: the token's own session
+            assert response.status_code == 200 and response.json()["metadata"]["name"] == "mine"
     theirs = await rig.store.get("theirs")
     assert theirs is not None and theirs.agent is None
     assert await rig.store.read_events("theirs") == []
