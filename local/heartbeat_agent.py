@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 from agent import token_handoff
 from agent.channel import AgentChannel
-from api.models import AgentReport, AgentState, Reason
+from api.models import AgentReport, AgentState, Reason, Session
 from api.store_errors import StoreUnavailable
 
 _DIRECTIVE_RE = re.compile(r"(finish-after|result)=(\S+)")
@@ -41,6 +41,7 @@ _COMMANDS = ("done", "error", "crash", "hang")
 _DEFAULT_INTERVAL = 10.0
 _DEFAULT_TTL = 30
 _INBOX_BLOCK_MS = 200
+_STARTUP_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -172,6 +173,18 @@ class HeartbeatAgent:
             await self.store.write_agent_report(self.session_id, report)
 
 
+async def _load(store: AgentChannel, session_id: str) -> Session | None:
+    """The session, retrying an unavailable control plane for a start-up window (as the real agent)."""
+    deadline = asyncio.get_running_loop().time() + _STARTUP_SECONDS
+    while True:
+        try:
+            return await store.get(session_id)
+        except StoreUnavailable:
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+
+
 async def amain(env: dict[str, str]) -> int:
     session_id = env["FLYSWARM_SESSION_ID"]
     machine_id = env.get("FLYSWARM_MACHINE_ID") or env.get("FLY_MACHINE_ID")
@@ -184,7 +197,7 @@ async def amain(env: dict[str, str]) -> int:
     loop.add_signal_handler(signal.SIGTERM, agent.terminate)
     loop.add_signal_handler(signal.SIGINT, agent.terminate)
     try:
-        session = await store.get(session_id)
+        session = await _load(store, session_id)
         if session is None:
             return 0  # the session is gone; the controller will destroy this machine
         code = await agent.run(Script.from_prompt(session.spec.prompt), session.spec.mode)
