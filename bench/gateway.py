@@ -6,9 +6,11 @@ process is the client. It sends the same streamed request (a text reply of ~40 S
 ``--requests`` times at ``--concurrency`` in flight, straight to the model (the baseline) and
 through the gateway with a session token (auth, budget admission, metering and the usage write
 included), alternating the two for ``--rounds`` rounds so that a neighbour's load hits both
-alike; samples are pooled per path. It prints, in one table: time to first byte and total time (p50, p95),
-throughput, the added p50 latency and the throughput ratio against their goals (added p50
-<= 5 ms, throughput >= 0.8x direct), and the gateway's CPU time per request.
+alike; samples are pooled per path. A last row sends 50 requests one at a time each way: the
+latency the gateway adds when nothing queues behind it. It prints, in one table: time to first
+byte and total time (p50, p95), throughput, the added p50 latency and the throughput ratio
+against their goals (added p50 <= 5 ms, throughput >= 0.8x direct), and the CPU time per request
+of the gateway and of the model.
 
     .venv/bin/python bench/gateway.py [--requests 200] [--concurrency 20] [--rounds 3]
 
@@ -170,6 +172,9 @@ async def main() -> None:
                 before = _cpu_seconds(gateway.pid)
                 via += await _load(gateway_url, token, args.requests, args.concurrency)
                 gateway_cpu += _cpu_seconds(gateway.pid) - before
+            # One at a time: the latency the gateway adds to a request when nothing queues behind it.
+            lone_direct = await _load(model_url, UPSTREAM_KEY, 50, 1)
+            lone_via = await _load(gateway_url, token, 50, 1)
             cpu_per_request = gateway_cpu / (args.requests * args.rounds)
             model_cpu_per_request = model_cpu / (args.requests * args.rounds)
             session = await store.get("bench")
@@ -193,6 +198,8 @@ async def main() -> None:
             d, v = direct.p(values_d, q), via.p(values_v, q)
             print(f"  {name} p{int(q * 100):<2} (ms){'':12}{d:>20.2f}{v:>14.2f}{v - d:>10.2f}")
     print(f"  throughput (req/s){'':6}{direct.rps:>20.1f}{via.rps:>14.1f}{ratio:>9.2f}x")
+    d, v = lone_direct.p(lone_direct.total, 0.5), lone_via.p(lone_via.total, 0.5)
+    print(f"  total p50, 1 at a time (ms){'':0}{d:>17.2f}{v:>14.2f}{v - d:>10.2f}")
     print(
         f"  CPU per request: gateway {cpu_per_request * 1000:.2f} ms, scripted model "
         f"{model_cpu_per_request * 1000:.2f} ms; requests metered by the gateway: {metered}"
