@@ -426,17 +426,3 @@ class Heartbeat(BaseModel):
     state: str = "running"
     at: datetime
     ttlSeconds: int
-
-
-class SessionCredentials(BaseModel):
-    """A per-session Redis ACL user; the password is a secret and never logged."""
-
-    model_config = ConfigDict(frozen=True)
-
-    username: str
-    password: str
-
-    def __repr__(self) -> str:
-        return f"SessionCredentials(username={self.username!r}, password='***')"
-
-    __str__ = __repr__

@@ -7,7 +7,7 @@ own store class on top of :class:`StoreBase`, with exactly the operations that r
   read events;
 * :class:`api.store_controller.ControllerStore` — the controller: status writes (fenced), launch
   records, heartbeat and inbox reads, the change feed and wake channel; with per-session
-  credentials and session removal (:class:`api.store_credentials.SessionTeardown`) and the leader
+  credentials and session removal (:class:`api.store_teardown.SessionTeardown`) and the leader
   lease (:class:`api.store_lease.LeaderLease`) mixed in;
 * :class:`api.store_agent.AgentStore` — the agent in a machine, connected as its session's ACL user:
   its own session read, its report, heartbeat, events, inbox and transcripts.
@@ -23,7 +23,6 @@ import functools
 import json
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, ParamSpec, Self, TypeVar
-from urllib.parse import quote, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
@@ -32,6 +31,10 @@ from redis.backoff import ExponentialWithJitterBackoff
 
 from api import keys
 from api.models import Session, SessionEvent, SessionSpec
+from api.store_errors import StoreAuthFailed as StoreAuthFailed
+from api.store_errors import StoreBusy as StoreBusy
+from api.store_errors import StorePermissionDenied as StorePermissionDenied
+from api.store_errors import StoreUnavailable as StoreUnavailable
 from api.store_pools import (
     DEFAULT_BLOCKING_POOL_SIZE,
     DEFAULT_POOL_SIZE,
@@ -47,22 +50,6 @@ T = TypeVar("T")
 DEFAULT_CHANGES_MAXLEN = 100_000
 DEFAULT_EVENTS_MAXLEN = 2_000
 DEFAULT_INBOX_MAXLEN = 10_000
-
-
-class StoreUnavailable(RuntimeError):
-    """Redis could not be reached or answered with an error we cannot act on."""
-
-
-class StoreAuthFailed(StoreUnavailable):
-    """Redis refused the credentials (wrong password or a disabled per-session user)."""
-
-
-class StoreBusy(StoreUnavailable):
-    """Every connection of a pool stayed in use for the pool's whole wait: a real limit, per call."""
-
-
-class StorePermissionDenied(RuntimeError):
-    """The credentials are valid but may not touch these keys (another session's, for an agent)."""
 
 
 def unavailable_on_redis_error(func: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
@@ -82,21 +69,6 @@ def unavailable_on_redis_error(func: Callable[P, Awaitable[T]]) -> Callable[P, A
             raise StoreUnavailable("redis is loading its data set") from exc
 
     return wrapper
-
-
-def redis_url_with_credentials(url: str, username: str | None, password: str | None) -> str:
-    """``url`` (scheme, host, port, db) with its user info replaced by ``username``/``password``.
-
-    Both None: no user info at all. The result carries a secret: never log it.
-    """
-    parts = urlsplit(url)
-    host = parts.hostname or "127.0.0.1"
-    if ":" in host:  # IPv6
-        host = f"[{host}]"
-    netloc = host if parts.port is None else f"{host}:{parts.port}"
-    if username is not None or password is not None:
-        netloc = f"{quote(username or '', safe='')}:{quote(password or '', safe='')}@{netloc}"
-    return urlunsplit((parts.scheme or "redis", netloc, parts.path, parts.query, ""))
 
 
 def canonical_spec(spec: SessionSpec) -> str:

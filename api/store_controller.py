@@ -6,7 +6,7 @@ records and inbox depth; the status write, fenced by the leader's token; launch 
 controller-seen record; the per-session gateway tokens (:class:`api.store_tokens.SessionTokens`:
 minted per launch, revoked at the end); the leader lease (:class:`api.store_lease.LeaderLease`, which
 :mod:`controller.leader` drives); and per-session credentials and session removal
-(:class:`api.store_credentials.SessionTeardown`).
+(:class:`api.store_teardown.SessionTeardown`).
 
 ``write_status`` validates the status it is given before writing it: a status built around the
 model's validation (``model_copy(update=...)``, ``model_construct``) with a phase or a reason
@@ -27,8 +27,8 @@ import redis.exceptions as redis_errors
 from api import keys
 from api.models import Heartbeat, SessionStatus, utcnow
 from api.store_base import EventWrites, SessionIndexReads, StoreUnavailable, unavailable_on_redis_error
-from api.store_credentials import SessionTeardown
 from api.store_lease import LeaderLease
+from api.store_teardown import SessionTeardown
 from api.store_tokens import SessionTokens
 
 StatusWrite = Literal["written", "missing", "refused", "fenced"]

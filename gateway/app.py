@@ -43,6 +43,7 @@ from api.session_token import Refusal, check, parse
 from api.store_base import StoreUnavailable
 from api.store_gateway import GatewayStore, MeteredUsage
 from gateway.budgets import Budget
+from gateway.channel import AgentChannel
 from gateway.errors import GatewayError
 from gateway.metering import JsonMeter, StreamMeter
 from gateway.metrics import GatewayMetrics
@@ -108,6 +109,7 @@ class Gateway:
         key = settings.upstream_api_key
         self._upstream_key = key.get_secret_value().encode() if key is not None else None
         self._metrics_tokens = [t.get_secret_value().encode() for t in settings.api_tokens]
+        self.channel = AgentChannel(settings)  # the agents' way to their own state: /agent/v1/...
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -121,8 +123,10 @@ class Gateway:
         self.upstream = Upstream(
             self.settings.upstream_url, connect_timeout=self.settings.connect_timeout_seconds
         )
+        await self.channel.startup()
 
     async def shutdown(self) -> None:
+        await self.channel.shutdown()
         if self.upstream is not None:
             await self.upstream.aclose()
         if self.store is not None and self._owns_store:
@@ -140,6 +144,8 @@ class Gateway:
                 await _error(send, GatewayError(405, "method", f"{method} {path} is not supported"))
                 return
             await self._proxy(scope, receive, send)
+        elif path.startswith("/agent/"):
+            await self.channel(scope, receive, send)
         elif path in ("/healthz", "/health") and method in ("GET", "HEAD"):
             await _reply(send, 200, b'{"ok":true}', b"application/json")
         elif path == "/readyz" and method == "GET":

@@ -437,8 +437,8 @@ class Stack:
         values = {
             MARKER_ENV: str(self.root),
             "FLYSWARM_WORK_ROOT": str(self.root / "sessions"),
-            # No Anthropic key: the gateway holds it; each machine gets its session's token.
-            "ANTHROPIC_BASE_URL": self.config.gateway_url,
+            # No Anthropic key and no Redis address: each machine gets its session's token and the
+            # gateway's address (FLYSWARM_CONTROL_URL, set by the controller), the CLI's base URL.
         }
         if hasattr(os, "geteuid") and os.geteuid() == 0:
             # The CLI refuses bypassPermissions as root unless told it runs in a sandbox; a local
@@ -547,6 +547,8 @@ class Stack:
                 "FLY_AGENT_IMAGE": cfg.agent_image,
                 "FLYSWARM_CONTROLLER_HOST": HOST,
                 "FLYSWARM_CONTROLLER_PORT": str(cfg.controller_port),
+                # Every machine's FLYSWARM_CONTROL_URL: model traffic and its session's state.
+                "FLYSWARM_AGENT_GATEWAY_URL": cfg.gateway_url,
             },
             url=cfg.controller_url,
             probe=lambda: _http_ok(f"{cfg.controller_url}/readyz"),

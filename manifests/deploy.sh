@@ -6,8 +6,8 @@
 #      gateway) and the image-only agent app;
 #   2. set secrets, all on the CONTROLLER app, staged so the deploy below applies them: FLY_API_TOKEN,
 #      REDIS_URL, API_TOKENS, ANTHROPIC_API_KEY (read by the gateway only: agents reach the model
-#      through it with their session's token) and FLYSWARM_AGENT_REDIS_URL when set. The agent app
-#      gets no secret at all; a key left there by an older deploy is removed;
+#      through it with their session's token). Agents get no Redis address: their state goes
+#      through the gateway too. The agent app gets no secret at all; a key left there by an older deploy is removed;
 #   3. build and push the agent image to registry.fly.io/<agent app>:<label> (no machine is created);
 #   4. deploy the control plane, pointing it at that agent app and image.
 #
@@ -16,7 +16,7 @@
 # flyswarm-agents[-staging]), FLY_ORG (personal), FLYSWARM_IMAGE_LABEL (git commit), FLYSWARM_HA
 # (false for staging, true for production), FLYSWARM_CONTROLLER_FLY_API_TOKEN (the token the
 # controller itself uses; default FLY_API_TOKEN — prefer `flyctl tokens create deploy -a <agent app>`),
-# FLYSWARM_AGENT_REDIS_URL, FLYCTL (path of flyctl), DRY_RUN=1 (print the commands, run nothing).
+# FLYCTL (path of flyctl), DRY_RUN=1 (print the commands, run nothing).
 #
 # Secret values are read from the environment, handed to flyctl on stdin, and never printed.
 set -euo pipefail
@@ -119,7 +119,7 @@ ensure_app() {
 }
 
 # Check every value before changing anything.
-for name in ANTHROPIC_API_KEY REDIS_URL API_TOKENS FLYSWARM_AGENT_REDIS_URL; do
+for name in ANTHROPIC_API_KEY REDIS_URL API_TOKENS; do
   check_secret_value "$name" "${!name:-}"
 done
 check_secret_value FLYSWARM_CONTROLLER_FLY_API_TOKEN "$controller_token"
@@ -136,9 +136,6 @@ fi
 controller_secrets=(
   FLY_API_TOKEN=controller_token REDIS_URL=REDIS_URL API_TOKENS=API_TOKENS ANTHROPIC_API_KEY=ANTHROPIC_API_KEY
 )
-if [[ -n "${FLYSWARM_AGENT_REDIS_URL:-}" ]]; then
-  controller_secrets+=(FLYSWARM_AGENT_REDIS_URL=FLYSWARM_AGENT_REDIS_URL)
-fi
 import_secrets "$controller_app" true "${controller_secrets[@]}"
 
 # Build on Fly's remote builder and push; --build-only creates no machine in the agent app.

@@ -142,10 +142,6 @@ def redis_url(redis_server: RedisServer) -> str:
 async def redis_client(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
     client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
     await client.flushall()
-    # ACL users created by a previous test would otherwise leak between tests.
-    for user in await client.acl_users():
-        if user != "default":
-            await client.acl_deluser(user)
     try:
         yield client
     finally:

@@ -85,8 +85,9 @@ def test_without_a_key_the_agents_use_the_scripted_model(tmp_path: Path) -> None
     assert "model" in components
     # The agents call the gateway and hold no Anthropic key; the gateway forwards to the model with
     # the one key the model accepts.
-    assert secrets["ANTHROPIC_BASE_URL"] == "http://127.0.0.1:8082"
-    assert "ANTHROPIC_API_KEY" not in secrets
+    # (the controller gives each machine the gateway's address and its session's token).
+    assert components["controller"].env["FLYSWARM_AGENT_GATEWAY_URL"] == "http://127.0.0.1:8082"
+    assert "ANTHROPIC_API_KEY" not in secrets and not any("redis" in v for v in secrets.values())
     gateway = components["gateway"].env
     assert gateway["FLYSWARM_GATEWAY_UPSTREAM_URL"] == "http://127.0.0.1:4281"
     assert (
@@ -109,7 +110,8 @@ def test_with_a_key_only_the_gateway_holds_it(tmp_path: Path) -> None:
     components = stack.components()
 
     assert "model" not in components
-    assert "ANTHROPIC_API_KEY" not in secrets and secrets["ANTHROPIC_BASE_URL"] == "http://127.0.0.1:8082"
+    assert "ANTHROPIC_API_KEY" not in secrets
+    assert components["controller"].env["FLYSWARM_AGENT_GATEWAY_URL"] == "http://127.0.0.1:8082"
     assert components["gateway"].env["ANTHROPIC_API_KEY"] == key
     assert "FLYSWARM_GATEWAY_UPSTREAM_URL" not in components["gateway"].env  # the real API, by default
     for component in components.values():
