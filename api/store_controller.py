@@ -4,7 +4,8 @@ A role of the store (see :mod:`api.store_base`): batched reads of sessions, hear
 records and inbox depth; the status write, fenced by the leader's token; launch records written
 *before* a Fly create; the change feed and the agents' wake channel (the early triggers); the
 controller-seen record; the leader lease (:class:`api.store_lease.LeaderLease`, which
-:mod:`controller.leader` drives); and per-session credentials and session removal
+:mod:`controller.leader` drives); the shard leases and membership (:class:`api.store_shards.ShardLeases`,
+which :mod:`controller.shards` drives); and per-session credentials and session removal
 (:class:`api.store_credentials.SessionTeardown`).
 
 ``write_status`` validates the status it is given before writing it: a status built around the
@@ -28,6 +29,7 @@ from api.models import Heartbeat, SessionStatus, utcnow
 from api.store_base import EventWrites, SessionIndexReads, StoreUnavailable, unavailable_on_redis_error
 from api.store_credentials import SessionTeardown
 from api.store_lease import LeaderLease
+from api.store_shards import ShardLeases
 
 StatusWrite = Literal["written", "missing", "refused", "fenced"]
 
@@ -59,7 +61,7 @@ class Change:
     kind: str
 
 
-class ControllerStore(SessionIndexReads, EventWrites, SessionTeardown, LeaderLease):
+class ControllerStore(SessionIndexReads, EventWrites, SessionTeardown, LeaderLease, ShardLeases):
     """Async access for the controller. One instance per process, shared by all tasks."""
 
     def __init__(self, redis: aioredis.Redis, **kwargs: Any) -> None:

@@ -75,6 +75,7 @@ STORE_MODULES = {
     "api.store_controller",
     "api.store_credentials",
     "api.store_lease",
+    "api.store_shards",
     "api.transcripts",
 }
 SHARED_STORE_MODULES = {"api.store_base"}
