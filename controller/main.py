@@ -133,6 +133,8 @@ def fly_client_for(settings: ControllerSettings, metrics: ControllerMetrics, **o
         base_url=normalize_base_url(settings.fly_api_hostname),
         call_deadline=settings.call_timeout_seconds,
         on_response=metrics.on_fly_response,
+        # Which replica called, in Fly's logs and the emulator's request log.
+        user_agent=f"flyswarm-controller/{settings.controller_id}",
     )
     transport = overrides.pop("transport", None)
     if overrides:
