@@ -204,7 +204,7 @@ class Reconciler:
         if not self.authority.is_leader_for(session_id):
             return  # another replica's shard: its own trigger loop wakes it there
         self.freshness.changed(session_id)
-        self.queue.add(session_id)
+        self.queue.add(session_id, urgent=True)
 
     def busy(self, owned: Callable[[str], bool]) -> bool:
         """Is a reconcile of one of the sessions ``owned`` selects under way?"""
