@@ -194,7 +194,9 @@ def fly_client(fly_url: str, metrics: ControllerMetrics | None = None) -> FlyCli
 
 
 async def replica_pass(redis_url: str, fly_url: str, index: int, replicas: int) -> dict[str, float]:
-    settings = settings_for(redis_url, fly_url, resync_seconds=60.0, heartbeat_ttl_seconds=3600.0)
+    settings = settings_for(
+        redis_url, fly_url, resync_seconds=60.0, heartbeat_ttl_seconds=3600.0, pass_timeout_seconds=600.0
+    )
     metrics = ControllerMetrics()
     fly = fly_client(fly_url, metrics)
     store = ControllerStore(counting_client(redis_url))
@@ -280,7 +282,9 @@ async def bare_read(redis_url: str, fly_url: str) -> dict[str, float]:
 async def post_to_plan(
     redis_url: str, fly_url: str, work: Path, posts: int, spacing: float
 ) -> dict[str, Any]:
-    settings = settings_for(redis_url, fly_url, heartbeat_ttl_seconds=3600.0, shards=SHARDS)
+    settings = settings_for(
+        redis_url, fly_url, heartbeat_ttl_seconds=3600.0, shards=SHARDS, pass_timeout_seconds=600.0
+    )
     metrics = ControllerMetrics()
     fly = fly_client(fly_url, metrics)
     controller = Controller(settings, fly=fly, metrics=metrics, serve_health=False)

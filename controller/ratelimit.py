@@ -106,7 +106,7 @@ class KeyedRateLimiter:
         self._buckets: dict[tuple[str, str], TokenBucket] = {}
 
     def set_limit(self, action: str, limit: Limit) -> None:
-        """Change one action's limit, its existing buckets included (saved-up tokens are kept)."""
+        """Change one action's limit, its existing buckets included (saved-up tokens, up to the new burst)."""
         self._limits[action] = limit
         for (name, _scope), bucket in self._buckets.items():
             if name == action:
