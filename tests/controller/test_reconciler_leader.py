@@ -27,20 +27,26 @@ async def test_two_racing_controllers_make_one_machine_per_session_and_only_the_
     # One shard: exactly one replica may act on sessions at a time (the unsharded behaviour).
     a = await world.start_controller(controller_id="ctl-a", shards=1)
     b = await world.start_controller(controller_id="ctl-b", shards=1)
+
+    async def settled() -> bool:
+        # Both see each other and the shard sits with its fair-share owner (the first id).
+        return a.controller.shards.replicas == 2 == b.controller.shards.replicas and (
+            a.controller.shards.held == [0] and b.controller.shards.held == []
+        )
+
+    await world.until(settled, what="the shard settled with one replica")
+    acted_before = b.controller.metrics.total("flyswarm_controller_actions_total")
     ids = {f"r{i}" for i in range(5)}
     for sid in ids:
         await world.create_session(sid, mode="chat", idleTimeoutSeconds=0)
     for sid in ids:
         await world.until_running(sid)
-    # Not one duplicate, ever: the replica without the shard never created anything.
+    # Not one duplicate, ever: the replica without the shard never acted.
     for sid in ids:
         assert len(world.machines(sid, live=False)) == 1
-    holders = [c for c in (a, b) if c.controller.shards.held == [0]]
-    assert len(holders) == 1
-    other = b if holders[0] is a else a
-    assert other.controller.shards.held == []
-    assert other.controller.metrics.total("flyswarm_controller_actions_total") == 0
-    assert holders[0].controller.metrics.total("flyswarm_controller_actions_total") > 0
+    assert a.controller.shards.held == [0] and b.controller.shards.held == []
+    assert b.controller.metrics.total("flyswarm_controller_actions_total") == acted_before
+    assert a.controller.metrics.total("flyswarm_controller_actions_total") > 0
     await world.assert_invariants(ids)
 
 
