@@ -235,7 +235,9 @@ class Controller:
     async def _shards_gained(self, shards: frozenset[int]) -> None:
         self._show_shards()
         if self.reconciler is not None:
-            self.reconciler.nudge()  # read the new shards' sessions now rather than at the next resync
+            count = self.shards.count
+            # Resync now; until then nothing is planned for the new shards' sessions.
+            self.reconciler.uncovered(lambda sid: shard_of(sid, count) in shards)
 
     async def _shards_lost(self, shards: frozenset[int]) -> None:
         self._show_shards()

@@ -150,6 +150,8 @@ class Reconciler:
         self._workers: list[asyncio.Task[None]] = []
         #: The reconcile under way per key, so work on a lost shard can be stopped at once.
         self._active: dict[str, asyncio.Task[list[Outcome]]] = {}
+        #: Sessions that became ours at a time (shards just taken) and that no snapshot covers yet.
+        self._uncovered: list[tuple[float, Callable[[str], bool]]] = []
 
     @property
     def redis_ok(self) -> bool:
@@ -222,6 +224,17 @@ class Reconciler:
             self._forget(key)
         return cancelled
 
+    def uncovered(self, owned: Callable[[str], bool]) -> None:
+        """The sessions ``owned`` selects became ours just now (a shard was taken): no plan for them
+        until a snapshot read after this moment, which sees the machines the last owner made."""
+        self._uncovered.append((time.monotonic(), owned))
+        self.nudge()
+
+    @property
+    def covers_its_shards(self) -> bool:
+        """True once a snapshot covers every session this replica owns (no shard taken since)."""
+        return self.snapshot is not None and not self._uncovered
+
     def freshness_keys(self) -> list[str]:
         snapshot = self.snapshot
         return list(snapshot.sessions) if snapshot is not None else []
@@ -231,13 +244,15 @@ class Reconciler:
     async def _resync_loop(self) -> None:
         failures = 0
         while True:
+            # Cleared before the pass: a nudge that arrives during it (a shard taken mid-read)
+            # starts the next pass at once instead of being lost.
+            self._resync_now.clear()
             stats = await self.resync()
             failures = 0 if stats.ok else failures + 1
             wait = self.settings.resync_seconds
             if failures:
                 # Unknown inputs: look again sooner than a full interval, but back off.
                 wait = min(wait, 0.2 * 2 ** min(failures, 6))
-            self._resync_now.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._resync_now.wait(), wait)
 
@@ -249,6 +264,7 @@ class Reconciler:
         stats = PassStats(reconcile_id=rid, ok=False)
         self.destroy_budget.reset()
         app_wide = self.authority.is_leader_for(None)
+        read_started = time.monotonic()
         if not self.authority.is_leader():
             # No shard and not the leader: nothing to act on, so nothing to read.
             stats.ok, stats.error = True, "idle: no shard held"
@@ -272,6 +288,7 @@ class Reconciler:
             self.last_pass = stats
             return stats
         self.snapshot = snapshot
+        self._uncovered = [(t, owned) for t, owned in self._uncovered if t >= read_started]
         self.expectations.settle(snapshot.all_machines, snapshot.listed_from, self._now())
         stats.ok = True
         stats.fly_pages = pages
@@ -376,9 +393,12 @@ class Reconciler:
             # follows a shard's acquisition queues its sessions here.
             self._forget(key)
             return []
-        if snapshot is not None and key in snapshot.all_ids and key not in snapshot.sessions:
-            # Its shard was taken after this snapshot was read: the snapshot has none of its machines,
-            # and a plan on that would see none. The resync (nudged on acquisition) queues it.
+        if (snapshot is not None and key in snapshot.all_ids and key not in snapshot.sessions) or any(
+            owned(key) for _at, owned in self._uncovered
+        ):
+            # Its shard was taken after this snapshot was read: the snapshot has none of its machines
+            # (the last owner may have made one), and a plan on that would see none. The resync
+            # (nudged on acquisition) queues it.
             self.queue.add_after(key, min(1.0, self.settings.resync_seconds))
             return []
         if snapshot is None or not self._inputs_known(snapshot):
