@@ -17,7 +17,24 @@ CHANGES = f"{PREFIX}:changes"  # stream: the change feed (capped); wakes the con
 INDEX = f"{PREFIX}:sessions"  # zset, score 0: every session id, for lexicographic cursor paging
 LEADER = f"{PREFIX}:leader"  # string with TTL: the controller leader lease (holder id + token)
 LEADER_FENCE = f"{PREFIX}:leader:fence"  # counter: monotonically increasing fencing tokens
+#: zset: controller replica id -> expiry (Redis server time, ms); who shares the shards (see below)
+CONTROLLER_MEMBERS = f"{PREFIX}:controller:members"
 CONTROLLER_SEEN = f"{PREFIX}:controller:seen"  # hash: controller id -> last pass time (for status)
+
+
+# -- controller shards -----------------------------------------------------------------------------
+# Each shard's lease and fence counter share the hash tag ``{shard:<n>}``: the lease script touches
+# both, and they must live in one Redis Cluster slot. Different shards land in different slots.
+
+
+def shard_lease(shard: int) -> str:
+    """String with TTL: the holder of controller shard ``shard`` (``<replica id>/<token>``)."""
+    return f"{PREFIX}:{{shard:{shard}}}:lease"
+
+
+def shard_fence(shard: int) -> str:
+    """Counter: the fencing tokens of shard ``shard``'s terms (larger for every new holder)."""
+    return f"{PREFIX}:{{shard:{shard}}}:fence"
 
 
 def _tag(session_id: str) -> str:

@@ -5,8 +5,8 @@ records and inbox depth; the status write, fenced by the leader's token; launch 
 *before* a Fly create; the change feed and the agents' wake channel (the early triggers); the
 controller-seen record; the per-session gateway tokens (:class:`api.store_tokens.SessionTokens`:
 minted per launch, revoked at the end); the leader lease (:class:`api.store_lease.LeaderLease`, which
-:mod:`controller.leader` drives); and per-session credentials and session removal
-(:class:`api.store_teardown.SessionTeardown`).
+:mod:`controller.leader` drives); the shard leases and membership (:class:`api.store_shards.ShardLeases`,
+which :mod:`controller.shards` drives); and session removal (:class:`api.store_teardown.SessionTeardown`).
 
 ``write_status`` validates the status it is given before writing it: a status built around the
 model's validation (``model_copy(update=...)``, ``model_construct``) with a phase or a reason
@@ -28,6 +28,7 @@ from api import keys
 from api.models import Heartbeat, SessionStatus, utcnow
 from api.store_base import EventWrites, SessionIndexReads, StoreUnavailable, unavailable_on_redis_error
 from api.store_lease import LeaderLease
+from api.store_shards import ShardLeases
 from api.store_teardown import SessionTeardown
 from api.store_tokens import SessionTokens
 
@@ -61,7 +62,9 @@ class Change:
     kind: str
 
 
-class ControllerStore(SessionIndexReads, EventWrites, SessionTeardown, SessionTokens, LeaderLease):
+class ControllerStore(
+    SessionIndexReads, EventWrites, SessionTeardown, SessionTokens, LeaderLease, ShardLeases
+):
     """Async access for the controller. One instance per process, shared by all tasks."""
 
     def __init__(self, redis: aioredis.Redis, **kwargs: Any) -> None:

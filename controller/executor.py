@@ -4,9 +4,10 @@
 :data:`~controller.actions.Outcome` value (done, requeue, transient, permanent). It never decides
 *whether* to act, with three safety exceptions that belong to the runtime, not the plan:
 
-* **Only the leader acts.** Every action first checks :class:`Authority` (the leader lease); a
-  Fly call's deadline never outlives the current term (``authority.remaining()``), and status
-  writes carry the fencing token so Redis refuses them after a newer leader took over.
+* **Only the session's owner acts.** Every action first checks :class:`Authority` for its session
+  (the lease of the session's shard; orphans: the leader lease); a Fly call's deadline never
+  outlives that term (``authority.remaining_for``), and status writes carry the shard's fencing
+  token (``authority.fence_for``) so Redis refuses them after a newer holder took over.
 * **Safe creates.** The launch id is recorded in Redis *before* the create call and the machine
   carries it in metadata (``flyswarm_launch``). An ambiguous failure (408/5xx/timeout after the
   request may have reached Fly) is never retried blindly: the machine is looked up by that
@@ -14,7 +15,8 @@
   plan holds off until the create expectation expires. Every create is also an in-memory
   expectation (:mod:`controller.expectations`), so a lagging list never causes a second create.
 * **Create pacing.** Creates are admitted at Fly's per-app create rate (:class:`CreatePacer`): a
-  session whose turn is later is requeued for exactly then instead of holding a worker.
+  session whose turn is later is requeued for exactly then instead of holding a worker. With N
+  replicas each runs at 1/N of it (:meth:`CreatePacer.set_share`).
 * **Destroy budget.** At most ``max_destroys_per_pass`` destroys per resync pass; the rest wait.
 
 One action is one Fly call: the executor never looks at a machine to choose another verb, and
@@ -34,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Protocol
@@ -79,14 +82,19 @@ _LOOKUP_PAUSE_SECONDS = 0.5
 
 
 class Authority(Protocol):
-    """Who may act: the leader lease (:class:`controller.leader.LeaderElector`) or a sole controller."""
+    """Who may act on what: this replica's shards (:class:`controller.shards.ShardManager`), the
+    leader lease alone (:class:`controller.leader.LeaderElector`) or a sole controller.
+
+    Per session: ``session_id`` None means an app-wide duty (orphan machines), not one session.
+    """
 
     def is_leader(self) -> bool: ...
 
-    def remaining(self) -> float: ...
+    def is_leader_for(self, session_id: str | None) -> bool: ...
 
-    @property
-    def fence(self) -> tuple[str, int] | None: ...
+    def remaining_for(self, session_id: str | None) -> float: ...
+
+    def fence_for(self, session_id: str | None) -> tuple[str, int] | None: ...
 
 
 class SoleAuthority:
@@ -95,11 +103,13 @@ class SoleAuthority:
     def is_leader(self) -> bool:
         return True
 
-    def remaining(self) -> float:
+    def is_leader_for(self, session_id: str | None) -> bool:
+        return True
+
+    def remaining_for(self, session_id: str | None) -> float:
         return float("inf")
 
-    @property
-    def fence(self) -> tuple[str, int] | None:
+    def fence_for(self, session_id: str | None) -> tuple[str, int] | None:
         return None
 
 
@@ -144,8 +154,14 @@ class CreatePacer:
 
     def __init__(self, limit: Limit | None, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
+        self._limit = limit
         self._bucket = TokenBucket(limit, clock()) if limit is not None else None
         self._slots: dict[str, float] = {}
+
+    def set_share(self, share: float) -> None:
+        """Admit creates at ``share`` of the rate (N replicas share one app's create budget)."""
+        if self._bucket is not None and self._limit is not None:
+            self._bucket.limit = self._limit.shared(share)
 
     def admit(self, session_id: str) -> float:
         """0 when ``session_id`` may send its create now, else the seconds until its slot."""
@@ -247,25 +263,35 @@ class Executor:
 
     # -- entry point ------------------------------------------------------------------------------
 
-    async def apply(self, action: Action, *, session: Session | None = None, log: Any = None) -> Outcome:
-        """Apply one action; never raises for an expected failure (it becomes an outcome value)."""
+    async def apply(
+        self, action: Action, *, session: Session | None = None, log: Any = None, app_wide: bool = False
+    ) -> Outcome:
+        """Apply one action; never raises for an expected failure (it becomes an outcome value).
+
+        ``app_wide``: an orphan's action, authorised by the leader lease rather than a shard.
+        """
         log = (log or _log).bind(action=action.kind, reason=action.reason)
         if action.session_id is not None:
             log = log.bind(session_id=action.session_id)
         machine_id = getattr(action, "machine_id", None)
         if machine_id is not None:
             log = log.bind(machine_id=machine_id)
-        if isinstance(action, RequeueAfter):
-            outcome: Outcome = Requeue(action.seconds)
-        elif not self.authority.is_leader():
-            outcome = Transient("not the leader")
-        else:
-            try:
-                outcome = await self._dispatch(action, session, log)
-            except StoreUnavailable as err:
-                outcome = Transient(f"redis unavailable: {err}")
-            except fly_errors.FlyError as err:
-                outcome = self._fly_outcome(err)
+        scope = None if app_wide else action.session_id
+        token = _SCOPE.set(scope)
+        try:
+            if isinstance(action, RequeueAfter):
+                outcome: Outcome = Requeue(action.seconds)
+            elif not self.authority.is_leader_for(scope):
+                outcome = Transient("not the owner of this session's shard")
+            else:
+                try:
+                    outcome = await self._dispatch(action, session, log)
+                except StoreUnavailable as err:
+                    outcome = Transient(f"redis unavailable: {err}")
+                except fly_errors.FlyError as err:
+                    outcome = self._fly_outcome(err)
+        finally:
+            _SCOPE.reset(token)
         self._count(action, outcome)
         if isinstance(outcome, Transient | Permanent):
             log.warning("action_failed", outcome=outcome.kind, error=outcome.error)
@@ -297,9 +323,11 @@ class Executor:
     # -- store actions ----------------------------------------------------------------------------
 
     async def _set_status(self, action: SetStatus, log: Any) -> Outcome:
-        result = await self.store.write_status(action.session_id, action.status, fence=self.authority.fence)
+        result = await self.store.write_status(
+            action.session_id, action.status, fence=self.authority.fence_for(action.session_id)
+        )
         if result == "fenced":
-            return Transient("status write fenced: a newer leader exists")
+            return Transient("status write fenced: a newer holder of the shard exists")
         if result == "written":
             if action.status.phase.finished:
                 # A finished session's token opens nothing any more (the gateway also refuses it).
@@ -492,7 +520,7 @@ class Executor:
     # -- helpers ----------------------------------------------------------------------------------
 
     def _term_left(self) -> float:
-        return self.authority.remaining()
+        return self.authority.remaining_for(_SCOPE.get())
 
     def _deadline(self) -> float:
         """A call's deadline: the configured one, but never past the end of our leadership term."""
@@ -513,6 +541,9 @@ class Executor:
         if self.metrics is not None:
             self.metrics.actions.labels(action=action.kind, outcome=outcome.kind).inc()
 
+
+#: The session an action is applied for (None: an app-wide duty), for the deadline helpers below.
+_SCOPE: ContextVar[str | None] = ContextVar("flyswarm_action_scope", default=None)
 
 _PAST = {"start": "machine_started", "stop": "machine_stopped", "suspend": "machine_suspended"}
 

@@ -237,6 +237,18 @@ class FlyClient:
                 sleep=sleep,
             )
 
+    def set_app_share(self, share: float) -> None:
+        """Run the per-app buckets (create, list) at ``share`` of Fly's rate.
+
+        Fly limits creates and lists per app, not per caller: N controller replicas each take 1/N.
+        Per-machine buckets stay whole - a machine belongs to one session, so to one replica.
+        """
+        if self._limiter is None:
+            return
+        limit = FLY_ACTION_LIMIT.scaled(self.config.rate_margin).shared(share)
+        for op in (_LIST, _CREATE):
+            self._limiter.set_limit(op.bucket, limit)
+
     def __repr__(self) -> str:
         return f"FlyClient(app={self.config.app_name!r}, base_url={self.config.base_url!r})"
 

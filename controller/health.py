@@ -2,7 +2,8 @@
 
 * ``/healthz`` answers 200 while the process's event loop runs (liveness: restart me if not).
 * ``/readyz`` answers 200 when Redis and Fly were reachable at the last look, whether this
-  replica leads or stands by; 503 otherwise, with which one failed. "Not ready" never means the
+  replica leads or stands by; 503 otherwise, with which one failed. It also says which shards
+  this replica holds, of how many, among how many live replicas. "Not ready" never means the
   controller gives up: it keeps retrying and turns ready again by itself.
 * ``/metrics`` is the Prometheus exposition of :class:`controller.metrics.ControllerMetrics`.
 
@@ -30,6 +31,9 @@ class Readiness:
     fly: bool
     leader: bool
     holder: str | None = None
+    shards: tuple[int, ...] = ()  #: the shards this replica holds
+    shard_count: int = 1
+    replicas: int = 1
 
     @property
     def ready(self) -> bool:
@@ -50,6 +54,9 @@ def create_health_app(readiness: Callable[[], Readiness], metrics: ControllerMet
             "fly": state.fly,
             "role": "leader" if state.leader else "standby",
             "leader": state.holder,
+            "shards": list(state.shards),
+            "shardCount": state.shard_count,
+            "replicas": state.replicas,
         }
         return JSONResponse(body, status_code=200 if state.ready else 503)
 

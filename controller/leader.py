@@ -119,6 +119,16 @@ class LeaderElector:
             return 0.0
         return max(0.0, self._act_until - self._clock())
 
+    # The per-session authority of an unsharded controller: the one lease covers every session.
+    def is_leader_for(self, session_id: str | None) -> bool:
+        return self.is_leader()
+
+    def remaining_for(self, session_id: str | None) -> float:
+        return self.remaining()
+
+    def fence_for(self, session_id: str | None) -> tuple[str, int] | None:
+        return self.fence
+
     async def wait_changed(self, timeout: float | None = None) -> None:
         """Wait until leadership is gained or lost (or ``timeout``)."""
         self._changed.clear()

@@ -1,17 +1,20 @@
-"""The controller process: settings, logs, leader election, the reconciler while leading, health.
+"""The controller process: settings, logs, shards and leader election, the reconciler, health.
 
 ``flyswarm controller`` and ``python -m controller`` both call :func:`main`. One process is one
-:class:`Controller`:
+:class:`Controller`, one replica among any number:
 
-* it campaigns for the Redis leader lease (:mod:`controller.leader`) and runs the reconciler
-  (:mod:`controller.reconciler`) only while it holds it; a term that ends (lease lost or not
-  renewable in time) cancels the reconciler at once;
-* it serves ``/healthz``, ``/readyz`` and ``/metrics`` on ``FLYSWARM_CONTROLLER_PORT`` whether it
-  leads or stands by (a standby checks Fly with a cheap list now and then so its readiness means
-  something);
+* it holds its share of the ``FLYSWARM_SHARDS`` shard leases (:mod:`controller.shards`) and runs
+  the reconciler (:mod:`controller.reconciler`) on the sessions of those shards; a shard that is
+  lost (not renewable in time, or taken) has the work on its sessions cancelled at once;
+* it campaigns for the Redis leader lease (:mod:`controller.leader`), which now elects the one
+  replica that does the app-wide duties: orphan machines and the credential finalizer;
+* it divides Fly's per-app budget (creates, lists) by the number of live replicas;
+* it serves ``/healthz``, ``/readyz`` and ``/metrics`` on ``FLYSWARM_CONTROLLER_PORT``, the shards
+  it holds included (a replica that holds nothing checks Fly with a cheap list now and then so
+  its readiness means something);
 * on SIGTERM (or SIGINT) it stops taking work, lets in-flight actions finish within
-  ``shutdown_seconds`` (their Fly leases are released as they end), releases the leader lease so
-  a standby takes over at once, and exits 0.
+  ``shutdown_seconds`` (their Fly leases are released as they end), releases its shards and the
+  leader lease so the other replicas take over at once, and exits 0.
 """
 
 from __future__ import annotations
@@ -43,14 +46,13 @@ from controller.observed import MANAGED_VALUE, TAG_MANAGED
 from controller.queue import WorkQueue
 from controller.reconciler import Reconciler, ReconcilerOptions
 from controller.settings import ControllerSettings
+from controller.shards import ShardManager, shard_of
 from controller.snapshot import WorldReader
 
 _log = get_logger("controller.main")
 
 #: Time in-flight actions get to finish after SIGTERM (Fly's own stop timeout is 10 s by default).
 DEFAULT_SHUTDOWN_SECONDS = 20.0
-#: How long a cancelled term may take to unwind (Fly lease releases are shielded, 5 s at most).
-_TERM_UNWIND_SECONDS = 6.0
 
 
 def leader_timing(settings: ControllerSettings) -> LeaderTiming:
@@ -129,6 +131,8 @@ def fly_client_for(settings: ControllerSettings, metrics: ControllerMetrics, **o
         base_url=normalize_base_url(settings.fly_api_hostname),
         call_deadline=settings.call_timeout_seconds,
         on_response=metrics.on_fly_response,
+        # Which replica called, in Fly's logs and the emulator's request log.
+        user_agent=f"flyswarm-controller/{settings.controller_id}",
     )
     transport = overrides.pop("transport", None)
     if overrides:
@@ -170,53 +174,93 @@ class Controller:
         self.options = options
         self.serve_health = serve_health
         self.shutdown_seconds = shutdown_seconds
+        timing = timing or leader_timing(settings)
         self.elector = LeaderElector(
             self.store,
             holder_id=settings.controller_id,
-            timing=timing or leader_timing(settings),
+            timing=timing,
             on_started=self._start_leading,
             on_stopped=self._stop_leading,
+        )
+        self.shards = ShardManager(
+            self.store,
+            holder_id=settings.controller_id,
+            count=settings.shards,
+            timing=timing,
+            app_wide=self.elector,
+            on_gained=self._shards_gained,
+            on_lost=self._shards_lost,
+            on_members=self._replicas_changed,
+            busy=self._shard_busy,
         )
         self.reconciler: Reconciler | None = None
         self._term: asyncio.Task[None] | None = None
         self._fly_probe_ok = False
         self.health_app = create_health_app(self.readiness, self.metrics)
+        self._show_shards()
 
     # -- readiness --------------------------------------------------------------------------------
 
     def readiness(self) -> Readiness:
         leading = self.elector.is_leader()
         reconciler = self.reconciler
-        if leading and reconciler is not None and reconciler.last_pass is not None:
+        acting = self.shards.is_leader()
+        if acting and reconciler is not None and reconciler.last_pass is not None:
             redis_ok, fly_ok = reconciler.redis_ok, reconciler.fly_ok
         else:
-            redis_ok, fly_ok = self.elector.redis_ok, self._fly_probe_ok
+            redis_ok, fly_ok = self.elector.redis_ok and self.shards.redis_ok, self._fly_probe_ok
         self.metrics.ready.set(1 if redis_ok and fly_ok else 0)
-        return Readiness(redis=redis_ok, fly=fly_ok, leader=leading, holder=self.elector.current_holder)
+        return Readiness(
+            redis=redis_ok,
+            fly=fly_ok,
+            leader=leading,
+            holder=self.elector.current_holder,
+            shards=tuple(self.shards.held),
+            shard_count=self.shards.count,
+            replicas=self.shards.replicas,
+        )
 
-    # -- leadership -------------------------------------------------------------------------------
+    # -- leadership (the app-wide duties) and shards ------------------------------------------------
 
     async def _start_leading(self) -> None:
         self.metrics.leader.set(1)
-        self.reconciler = build_reconciler(
-            store=self.store,
-            fly=self.fly,
-            settings=self.settings,
-            authority=self.elector,
-            config_builder=self.config_builder,
-            metrics=self.metrics,
-            options=self.options,
-        )
-        self._term = asyncio.create_task(self.reconciler.run(), name="controller-term")
+        if self.reconciler is not None:
+            self.reconciler.nudge()  # orphans are ours to collect now
 
     async def _stop_leading(self) -> None:
         self.metrics.leader.set(0)
-        term, self._term = self._term, None
-        if term is not None and not term.done():
-            # The lease is gone or about to be: stop acting now, do not wait for in-flight work.
-            term.cancel()
-            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-                await asyncio.wait_for(asyncio.shield(_wait_quietly(term)), _TERM_UNWIND_SECONDS)
+
+    async def _shards_gained(self, shards: frozenset[int]) -> None:
+        self._show_shards()
+        if self.reconciler is not None:
+            count = self.shards.count
+            # Resync now; until then nothing is planned for the new shards' sessions.
+            self.reconciler.uncovered(lambda sid: shard_of(sid, count) in shards)
+
+    async def _shards_lost(self, shards: frozenset[int]) -> None:
+        self._show_shards()
+        reconciler = self.reconciler
+        if reconciler is not None:
+            count = self.shards.count
+            # Another replica may hold these within lease_seconds: stop acting on them now.
+            reconciler.stop_acting(lambda sid: shard_of(sid, count) in shards)
+
+    def _shard_busy(self, shard: int) -> bool:
+        reconciler, count = self.reconciler, self.shards.count
+        return reconciler is not None and reconciler.busy(lambda sid: shard_of(sid, count) == shard)
+
+    def _replicas_changed(self, replicas: int) -> None:
+        """Fly's per-app limits are the app's, not a replica's: each of N replicas takes 1/N."""
+        self.metrics.replicas.set(replicas)
+        self.fly.set_app_share(1.0 / replicas)
+        if self.reconciler is not None:
+            self.reconciler.executor.create_pacer.set_share(1.0 / replicas)
+
+    def _show_shards(self) -> None:
+        held = set(self.shards.held)
+        self.metrics.shards_held.set(len(held))
+        for shard in range(self.shards.count):
+            self.metrics.shard_held.labels(shard=str(shard)).set(1 if shard in held else 0)
 
     # -- the process ------------------------------------------------------------------------------
 
@@ -229,9 +273,21 @@ class Controller:
             fly_api=normalize_base_url(self.settings.fly_api_hostname),
             resync_seconds=self.settings.resync_seconds,
             concurrency=self.settings.concurrency,
+            shards=self.settings.shards,
         )
+        self.reconciler = build_reconciler(
+            store=self.store,
+            fly=self.fly,
+            settings=self.settings,
+            authority=self.shards,
+            config_builder=self.config_builder,
+            metrics=self.metrics,
+            options=self.options,
+        )
+        self._term = asyncio.create_task(self.reconciler.run(), name="controller-reconciler")
         background = [
             asyncio.create_task(self.elector.run(), name="controller-elector"),
+            asyncio.create_task(self.shards.run(), name="controller-shards"),
             asyncio.create_task(self._probe_fly_loop(), name="controller-fly-probe"),
         ]
         server: _QuietServer | None = None
@@ -261,17 +317,19 @@ class Controller:
         if term is not None and not term.done():
             term.cancel()
             await _wait_quietly(term)
-        # Release the leader lease so a standby takes over now rather than after the TTL.
+        # Release the shards and the leader lease so the others take over now, not after the TTL.
         self.elector.stop()
-        elector_task = background[0]
-        elector_task.cancel()
-        await _wait_quietly(elector_task)
+        self.shards.stop()
+        for task in background[:2]:
+            task.cancel()
+        for task in background[:2]:
+            await _wait_quietly(task)
         if server is not None:
             server.should_exit = True
-        for task in background[1:]:
+        for task in background[2:]:
             if task.get_name() != "controller-health":
                 task.cancel()
-        await asyncio.gather(*background[1:], return_exceptions=True)
+        await asyncio.gather(*background[2:], return_exceptions=True)
         if self._owns_fly:
             await self.fly.aclose()
         if self._owns_store:
@@ -279,10 +337,10 @@ class Controller:
         _log.info("controller_stopped", in_flight_finished=finished)
 
     async def _probe_fly_loop(self) -> None:
-        """While standing by, check now and then that Fly answers (readiness); one cheap call."""
+        """While holding nothing, check now and then that Fly answers (readiness); one cheap call."""
         interval = max(self.settings.resync_seconds, 5.0)
         while True:
-            if not self.elector.is_leader():
+            if not self.shards.is_leader():
                 try:
                     await self.fly.list_machines(
                         metadata={TAG_MANAGED: MANAGED_VALUE}, summary=True, limit=1, deadline=5.0

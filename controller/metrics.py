@@ -87,6 +87,17 @@ class ControllerMetrics:
         self.leader = Gauge(
             "flyswarm_controller_leader", "1 while this controller holds the leader lease.", registry=r
         )
+        self.shards_held = Gauge(
+            "flyswarm_controller_shards_held", "Shards this replica holds and acts on.", registry=r
+        )
+        self.shard_held = Gauge(
+            "flyswarm_controller_shard_held", "1 for each shard this replica holds.", ["shard"], registry=r
+        )
+        self.replicas = Gauge(
+            "flyswarm_controller_replicas",
+            "Live controller replicas this one counts (Fly's per-app budget is divided by it).",
+            registry=r,
+        )
         self.ready = Gauge(
             "flyswarm_controller_ready", "1 while Redis and Fly were reachable at the last look.", registry=r
         )
@@ -95,6 +106,7 @@ class ControllerMetrics:
         )
         for phase in Phase:
             self.sessions.labels(phase=phase.value).set(0)
+        self.replicas.set(1)
 
     def on_fly_response(self, action: str, status: str, seconds: float) -> None:
         """The Fly client's ``on_response`` hook (must not raise or block)."""

@@ -10,6 +10,9 @@ Guarantees, each one a reason the controller can stay simple:
 * **Delayed adds.** :meth:`WorkQueue.add_after` puts a key in a heap and queues it when due; a
   key already waiting keeps the earlier of its two times (``RequeueAfter`` of a heartbeat
   deadline and a backoff retry never delay each other).
+* **Triggers first.** A key added ``urgent`` (a trigger said the session changed: a POST, an agent's
+  report) is handed out before the keys a resync queued, so the reaction to a change does not
+  wait behind a whole fleet's pass (100 000 keys at a resync).
 * **Per-key backoff.** :meth:`WorkQueue.add_rate_limited` delays a failing key exponentially
   (:mod:`controller.backoff`); :meth:`WorkQueue.forget` resets it after a success.
 
@@ -39,6 +42,8 @@ class WorkQueue:
         self.backoff = backoff if backoff is not None else Backoff()
         self._clock = clock
         self._ready: deque[str] = deque()
+        self._urgent: deque[str] = deque()
+        self._queued: set[str] = set()  # keys in a lane (a key may sit in both; the first pop wins)
         self._dirty: set[str] = set()
         self._processing: set[str] = set()
         # (due, sequence, key); stale entries (key re-scheduled earlier, or already added) are
@@ -51,14 +56,22 @@ class WorkQueue:
 
     # -- adding -----------------------------------------------------------------------------------
 
-    def add(self, key: str) -> None:
-        """Queue ``key`` now (no-op when it is already queued; deferred while it is processing)."""
-        if self._shutting_down or key in self._dirty:
+    def add(self, key: str, *, urgent: bool = False) -> None:
+        """Queue ``key`` now (no-op when it is already queued; deferred while it is processing).
+
+        ``urgent`` puts it ahead of the keys queued without it (a key already waiting moves up).
+        """
+        if self._shutting_down:
+            return
+        if key in self._dirty:
+            if urgent and key in self._queued:
+                self._urgent.append(key)
             return
         self._dirty.add(key)
         if key in self._processing:
             return
-        self._ready.append(key)
+        self._queued.add(key)
+        (self._urgent if urgent else self._ready).append(key)
         self._wakeup.set()
 
     def add_after(self, key: str, delay: float) -> None:
@@ -97,8 +110,8 @@ class WorkQueue:
             if self._shutting_down:
                 return None
             self._promote_due()
-            if self._ready:
-                key = self._ready.popleft()
+            key = self._pop()
+            if key is not None:
                 self._dirty.discard(key)
                 self._processing.add(key)
                 return key
@@ -110,10 +123,20 @@ class WorkQueue:
             except TimeoutError:
                 pass
 
+    def _pop(self) -> str | None:
+        for lane in (self._urgent, self._ready):
+            while lane:
+                key = lane.popleft()
+                if key in self._queued:  # else handed out already from the other lane
+                    self._queued.discard(key)
+                    return key
+        return None
+
     def done(self, key: str) -> None:
         """Processing of ``key`` finished; if it was added meanwhile it is queued again now."""
         self._processing.discard(key)
         if key in self._dirty and not self._shutting_down:
+            self._queued.add(key)
             self._ready.append(key)
             self._wakeup.set()
 
@@ -131,7 +154,7 @@ class WorkQueue:
     def __len__(self) -> int:
         """Keys ready to be handed out now (the queue depth metric)."""
         self._promote_due()
-        return len(self._ready)
+        return len(self._queued)
 
     @property
     def delayed(self) -> int:

@@ -43,6 +43,11 @@ class Limit:
         that, where a full burst would earn a 429."""
         return Limit(rate=self.rate * factor, burst=max(1, self.burst - 1))
 
+    def shared(self, share: float) -> Limit:
+        """One replica's part of a limit that ``1 / share`` replicas share: rate and burst divided
+        (the burst rounded down, never below 1)."""
+        return Limit(rate=self.rate * share, burst=max(1, int(self.burst * share)))
+
 
 class TokenBucket:
     """One token bucket. Not thread-safe; meant for one event loop."""
@@ -102,6 +107,13 @@ class KeyedRateLimiter:
         self._sleep = sleep
         self._max_buckets = max_buckets
         self._buckets: dict[tuple[str, str], TokenBucket] = {}
+
+    def set_limit(self, action: str, limit: Limit) -> None:
+        """Change one action's limit, its existing buckets included (saved-up tokens, up to the new burst)."""
+        self._limits[action] = limit
+        for (name, _scope), bucket in self._buckets.items():
+            if name == action:
+                bucket.limit = limit
 
     def limit_for(self, action: str) -> Limit:
         return self._limits.get(action, self._default)

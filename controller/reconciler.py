@@ -3,9 +3,10 @@
 Level-triggered, in the controller-runtime mould:
 
 * **Full resync** every ``resync_seconds``: the :class:`~controller.snapshot.WorldReader` reads the
-  whole world (one paginated Fly list, one batched Redis read); every session id is queued and
-  orphans are handled from it. The pass is the source of truth; everything below only makes it
-  faster.
+  whole world (one paginated Fly list, one batched Redis read of the sessions of the shards this
+  replica holds, :mod:`controller.shards`); every one of those sessions is queued, and orphans are
+  handled from it by the one replica that holds the leader lease. The pass is the source of
+  truth; everything below only makes it faster.
 * **Triggers** (:mod:`controller.triggers`: the API's change feed, the agents' wake pub/sub) and
   the plan's own requeues (the next deadline it knows: heartbeat expiry, boot grace, restart
   backoff, idle timeout, a transient state's re-check) wake single keys within milliseconds.
@@ -147,6 +148,10 @@ class Reconciler:
         self._actions_since_pass = 0
         self._resync_now = asyncio.Event()
         self._workers: list[asyncio.Task[None]] = []
+        #: The reconcile under way per key, so work on a lost shard can be stopped at once.
+        self._active: dict[str, asyncio.Task[list[Outcome]]] = {}
+        #: Sessions that became ours at a time (shards just taken) and that no snapshot covers yet.
+        self._uncovered: list[tuple[float, Callable[[str], bool]]] = []
 
     @property
     def redis_ok(self) -> bool:
@@ -198,21 +203,56 @@ class Reconciler:
 
     def wake(self, session_id: str) -> None:
         """Reconcile ``session_id`` soon, with a fresh read of it (a trigger said it changed)."""
+        if not self.authority.is_leader_for(session_id):
+            return  # another replica's shard: its own trigger loop wakes it there
         self.freshness.changed(session_id)
-        self.queue.add(session_id)
+        self.queue.add(session_id, urgent=True)
+
+    def busy(self, owned: Callable[[str], bool]) -> bool:
+        """Is a reconcile of one of the sessions ``owned`` selects under way?"""
+        return any(owned(key) for key in self._active)
+
+    def stop_acting(self, owned: Callable[[str], bool]) -> int:
+        """Cancel the reconciles under way of the sessions ``owned`` selects (their shard was lost)
+        and forget what we knew of them; the number cancelled."""
+        cancelled = 0
+        for key, task in list(self._active.items()):
+            if owned(key) and not task.done():
+                task.cancel()
+                cancelled += 1
+        for key in [k for k in self.freshness_keys() if owned(k)]:
+            self._forget(key)
+        return cancelled
+
+    def uncovered(self, owned: Callable[[str], bool]) -> None:
+        """The sessions ``owned`` selects became ours just now (a shard was taken): no plan for them
+        until a snapshot read after this moment, which sees the machines the last owner made."""
+        self._uncovered.append((time.monotonic(), owned))
+        self.nudge()
+
+    @property
+    def covers_its_shards(self) -> bool:
+        """True once a snapshot covers every session this replica owns (no shard taken since)."""
+        return self.snapshot is not None and not self._uncovered
+
+    def freshness_keys(self) -> list[str]:
+        snapshot = self.snapshot
+        return list(snapshot.sessions) if snapshot is not None else []
 
     # -- full resync ------------------------------------------------------------------------------
 
     async def _resync_loop(self) -> None:
         failures = 0
         while True:
+            # Cleared before the pass: a nudge that arrives during it (a shard taken mid-read)
+            # starts the next pass at once instead of being lost.
+            self._resync_now.clear()
             stats = await self.resync()
             failures = 0 if stats.ok else failures + 1
             wait = self.settings.resync_seconds
             if failures:
                 # Unknown inputs: look again sooner than a full interval, but back off.
                 wait = min(wait, 0.2 * 2 ** min(failures, 6))
-            self._resync_now.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._resync_now.wait(), wait)
 
@@ -223,9 +263,16 @@ class Reconciler:
         started = time.monotonic()
         stats = PassStats(reconcile_id=rid, ok=False)
         self.destroy_budget.reset()
+        app_wide = self.authority.is_leader_for(None)
+        read_started = time.monotonic()
+        if not self.authority.is_leader():
+            # No shard and not the leader: nothing to act on, so nothing to read.
+            stats.ok, stats.error = True, "idle: no shard held"
+            self.last_pass = stats
+            return stats
         try:
             async with asyncio.timeout(self.settings.pass_timeout_seconds):
-                snapshot, pages = await self.reader.read()
+                snapshot, pages = await self.reader.read(self.authority.is_leader_for, orphans=app_wide)
         except (StoreUnavailable, fly_errors.FlyError, TimeoutError, OSError) as err:
             stats.error = f"{type(err).__name__}: {err}"
             stats.seconds = time.monotonic() - started
@@ -241,6 +288,7 @@ class Reconciler:
             self.last_pass = stats
             return stats
         self.snapshot = snapshot
+        self._uncovered = [(t, owned) for t, owned in self._uncovered if t >= read_started]
         self.expectations.settle(snapshot.all_machines, snapshot.listed_from, self._now())
         stats.ok = True
         stats.fly_pages = pages
@@ -250,7 +298,7 @@ class Reconciler:
             self.freshness.resynced(session_id)
             self.queue.add(session_id)
         stats.enqueued = len(snapshot.sessions)
-        stats.orphans = await self._handle_orphans(snapshot, log)
+        stats.orphans = await self._handle_orphans(snapshot, log) if app_wide else 0
         self.metrics.observe_fleet(
             (s.effective_phase().value for s in snapshot.sessions.values()),
             (m.state for m in snapshot.all_machines),
@@ -279,7 +327,7 @@ class Reconciler:
     async def _handle_orphans(self, snapshot: Snapshot, log: Any) -> int:
         """Destroy machines of ours whose session does not exist (after the plan's grace)."""
         candidates = [m for m in snapshot.all_machines if not self.expectations.hidden(m.id)]
-        actions = plan_orphans(candidates, set(snapshot.sessions), self._now(), self.plan_settings)
+        actions = plan_orphans(candidates, set(snapshot.all_ids), self._now(), self.plan_settings)
         applied = 0
         for action in actions:
             session_id = getattr(action, "session_id", None)
@@ -290,14 +338,14 @@ class Reconciler:
                         continue
                 except StoreUnavailable:
                     return applied
-            outcome = await self.executor.apply(action, log=log.bind(orphan=True))
+            outcome = await self.executor.apply(action, log=log.bind(orphan=True), app_wide=True)
             if isinstance(outcome, Done):
                 applied += 1
                 self._actions_since_pass += 1
         return applied
 
     async def _mark_seen(self) -> None:
-        record = json.dumps({"at": self._now().isoformat(), "leader": self.authority.is_leader()})
+        record = json.dumps({"at": self._now().isoformat(), "leader": self.authority.is_leader_for(None)})
         holder = str(getattr(self.authority, "holder_id", "controller"))
         with contextlib.suppress(Exception):
             await self.store.record_controller_seen(holder, record)
@@ -308,9 +356,17 @@ class Reconciler:
         while (key := await self.queue.get()) is not None:
             self.metrics.in_flight.inc()
             self.metrics.queue_depth.set(len(self.queue))
+            task = asyncio.create_task(self.reconcile_key(key), name=f"reconcile-{key}")
+            self._active[key] = task
             try:
                 async with asyncio.timeout(self.settings.pass_timeout_seconds):
-                    await self.reconcile_key(key)
+                    await task
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise  # the worker itself is being stopped
+                # Only this key's reconcile was cancelled: its shard was lost (stop_acting).
+                _log.info("reconcile_cancelled", session_id=key)
             except TimeoutError:
                 _log.warning("reconcile_timed_out", session_id=key)
                 self.queue.add_rate_limited(key)
@@ -318,6 +374,7 @@ class Reconciler:
                 _log.exception("reconcile_crashed", session_id=key, error=type(err).__name__)
                 self.queue.add_rate_limited(key)
             finally:
+                self._active.pop(key, None)
                 self.metrics.in_flight.dec()
                 self.queue.done(key)
 
@@ -327,7 +384,20 @@ class Reconciler:
         log = _log.bind(session_id=key, reconcile_id=rid)
         started = time.monotonic()
         snapshot = self.snapshot
-        if snapshot is None or not self._inputs_known(snapshot) or not self.authority.is_leader():
+        if not self.authority.is_leader_for(key):
+            # Another replica's shard (or ours no more): it is not ours to plan. The resync that
+            # follows a shard's acquisition queues its sessions here.
+            self._forget(key)
+            return []
+        if (snapshot is not None and key in snapshot.all_ids and key not in snapshot.sessions) or any(
+            owned(key) for _at, owned in self._uncovered
+        ):
+            # Its shard was taken after this snapshot was read: the snapshot has none of its machines
+            # (the last owner may have made one), and a plan on that would see none. The resync
+            # (nudged on acquisition) queues it.
+            self.queue.add_after(key, min(1.0, self.settings.resync_seconds))
+            return []
+        if snapshot is None or not self._inputs_known(snapshot):
             # Unknown, never dead: no plan without a recent whole view and the right to act.
             self.freshness.changed(key)
             self.queue.add_rate_limited(key)

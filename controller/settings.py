@@ -203,6 +203,15 @@ class ControllerSettings(BaseSettings):
         description="TTL of the Redis leader lease; a replica that cannot renew stops acting before it ends.",
     )
 
+    shards: int = Field(
+        default=16,
+        ge=1,
+        le=1024,
+        validation_alias="FLYSWARM_SHARDS",
+        description="Shards the sessions are split into (by CRC-32 of the id); replicas share them. "
+        "Every replica must use the same number.",
+    )
+
     # -- process ----------------------------------------------------------------------------------
     controller_host: str = Field(
         default="127.0.0.1",

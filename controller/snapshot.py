@@ -32,7 +32,14 @@ from controller.executor import observed_from_fly
 from controller.expectations import Expectations
 from controller.fly import FlyClient
 from controller.metrics import ControllerMetrics
-from controller.observed import MANAGED_VALUE, TAG_MANAGED, CreateFailure, LaunchRecord, ObservedMachine
+from controller.observed import (
+    MANAGED_VALUE,
+    TAG_MANAGED,
+    TAG_SESSION,
+    CreateFailure,
+    LaunchRecord,
+    ObservedMachine,
+)
 
 _log = get_logger("controller.snapshot")
 
@@ -54,6 +61,9 @@ class Snapshot:
     inbox: dict[str, int]
     machines: dict[str, list[ObservedMachine]]  #: by session id (tag); untagged ones under ""
     all_machines: list[ObservedMachine]
+    #: every session id in the index at the read, ours or not (orphans are judged against it);
+    #: a session in here but not in ``sessions`` belongs to a shard this snapshot did not cover
+    all_ids: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -108,8 +118,17 @@ class WorldReader:
 
     # -- the whole world ----------------------------------------------------------------------------
 
-    async def read(self) -> tuple[Snapshot, int]:
-        """ONE paginated Fly list, then ONE batched Redis read (in that order, see below)."""
+    async def read(
+        self, owns: Callable[[str], bool] | None = None, *, orphans: bool = True
+    ) -> tuple[Snapshot, int]:
+        """ONE paginated Fly list, then ONE batched Redis read (in that order, see below).
+
+        Sharded: ``owns(session_id)`` says which sessions are this replica's. The index (ids only)
+        is read whole; sessions, heartbeats, launch records and inboxes only for the sessions it
+        owns, so a replica's Redis reads shrink with its share. Fly cannot be asked for one shard,
+        so the list is whole; only our sessions' machines (and, with ``orphans``, machines of no
+        session at all) are kept.
+        """
         # Fly first: a session always exists before its machine is created and is removed only
         # after its machines are gone, so every listed machine's session is in the later read.
         listed_from = self._now()
@@ -122,7 +141,9 @@ class WorldReader:
         read_from = self._now()
         try:
             await self._check_redis_server(read_from)
-            sessions = await self.store.all_sessions()
+            all_ids = await self.store.all_ids()
+            wanted = [sid for sid in all_ids if owns(sid)] if owns is not None else all_ids
+            sessions = await self.store.get_many(wanted)
             ids = [s.id for s in sessions]
             heartbeats = await self.store.heartbeats(ids)
             raw_launches = await self.store.get_launches(ids)
@@ -135,6 +156,9 @@ class WorldReader:
             self.metrics.redis_reads.labels(what=what).inc()
         launches = {sid: rec for sid, raw in raw_launches.items() if (rec := LaunchRecord.from_store(raw))}
         failures = {sid: f for sid, raw in raw_launches.items() if (f := CreateFailure.from_store(raw))}
+        known, mine = frozenset(all_ids), {s.id for s in sessions}
+        if owns is not None:
+            machines = [m for m in machines if _keep(m.metadata.get(TAG_SESSION), mine, known, orphans)]
         observed = [observed_from_fly(m) for m in machines]
         by_session: dict[str, list[ObservedMachine]] = {}
         for machine in observed:
@@ -150,6 +174,7 @@ class WorldReader:
             inbox=inbox,
             machines=by_session,
             all_machines=observed,
+            all_ids=known,
         )
         return snapshot, pages
 
@@ -244,3 +269,10 @@ class WorldReader:
         """Since when a missing heartbeat can mean a lost agent (see ``plan``'s rule 6)."""
         marks = [t for t in (self._redis_started_at, self._redis_recovered_at) if t is not None]
         return max(marks) if marks else None
+
+
+def _keep(session_id: str | None, mine: set[str], known: frozenset[str], orphans: bool) -> bool:
+    """A listed machine matters to this replica: its session is ours, or it is an orphan we collect."""
+    if session_id is not None and session_id in mine:
+        return True
+    return orphans and (session_id is None or session_id not in known)

@@ -28,6 +28,7 @@ import hmac
 import json
 import os
 import secrets as secrets_mod
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -153,6 +154,7 @@ def _state(request: Request) -> EmulatorState:
 
 def _v1(operation: str, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
     async def endpoint(request: Request) -> Response:
+        started = time.time()
         state = _state(request)
         app_name = request.path_params.get("app_name", "")
         machine_id = request.path_params.get("machine_id")
@@ -182,7 +184,14 @@ def _v1(operation: str, handler: Handler) -> Callable[[Request], Awaitable[Respo
         except Exception as exc:  # an emulator bug must still answer like a server, and be loud in logs
             log.exception("emulator_request_failed", operation=operation, error=repr(exc))
             response = JSONResponse({"error": f"internal: {type(exc).__name__}"}, status_code=500)
-        state.stats.record(request.method, operation, scope, response.status_code)
+        state.stats.record(
+            request.method,
+            operation,
+            scope,
+            response.status_code,
+            started=started,
+            caller=request.headers.get("user-agent", ""),
+        )
         response.headers["fly-request-id"] = secrets_mod.token_hex(10)
         return response
 

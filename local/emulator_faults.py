@@ -79,10 +79,30 @@ class RequestStats:
     counts: Counter[tuple[str, str, int]] = field(default_factory=Counter)
     recent: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=RECENT_LIMIT))
 
-    def record(self, method: str, operation: str, scope: str, status: int) -> None:
+    def record(
+        self,
+        method: str,
+        operation: str,
+        scope: str,
+        status: int,
+        *,
+        started: float | None = None,
+        caller: str = "",
+    ) -> None:
+        """One answered request; ``started`` (unix time it arrived) and ``caller`` (its User-Agent)
+        let tests find two clients' mutations of one machine that overlapped in time."""
         self.counts[(method, operation, status)] += 1
+        now = time.time()
         self.recent.append(
-            {"t": time.time(), "method": method, "op": operation, "scope": scope, "status": status}
+            {
+                "t": now,
+                "start": started if started is not None else now,
+                "method": method,
+                "op": operation,
+                "scope": scope,
+                "status": status,
+                "caller": caller,
+            }
         )
 
     def snapshot(self) -> dict[str, Any]:

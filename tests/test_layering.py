@@ -83,6 +83,7 @@ STORE_MODULES = {
     "api.store_gateway",
     "api.store_tokens",
     "api.store_channel",
+    "api.store_shards",
     "api.transcripts",
 }
 SHARED_STORE_MODULES = {"api.store_base", "api.store_pools"}

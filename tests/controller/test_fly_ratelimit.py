@@ -108,3 +108,16 @@ def test_idle_buckets_are_pruned_when_there_are_too_many() -> None:
     clock.now += 10.0  # every bucket is full again
     limiter.reserve("start", "new")
     assert len(limiter) == 1
+
+
+def test_replicas_sharing_an_app_limit_each_get_their_part_of_rate_and_burst() -> None:
+    clock = FakeClock()
+    limiter = KeyedRateLimiter({}, Limit(rate=1.0, burst=3), clock=clock, sleep=clock.sleep)
+    assert limiter.reserve("create", "app") == 0.0  # a bucket that exists before the change
+    limiter.set_limit("create", Limit(rate=1.0, burst=3).shared(0.5))
+    # Two replicas: half the rate each (2 s per token), burst 1 (saved tokens capped to it).
+    waits = [limiter.reserve("create", "app") for _ in range(3)]
+    assert waits == [0.0, 2.0, 4.0]
+    assert limiter.reserve("start", "app/m1") == 0.0
+    assert limiter.limit_for("start") == Limit(rate=1.0, burst=3)
+    assert Limit(rate=1.0, burst=3).shared(0.25) == Limit(rate=0.25, burst=1)

@@ -24,10 +24,16 @@ async def test_readyz_follows_redis_and_fly_and_metrics_are_exposed() -> None:
             "fly": False,
             "role": "standby",
             "leader": "other-1",
+            "shards": [],
+            "shardCount": 1,
+            "replicas": 1,
         }
-        state["ready"] = Readiness(redis=True, fly=True, leader=True, holder="me")
+        state["ready"] = Readiness(
+            redis=True, fly=True, leader=True, holder="me", shards=(0, 5), shard_count=8, replicas=3
+        )
         ready = await http.get("/readyz")
         assert ready.status_code == 200 and ready.json()["role"] == "leader"
+        assert ready.json()["shards"] == [0, 5] and ready.json()["replicas"] == 3
         text = (await http.get("/metrics")).text
     assert 'flyswarm_controller_fly_calls_total{action="create",status="201"} 1.0' in text
     assert 'flyswarm_controller_actions_total{action="create",outcome="done"} 1.0' in text

@@ -132,3 +132,16 @@ def test_backoff_rejects_nonsense() -> None:
         Backoff(base=0.0)
     with pytest.raises(ValueError):
         Backoff(base=1.0, cap=10.0, jitter=1.0)
+
+
+async def test_an_urgent_key_is_handed_out_before_the_resync_backlog_and_only_once() -> None:
+    queue = WorkQueue()
+    for i in range(100):
+        queue.add(f"k{i}")
+    queue.add("k50", urgent=True)  # already waiting: it moves up
+    queue.add("new", urgent=True)
+    assert len(queue) == 101
+    got = [await queue.get() for _ in range(101)]
+    assert got[:2] == ["k50", "new"]
+    assert sorted(got) == sorted([f"k{i}" for i in range(100)] + ["new"])
+    assert len(queue) == 0

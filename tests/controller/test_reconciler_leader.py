@@ -1,4 +1,4 @@
-"""Several controllers: only the leader acts, a killed leader is replaced, SIGTERM is graceful."""
+"""Several controllers: one shard has one actor, a killed leader is replaced, SIGTERM is graceful."""
 
 from __future__ import annotations
 
@@ -21,24 +21,32 @@ pytestmark = pytest.mark.timeout(120)
 ROOT = Path(__file__).resolve().parents[2]
 
 
-async def test_two_racing_controllers_make_one_machine_per_session_and_only_the_leader_acts(
+async def test_two_racing_controllers_make_one_machine_per_session_and_only_the_shard_holder_acts(
     world: World,
 ) -> None:
-    a = await world.start_controller(controller_id="ctl-a")
-    b = await world.start_controller(controller_id="ctl-b")
+    # One shard: exactly one replica may act on sessions at a time (the unsharded behaviour).
+    a = await world.start_controller(controller_id="ctl-a", shards=1)
+    b = await world.start_controller(controller_id="ctl-b", shards=1)
+
+    async def settled() -> bool:
+        # Both see each other and the shard sits with its fair-share owner (the first id).
+        return a.controller.shards.replicas == 2 == b.controller.shards.replicas and (
+            a.controller.shards.held == [0] and b.controller.shards.held == []
+        )
+
+    await world.until(settled, what="the shard settled with one replica")
+    acted_before = b.controller.metrics.total("flyswarm_controller_actions_total")
     ids = {f"r{i}" for i in range(5)}
     for sid in ids:
         await world.create_session(sid, mode="chat", idleTimeoutSeconds=0)
     for sid in ids:
         await world.until_running(sid)
-    # Not one duplicate, ever: the standby never created anything.
+    # Not one duplicate, ever: the replica without the shard never acted.
     for sid in ids:
         assert len(world.machines(sid, live=False)) == 1
-    leaders = [c for c in (a, b) if c.controller.elector.is_leader()]
-    assert len(leaders) == 1
-    standby = b if leaders[0] is a else a
-    assert standby.controller.metrics.total("flyswarm_controller_actions_total") == 0
-    assert leaders[0].controller.metrics.total("flyswarm_controller_actions_total") > 0
+    assert a.controller.shards.held == [0] and b.controller.shards.held == []
+    assert b.controller.metrics.total("flyswarm_controller_actions_total") == acted_before
+    assert a.controller.metrics.total("flyswarm_controller_actions_total") > 0
     await world.assert_invariants(ids)
 
 

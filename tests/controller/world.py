@@ -100,6 +100,7 @@ class RunningController:
         """Die without any cleanup: no drain, no lease release (the leader lease just expires)."""
         self.controller.elector._stopping = True
         self.controller.elector._value = "crashed"  # its release will not match: the lease stays
+        self.controller.shards.release_on_exit = False  # its shards and membership just expire
         self.task.cancel()
 
 
