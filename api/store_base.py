@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, ParamSpec, Self, TypeVar
+from typing import Any, ParamSpec, Self, TypeVar, cast
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
@@ -35,6 +35,9 @@ from api.models import Session, SessionEvent, SessionSpec
 
 P = ParamSpec("P")
 T = TypeVar("T")
+
+#: URL schemes that name a Redis Cluster, and the plain scheme each stands for.
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 
 DEFAULT_CHANGES_MAXLEN = 100_000
 DEFAULT_EVENTS_MAXLEN = 2_000
@@ -66,6 +69,15 @@ def unavailable_on_redis_error(func: Callable[P, Awaitable[T]]) -> Callable[P, A
             raise StoreUnavailable("redis is unreachable") from exc
         except redis_errors.BusyLoadingError as exc:
             raise StoreUnavailable("redis is loading its data set") from exc
+        except (
+            redis_errors.ClusterError,
+            redis_errors.TryAgainError,
+            redis_errors.ReadOnlyError,
+            redis_errors.SlotNotCoveredError,
+        ) as exc:
+            # A cluster mid-failover: a slot without a master, a node still read-only, a resharding
+            # in progress. An outage like any other: 503 now, healed once the cluster settles.
+            raise StoreUnavailable(f"redis cluster is not ready: {type(exc).__name__}") from exc
 
     return wrapper
 
@@ -83,6 +95,39 @@ def redis_url_with_credentials(url: str, username: str | None, password: str | N
     if username is not None or password is not None:
         netloc = f"{quote(username or '', safe='')}:{quote(password or '', safe='')}@{netloc}"
     return urlunsplit((parts.scheme or "redis", netloc, parts.path, parts.query, ""))
+
+
+def is_cluster_url(url: str) -> bool:
+    """Whether ``url`` names a Redis Cluster: the scheme is ``redis+cluster`` or ``rediss+cluster``."""
+    return urlsplit(url).scheme in CLUSTER_SCHEMES
+
+
+def redis_client(
+    url: str, *, socket_timeout: float = 5.0, connect_timeout: float = 2.0, retries: int = 0
+) -> aioredis.Redis:
+    """A client for ``url``: one node (``redis://``, ``rediss://``) or a cluster (``redis+cluster://``).
+
+    One setting picks the topology: a cluster URL names any one node (a seed); the client learns
+    the others from it (``CLUSTER SLOTS``) and follows ``MOVED`` and failovers by itself. Cluster
+    nodes only have database 0, so a cluster URL takes no database path. Typed as ``Redis`` because
+    both clients offer the same command methods; :attr:`StoreBase.cluster` tells them apart.
+    """
+    parts = urlsplit(url)
+    common: dict[str, Any] = {
+        "decode_responses": True,
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": min(connect_timeout, socket_timeout),
+        "health_check_interval": 15,
+    }
+    if parts.scheme in CLUSTER_SCHEMES:
+        plain = urlunsplit((CLUSTER_SCHEMES[parts.scheme], parts.netloc, "", parts.query, ""))
+        backoff = ExponentialWithJitterBackoff(cap=0.5, base=0.05)
+        # At least a few attempts even when ``retries`` is 0: the cluster client uses them to
+        # re-learn the topology after a MOVED or a failover, not only to absorb blips.
+        cluster: Any = aioredis.RedisCluster.from_url(plain, retry=Retry(backoff, max(retries, 3)), **common)
+        return cast(aioredis.Redis, cluster)
+    retry = Retry(ExponentialWithJitterBackoff(cap=0.2, base=0.02), retries) if retries else None
+    return aioredis.Redis.from_url(url, retry=retry, **common)
 
 
 def canonical_spec(spec: SessionSpec) -> str:
@@ -143,20 +188,18 @@ class StoreBase:
         retries: int = 0,
         **kwargs: Any,
     ) -> Self:
-        """A store on its own connection pool.
+        """A store on its own connection pool (a single node, or a cluster: see :func:`redis_client`).
 
         ``retries`` > 0 retries a command on connection errors with a short jittered backoff
         (capped at 0.2 s) so a blip is absorbed while an outage still fails fast (503, not a hang).
         """
-        client = aioredis.Redis.from_url(
-            url,
-            decode_responses=True,
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=min(connect_timeout, socket_timeout),
-            health_check_interval=15,
-            retry=Retry(ExponentialWithJitterBackoff(cap=0.2, base=0.02), retries) if retries else None,
-        )
+        client = redis_client(url, socket_timeout=socket_timeout, connect_timeout=connect_timeout, retries=retries)
         return cls(client, **kwargs)
+
+    @property
+    def cluster(self) -> bool:
+        """Whether this store talks to a Redis Cluster (commands then never span hash slots)."""
+        return isinstance(self._redis, aioredis.RedisCluster)
 
     async def close(self) -> None:
         await self._redis.aclose()
