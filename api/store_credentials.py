@@ -249,4 +249,7 @@ def _acl_setuser(session_id: str, password_sha256: str) -> tuple[str, ...]:
         "+@all",
         "-@dangerous",
         "-@admin",
+        # A cluster client learns the topology from any node; read-only, and harmless on one node.
+        "+cluster|slots",
+        "+cluster|nodes",
     )

@@ -13,8 +13,11 @@ from api.models import AgentReport, Phase, SessionEvent, SessionSpec, SessionSta
 from api.selector import parse_selector
 from api.store import InvalidCursor, decode_cursor
 from api.store_agent import AgentStore
-from api.store_base import StoreUnavailable
+from api.store_base import StoreUnavailable, redis_url_with_credentials
+from api.store_base import redis_client as redis_client_for
 from tests.store import Store
+
+REDIS_MODES = ("single", "cluster")
 
 
 @pytest.fixture
@@ -211,21 +214,15 @@ async def test_inbox_replays_unacked_message_until_acked(store: Store) -> None:
 
 
 async def test_session_credentials_reach_only_their_own_keys(
-    store: Store, redis_client: aioredis.Redis
+    store: Store, redis_client: aioredis.Redis, redis_url: str
 ) -> None:
     await store.apply(store.new_session("mine", task()))
     await store.apply(store.new_session("other", task()))
     creds = await store.ensure_session_credentials("mine")
     assert creds is not None
     assert "***" in repr(creds) and creds.password not in repr(creds)
-    kw = redis_client.connection_pool.connection_kwargs
-    agent = aioredis.Redis(
-        host=kw["host"],
-        port=kw["port"],
-        username=creds.username,
-        password=creds.password,
-        decode_responses=True,
-    )
+    # On a cluster: a cluster client as the session's user (it must be allowed to learn the slots).
+    agent = redis_client_for(redis_url_with_credentials(redis_url, creds.username, creds.password))
     try:
         agent_store = AgentStore(agent)
         assert (await agent_store.get("mine")) is not None

@@ -6,9 +6,14 @@ import pytest
 import redis.asyncio as aioredis
 
 from api import keys
+from api.store_base import redis_client as redis_client_for
+from api.store_base import redis_url_with_credentials
 from api.models import SessionEvent, SessionSpec
 from api.store_controller import ControllerStore
+from tests.redis_nodes import acl_users_per_node, delete_acl_user_everywhere
 from tests.store import Store
+
+REDIS_MODES = ("single", "cluster")
 
 
 @pytest.fixture
@@ -39,7 +44,10 @@ async def session_keys(client: aioredis.Redis, sid: str) -> set[str]:
 
 
 async def acl_users(client: aioredis.Redis) -> set[str]:
-    return {str(u) for u in await client.acl_users()}
+    """The ACL users, which every node must agree on (ACLs are per node: the store sets them on each)."""
+    per_node = await acl_users_per_node(client)
+    assert all(users == per_node[0] for users in per_node), per_node
+    return per_node[0]
 
 
 async def scans(client: aioredis.Redis) -> int:
@@ -129,14 +137,12 @@ async def test_credentials_lost_with_a_redis_restart_are_restored_with_the_same_
     assert creds is not None
     await store.remove_keys("going")  # removal under way: its user must not come back
     for user in (keys.acl_user("kept"), keys.acl_user("going")):
-        await redis_client.acl_deluser(user)
+        await delete_acl_user_everywhere(redis_client, user)
 
     assert await store.restore_session_credentials() == 1
-    users = set(await redis_client.acl_users())
-    assert keys.acl_user("kept") in users and keys.acl_user("going") not in users
-    agent = aioredis.Redis.from_url(
-        redis_url, username=creds.username, password=creds.password, decode_responses=True
-    )
+    for users in await acl_users_per_node(redis_client):  # ACL users are per node: every one
+        assert keys.acl_user("kept") in users and keys.acl_user("going") not in users
+    agent = redis_client_for(redis_url_with_credentials(redis_url, creds.username, creds.password))
     try:
         assert await agent.exists(keys.session("kept")) == 1  # the machine's password works again
     finally:
