@@ -146,8 +146,10 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalClu
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """Modules that set ``REDIS_MODES = ("single", "cluster")`` run their Redis tests on both."""
-    modes = getattr(metafunc.module, "REDIS_MODES", None)
+    """Run a test on a single node and on a cluster: every Redis test of a module that sets
+    ``REDIS_MODES = ("single", "cluster")``, or one test marked ``@pytest.mark.redis_modes(...)``."""
+    marker = metafunc.definition.get_closest_marker("redis_modes")
+    modes = marker.args if marker is not None else getattr(metafunc.module, "REDIS_MODES", None)
     if modes and "redis_mode" in metafunc.fixturenames:
         metafunc.parametrize("redis_mode", modes, indirect=True)
 
