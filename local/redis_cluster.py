@@ -19,7 +19,10 @@ A node directory that already holds a ``nodes.conf`` is a cluster formed before 
 from __future__ import annotations
 
 import functools
+import os
+import signal
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -209,3 +212,86 @@ def _wait(condition: Callable[[], bool], what: str, timeout: float = 15.0) -> No
             return
         time.sleep(0.05)
     raise RuntimeError(f"redis cluster: timed out waiting for {what}")
+
+
+def cluster_summary(port: int, password: str | None = None) -> str | None:
+    """One line for ``make status``: state, masters and replicas with their ports (None: no answer)."""
+    client = redis.Redis(port=port, password=password, decode_responses=True, socket_timeout=1)
+    try:
+        state = cluster_state(client).get("cluster_state", "?")
+        nodes = client.execute_command("CLUSTER NODES")
+    except redis.RedisError:
+        return None
+    finally:
+        client.close()
+    masters, replicas, failed = [], [], []
+    for address, fields in sorted(nodes.items()):
+        node_port = address.split("@")[0].rsplit(":", 1)[-1]
+        flags = str(fields.get("flags", ""))
+        if "fail" in flags and "fail?" not in flags:
+            failed.append(node_port)
+        elif "master" in flags:
+            masters.append(node_port)
+        else:
+            replicas.append(node_port)
+    line = f"cluster {state}: masters {', '.join(masters)}; replicas {', '.join(replicas) or 'none'}"
+    return line + (f"; failed {', '.join(failed)}" if failed else "")
+
+
+def cluster_ok(port: int, password: str | None = None) -> bool:
+    """Whether the node on ``port`` reports ``cluster_state:ok`` (every slot served)."""
+    client = redis.Redis(port=port, password=password, decode_responses=True, socket_timeout=0.5)
+    try:
+        return cluster_state(client).get("cluster_state") == "ok"
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
+
+
+def main() -> None:  # pragma: no cover - the `redis` component of `FLYSWARM_REDIS_MODE=cluster make up`
+    """Run a local cluster in the foreground and keep its nodes up until SIGTERM.
+
+    Nodes listen on ``FLYSWARM_REDIS_PORT`` (6399) and the ports after it, masters first; AOF and
+    ``nodes.conf`` under ``FLYSWARM_REDIS_DIR``. A node that dies is started again on its port: it
+    rejoins from its ``nodes.conf`` (as a replica, when its replica took over meanwhile).
+    """
+    data_dir = Path(os.environ.get("FLYSWARM_REDIS_DIR", ".local/redis-cluster")).resolve()
+    base = int(os.environ.get("FLYSWARM_REDIS_PORT", "6399"))
+    masters = int(os.environ.get("FLYSWARM_REDIS_CLUSTER_MASTERS", "3"))
+    replicas = int(os.environ.get("FLYSWARM_REDIS_CLUSTER_REPLICAS", "1"))
+    ports = [base + i for i in range(masters * (1 + replicas))]
+    stopping = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stopping.set())
+    cluster = start_cluster(
+        data_dir,
+        masters=masters,
+        replicas_per_master=replicas,
+        ports=ports,
+        appendonly=True,
+        node_timeout_ms=2000,
+        log_dir=data_dir,
+        ready_timeout=60,
+    )
+    print(f"redis cluster ready on ports {ports[0]}-{ports[-1]} ({masters} masters)", flush=True)
+    extra = cluster_args(2000)
+    try:
+        while not stopping.wait(1.0):
+            for group in (cluster.masters, cluster.replicas):
+                for i, node in enumerate(group):
+                    if node.process.poll() is not None and not stopping.is_set():
+                        print(f"redis node {node.port} exited: starting it again", flush=True)
+                        group[i] = start_redis(
+                            node.data_dir,
+                            port=node.port,
+                            appendonly=True,
+                            log_file=data_dir / f"redis-{node.port}.log",
+                            extra_args=extra,
+                        )
+    finally:
+        cluster.stop()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
