@@ -308,7 +308,10 @@ class ApiStore(SessionIndexReads):
             # After the mark, a separate command (another slot): a crash in between costs only the
             # early wake-up; the controller's resync sees the deletionTimestamp anyway.
             await self._redis.xadd(
-                keys.CHANGES, {"id": session_id, "kind": "deleted"}, maxlen=self.changes_maxlen, approximate=True
+                keys.CHANGES,
+                {"id": session_id, "kind": "deleted"},
+                maxlen=self.changes_maxlen,
+                approximate=True,
             )
         return session_from_hash(flat_to_dict(reply[1]))
 

@@ -193,7 +193,9 @@ class StoreBase:
         ``retries`` > 0 retries a command on connection errors with a short jittered backoff
         (capped at 0.2 s) so a blip is absorbed while an outage still fails fast (503, not a hang).
         """
-        client = redis_client(url, socket_timeout=socket_timeout, connect_timeout=connect_timeout, retries=retries)
+        client = redis_client(
+            url, socket_timeout=socket_timeout, connect_timeout=connect_timeout, retries=retries
+        )
         return cls(client, **kwargs)
 
     @property

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import redis
 
@@ -146,24 +147,29 @@ def _form(cluster: LocalCluster, replicas_per_master: int) -> None:
     clients = [cluster.client(node) for node in cluster.nodes]
     try:
         for epoch, client in enumerate(clients, start=1):
-            client.execute_command("CLUSTER", "SET-CONFIG-EPOCH", epoch)
+            _run(client, "CLUSTER", "SET-CONFIG-EPOCH", epoch)
         for node in cluster.nodes[1:]:
-            clients[0].execute_command("CLUSTER", "MEET", "127.0.0.1", node.port)
+            _run(clients[0], "CLUSTER", "MEET", "127.0.0.1", node.port)
         _wait(lambda: all(len(_known(c)) == len(clients) for c in clients), "every node to meet every other")
         share = SLOTS // len(cluster.masters)
         for i, client in enumerate(clients[: len(cluster.masters)]):
             first = i * share
             last = SLOTS - 1 if i == len(cluster.masters) - 1 else first + share - 1
-            client.execute_command("CLUSTER", "ADDSLOTS", *range(first, last + 1))
-        master_ids = [c.execute_command("CLUSTER", "MYID") for c in clients[: len(cluster.masters)]]
+            _run(client, "CLUSTER", "ADDSLOTS", *range(first, last + 1))
+        master_ids = [_run(c, "CLUSTER", "MYID") for c in clients[: len(cluster.masters)]]
         for j, client in enumerate(clients[len(cluster.masters) :]):
             master_id = master_ids[j // replicas_per_master]
             # The replica must have learnt its master's id over the bus before it can follow it.
             _wait(functools.partial(_knows, client, master_id), "a replica to learn its master")
-            client.execute_command("CLUSTER", "REPLICATE", master_id)
+            _run(client, "CLUSTER", "REPLICATE", master_id)
     finally:
         for client in clients:
             client.close()
+
+
+def _run(client: redis.Redis, *command: object) -> Any:
+    """One command (redis-py types ``execute_command`` loosely; replies are parsed per command)."""
+    return cast(Any, client).execute_command(*command)
 
 
 def _knows(client: redis.Redis, node_id: str) -> bool:
@@ -172,13 +178,13 @@ def _knows(client: redis.Redis, node_id: str) -> bool:
 
 def _known(client: redis.Redis) -> set[str]:
     """Ids of the nodes this node knows (itself included)."""
-    reply = client.execute_command("CLUSTER NODES")  # redis-py parses it: address -> fields
+    reply = _run(client, "CLUSTER NODES")  # redis-py parses it: address -> fields
     return {str(fields["node_id"]) for fields in reply.values()}
 
 
 def cluster_state(client: redis.Redis) -> dict[str, str]:
     """``CLUSTER INFO`` as a dict (``cluster_state``, ``cluster_slots_ok``, ``cluster_known_nodes``...)."""
-    raw = client.execute_command("CLUSTER INFO")
+    raw = _run(client, "CLUSTER INFO")
     if isinstance(raw, dict):
         return {str(k): str(v) for k, v in raw.items()}
     return dict(line.split(":", 1) for line in str(raw).splitlines() if ":" in line)
@@ -219,7 +225,7 @@ def cluster_summary(port: int, password: str | None = None) -> str | None:
     client = redis.Redis(port=port, password=password, decode_responses=True, socket_timeout=1)
     try:
         state = cluster_state(client).get("cluster_state", "?")
-        nodes = client.execute_command("CLUSTER NODES")
+        nodes = _run(client, "CLUSTER NODES")
     except redis.RedisError:
         return None
     finally:

@@ -171,7 +171,9 @@ def redis_url(redis_mode: str, request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-async def redis_client(redis_url: str, redis_mode: str, request: pytest.FixtureRequest) -> AsyncIterator[aioredis.Redis]:
+async def redis_client(
+    redis_url: str, redis_mode: str, request: pytest.FixtureRequest
+) -> AsyncIterator[aioredis.Redis]:
     """A raw client on a flushed Redis with no ACL user but ``default`` (a cluster client on a cluster)."""
     if redis_mode == "cluster":
         cluster: LocalCluster = request.getfixturevalue("redis_cluster")

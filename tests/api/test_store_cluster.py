@@ -82,7 +82,10 @@ async def test_every_store_method_runs_on_the_cluster_without_crossslot(
 
     token, _ = await store.acquire_lease("me", 5_000)
     assert token == 1 and await store.renew_lease("me/1", 5_000)
-    assert await store.write_status("s1", SessionStatus(phase=Phase.RUNNING), fence=(keys.LEADER_FENCE, 1)) == "written"
+    assert (
+        await store.write_status("s1", SessionStatus(phase=Phase.RUNNING), fence=(keys.LEADER_FENCE, 1))
+        == "written"
+    )
     assert await store.release_lease("me/1")
     await store.record_controller_seen("me", "{}")
 
@@ -179,7 +182,10 @@ async def test_a_stale_fence_token_is_refused_once_a_newer_one_wrote_the_session
     write of the counter, a stale replica), the session's own hash refuses the older token."""
     await store.apply(store.new_session("f", chat()))
     await redis_client.set("fs:{shard:0}:fence", "8")
-    assert await store.write_status("f", SessionStatus(phase=Phase.RUNNING), fence=("fs:{shard:0}:fence", 8)) == "written"
+    assert (
+        await store.write_status("f", SessionStatus(phase=Phase.RUNNING), fence=("fs:{shard:0}:fence", 8))
+        == "written"
+    )
     await redis_client.set("fs:{shard:0}:fence", "7")
     status = SessionStatus(phase=Phase.FAILED)
     assert await store.write_status("f", status, fence=("fs:{shard:0}:fence", 7)) == "fenced"

@@ -6,9 +6,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from api import keys
+from api.models import SessionEvent, SessionSpec
 from api.store_base import redis_client as redis_client_for
 from api.store_base import redis_url_with_credentials
-from api.models import SessionEvent, SessionSpec
 from api.store_controller import ControllerStore
 from tests.redis_nodes import acl_users_per_node, delete_acl_user_everywhere
 from tests.store import Store
