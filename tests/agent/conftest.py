@@ -25,8 +25,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from api.models import Session, SessionSpec
+from api.store_base import redis_url_with_credentials
 from local.model import ModelServer, start_in_thread
-from local.redis_server import RedisServer
 from tests.store import Store
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -92,7 +92,7 @@ class AgentRig:
     """Creates sessions and starts agents against one Redis and one scripted model."""
 
     store: Store
-    redis_server: RedisServer
+    redis_url: str  # the control plane's URL (one node or a cluster); agents get their own user in it
     model: ModelServer
     tmp_path: Path
     tag: str = field(default_factory=lambda: uuid.uuid4().hex)
@@ -108,7 +108,7 @@ class AgentRig:
     async def session_url(self, session_id: str) -> str:
         creds = await self.store.ensure_session_credentials(session_id)
         assert creds is not None, "the test Redis supports ACLs"
-        return f"redis://{creds.username}:{creds.password}@127.0.0.1:{self.redis_server.port}/0"
+        return redis_url_with_credentials(self.redis_url, creds.username, creds.password)
 
     def env(self, session_id: str, redis_url: str, *, machine: str = "m-1", **extra: str) -> dict[str, str]:
         home = self.tmp_path / "agent-home"
@@ -196,9 +196,9 @@ async def store(redis_client: aioredis.Redis, redis_url: str) -> AsyncIterator[S
 
 @pytest.fixture
 async def rig(
-    store: Store, redis_server: RedisServer, model_server: ModelServer, tmp_path: Path
+    store: Store, redis_url: str, model_server: ModelServer, tmp_path: Path
 ) -> AsyncIterator[AgentRig]:
-    rig = AgentRig(store=store, redis_server=redis_server, model=model_server, tmp_path=tmp_path)
+    rig = AgentRig(store=store, redis_url=redis_url, model=model_server, tmp_path=tmp_path)
     try:
         yield rig
     finally:

@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 
 from api import keys
 from api.models import AgentReport
+from api.store_base import redis_client as redis_client_for
 from tests.agent.conftest import AgentProcess, AgentRig, kill_tagged
 from tests.store import Store
 
@@ -53,6 +54,7 @@ def kill_machine(rig: AgentRig, agent: AgentProcess) -> None:
 # -- task mode ------------------------------------------------------------------------------------
 
 
+@pytest.mark.redis_modes("single", "cluster")  # the real agent reports through a cluster client too
 async def test_task_writes_a_file_with_bash_and_reports_done_with_cost_and_turns(
     rig: AgentRig, redis_client: aioredis.Redis
 ) -> None:
@@ -311,13 +313,13 @@ async def test_refuses_to_start_without_its_environment(rig: AgentRig, redis_url
     assert "agent_config_invalid" in agent.log()
 
 
+@pytest.mark.redis_modes("single", "cluster")
 async def test_session_credentials_reach_only_their_own_session(rig: AgentRig) -> None:
-    import redis.asyncio as aioredis
     import redis.exceptions
 
     await rig.create("mine", prompt="x")
     await rig.create("theirs", prompt="secret plans")
-    client = aioredis.Redis.from_url(await rig.session_url("mine"), decode_responses=True)
+    client = redis_client_for(await rig.session_url("mine"))  # a cluster client on a cluster
     try:
         assert await client.hget(keys.session("mine"), "spec")
         with pytest.raises(redis.exceptions.NoPermissionError):

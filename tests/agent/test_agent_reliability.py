@@ -30,7 +30,7 @@ async def aof_rig(
     own_redis: RestartableRedis, model_server: ModelServer, tmp_path: Path
 ) -> AsyncIterator[AgentRig]:
     store = Store.from_url(own_redis.url)
-    rig = AgentRig(store=store, redis_server=own_redis.server, model=model_server, tmp_path=tmp_path)
+    rig = AgentRig(store=store, redis_url=own_redis.url, model=model_server, tmp_path=tmp_path)
     try:
         yield rig
     finally:
