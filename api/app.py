@@ -26,14 +26,19 @@ Auth
 
 Redis outages
     Every :class:`~api.store_base.StoreUnavailable` becomes a 503 with ``Retry-After: 1``; the client's
-    connection pool reconnects by itself, so the API serves again as soon as Redis is back.
+    connection pool reconnects by itself, so the API serves again as soon as Redis is back. A
+    request that waited ``FLYSWARM_REDIS_POOL_TIMEOUT_SECONDS`` for a free connection
+    (:class:`~api.store_base.StoreBusy`) gets the same 503, with a message naming the limit.
+
+Followers
+    ``follow=true`` event streams and WebSockets are served by the process's fan-out hub
+    (:mod:`api.fanout`, SSE framing in :mod:`api.sse`): a few Redis readers for every follower.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any, cast
@@ -58,15 +63,18 @@ from api.errors import (
     field_problems,
     invalid,
 )
+from api.fanout import Hub
+from api.follower import FeedItem
 from api.logs import get_logger, register_secret
 from api.metrics import ApiMetrics
 from api.middleware import OPEN_PATHS, EdgeMiddleware
 from api.models import Phase, generate_session_id
 from api.selector import SelectorError, parse_selector
 from api.settings import ApiSettings
+from api.sse import SseFollow, sse_error_frame
 from api.store import ApiStore, InvalidCursor
-from api.store_base import StoreUnavailable
-from api.streaming import SSE_KEEPALIVE, End, Tick, follow_events, parse_stream_id, sse_end_frame, sse_frame
+from api.store_base import StoreBusy, StoreUnavailable
+from api.streaming import parse_stream_id, replay_events, sse_frame
 from api.websocket import SessionSocket
 from api.wire import (
     APPLY_RESULT_HEADER,
@@ -96,6 +104,7 @@ class ApiContext:
     store: ApiStore
     metrics: ApiMetrics
     log: Any
+    hub: Hub
     # A blocking read must end well before the Redis socket timeout, or it would look like a dead server.
     block_slice_seconds: float
 
@@ -126,6 +135,9 @@ def store_from_settings(settings: ApiSettings) -> ApiStore:
         settings.redis_url.get_secret_value(),
         socket_timeout=settings.redis_timeout_seconds,
         retries=2,
+        pool_size=settings.redis_pool_size,
+        pool_timeout=settings.redis_pool_timeout_seconds,
+        blocking_pool_size=settings.stream_readers,
     )
 
 
@@ -395,34 +407,37 @@ async def session_events(
         raise bad_request(field, str(exc)) from None
     if await ctx.store.get(session_id) is None:
         raise ApiError("not_found", f"no session {session_id}")
+    if follow:
+        if ctx.hub.followers >= ctx.hub.max_followers:
+            raise _follower_limit(ctx)
+
+        def feed(on_cut: Callable[[], None]) -> AsyncGenerator[FeedItem, None]:
+            return ctx.hub.events(session_id, start, "sse", on_cut)
+
+        return SseFollow(feed, ctx.metrics, _SSE_HEADERS)
     return StreamingResponse(
-        _sse_frames(ctx, session_id, start, follow), media_type="text/event-stream", headers=_SSE_HEADERS
+        _sse_replay(ctx, session_id, start), media_type="text/event-stream", headers=_SSE_HEADERS
     )
 
 
-async def _sse_frames(
-    ctx: ApiContext, session_id: str, start: str | None, follow: bool
-) -> AsyncIterator[bytes]:
+def _follower_limit(ctx: ApiContext) -> ApiError:
+    message = (
+        f"this API process already serves {ctx.hub.max_followers} followers "
+        "(FLYSWARM_STREAM_MAX_FOLLOWERS); retry shortly"
+    )
+    return ApiError("unavailable", message, headers={"Retry-After": "1"})
+
+
+async def _sse_replay(ctx: ApiContext, session_id: str, start: str | None) -> AsyncIterator[bytes]:
+    """``follow=false``: what is stored after ``start``, then the end of the response."""
     ctx.metrics.streams.inc()
     try:
         yield b"retry: 2000\n\n"
-        async for item in follow_events(
-            ctx.store,
-            session_id,
-            start,
-            follow=follow,
-            keepalive_seconds=ctx.settings.sse_keepalive_seconds,
-            block_slice_seconds=ctx.block_slice_seconds,
-        ):
-            if isinstance(item, Tick):
-                yield SSE_KEEPALIVE
-            elif isinstance(item, End):
-                yield sse_end_frame(item.reason)
-            else:
-                yield sse_frame(item)
+        async for item in replay_events(ctx.store, session_id, start):
+            yield sse_frame(item)
     except StoreUnavailable:
         # The headers are gone: say why in-band and end; EventSource reconnects with Last-Event-ID.
-        yield f"event: error\ndata: {json.dumps(error_payload('unavailable', _UNAVAILABLE))}\n\n".encode()
+        yield sse_error_frame("unavailable", _UNAVAILABLE)
     finally:
         ctx.metrics.streams.dec()
 
@@ -437,9 +452,8 @@ async def session_ws(websocket: WebSocket, id: str, after: str | None = None) ->
     socket = SessionSocket(
         websocket,
         ctx.store,
+        ctx.hub,
         sink,
-        keepalive_seconds=ctx.settings.sse_keepalive_seconds,
-        block_slice_seconds=ctx.block_slice_seconds,
         request_id=_request_id(websocket),
     )
     try:
@@ -467,6 +481,14 @@ async def _on_api_error(request: Request, exc: Exception) -> Response:
 async def _on_store_unavailable(request: Request, exc: Exception) -> Response:
     ctx = _ctx(request)
     ctx.metrics.store_unavailable.inc()
+    if isinstance(exc, StoreBusy):
+        # A real limit, reached by this request only: every connection of the pool stayed busy.
+        ctx.log.warning("store_busy", path=request.url.path)
+        message = (
+            "the API is at its limit of concurrent Redis calls (FLYSWARM_REDIS_POOL_SIZE); retry shortly"
+        )
+        error = ApiError("unavailable", message, headers={"Retry-After": "1"})
+        return error_response(error, _request_id(request))
     ctx.log.warning("store_unavailable", path=request.url.path)
     error = ApiError("unavailable", f"{_UNAVAILABLE}; retry shortly", headers={"Retry-After": "1"})
     return error_response(error, _request_id(request))
@@ -533,12 +555,25 @@ def create_app(settings: ApiSettings, store: ApiStore | None = None) -> FastAPI:
         register_secret(token)
     register_secret(_redis_password(settings.redis_url.get_secret_value()))
     owns_store = store is None
+    the_store = store if store is not None else store_from_settings(settings)
+    metrics = ApiMetrics(settings.metrics_sessions_refresh_seconds)
+    metrics.watch_pools(the_store.pool_stats)
+    block_slice = _block_slice(settings)
     ctx = ApiContext(
         settings=settings,
-        store=store if store is not None else store_from_settings(settings),
-        metrics=ApiMetrics(settings.metrics_sessions_refresh_seconds),
+        store=the_store,
+        metrics=metrics,
         log=get_logger("api"),
-        block_slice_seconds=_block_slice(settings),
+        hub=Hub(
+            the_store,
+            metrics,
+            readers=settings.stream_readers,
+            max_followers=settings.stream_max_followers,
+            buffer=settings.stream_follower_buffer,
+            keepalive_seconds=settings.sse_keepalive_seconds,
+            block_slice_seconds=block_slice,
+        ),
+        block_slice_seconds=block_slice,
     )
 
     @asynccontextmanager
@@ -547,6 +582,7 @@ def create_app(settings: ApiSettings, store: ApiStore | None = None) -> FastAPI:
         try:
             yield
         finally:
+            await ctx.hub.aclose()
             if owns_store:
                 await ctx.store.close()
             ctx.log.info("api_stopped")

@@ -26,7 +26,10 @@ conflict               409     same id with another spec, session finished/being
 payload_too_large      413     the body is larger than FLYSWARM_MAX_BODY_BYTES
 invalid                422     the body parsed but a field is wrong (unknown, out of bounds, ...)
 internal               500     a bug; the details are in the server log under requestId
-unavailable            503     Redis is unreachable; retry later (the API recovers by itself)
+unavailable            503     Redis is unreachable, or a limit of this process was reached
+                               (Redis connections, followers); retry after Retry-After
+slow_client            503     only in a stream (SSE ``event: error``, WebSocket frame before
+                               close 1013): the client fell behind; resume from its last id
 =====================  ======  ===========================================================
 
 Never a stack trace or an exception text reaches a client: unexpected errors become ``internal``.
@@ -55,6 +58,7 @@ CODE_STATUS: Mapping[str, int] = {
     "invalid": 422,
     "internal": 500,
     "unavailable": 503,
+    "slow_client": 503,
 }
 
 # "prompt: a task session needs a non-empty prompt" raised by a model validator names its field.

@@ -51,6 +51,26 @@ class ApiSettings(BaseSettings):
         validation_alias="FLYSWARM_REDIS_TIMEOUT_SECONDS",
         description="Socket timeout of one Redis call; past it the request answers 503.",
     )
+    redis_pool_size: int = Field(
+        default=64,
+        ge=1,
+        le=10_000,
+        validation_alias="FLYSWARM_REDIS_POOL_SIZE",
+        description=(
+            "Redis connections for ordinary commands (writes, reads, probes). Event streams never "
+            "hold one while they wait, so this does not grow with followers."
+        ),
+    )
+    redis_pool_timeout_seconds: float = Field(
+        default=1.0,
+        gt=0,
+        le=60,
+        validation_alias="FLYSWARM_REDIS_POOL_TIMEOUT_SECONDS",
+        description=(
+            "How long a request waits for a free connection of that pool before it alone "
+            "answers 503 with Retry-After."
+        ),
+    )
     host: str = Field(
         default=DEFAULT_HOST,
         validation_alias="HOST",
@@ -95,6 +115,36 @@ class ApiSettings(BaseSettings):
         le=300,
         validation_alias="FLYSWARM_SSE_KEEPALIVE_SECONDS",
         description="Interval of `: keep-alive` comments on idle event streams (SSE) and of liveness checks.",
+    )
+
+    stream_readers: int = Field(
+        default=4,
+        ge=1,
+        le=256,
+        validation_alias="FLYSWARM_STREAM_READERS",
+        description=(
+            "Fan-out readers: each holds one blocking Redis connection and follows many sessions "
+            "with one XREAD; every follower of the process is fed by them."
+        ),
+    )
+    stream_max_followers: int = Field(
+        default=10_000,
+        ge=1,
+        validation_alias="FLYSWARM_STREAM_MAX_FOLLOWERS",
+        description=(
+            "Followers (SSE and WebSocket) one process serves; one more is refused with 503 and "
+            "Retry-After (size the file-descriptor limit above this)."
+        ),
+    )
+    stream_follower_buffer: int = Field(
+        default=256,
+        ge=1,
+        le=100_000,
+        validation_alias="FLYSWARM_STREAM_FOLLOWER_BUFFER",
+        description=(
+            "Events buffered for one follower; a client that falls further behind is disconnected "
+            "with a reason and resumes with Last-Event-ID."
+        ),
     )
 
     # -- observability ----------------------------------------------------------------------------

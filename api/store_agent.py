@@ -65,7 +65,7 @@ class AgentStore(EventWrites):
         acked = await self._redis.get(keys.inbox_acked(session_id)) or "0-0"
         entries = await self._redis.xrange(keys.inbox(session_id), min=f"({acked}", max="+", count=1)
         if not entries and block_ms is not None:
-            reply = await self._redis.xread({keys.inbox(session_id): acked}, count=1, block=block_ms)
+            reply = await self._blocking.xread({keys.inbox(session_id): acked}, count=1, block=block_ms)
             entries = reply[0][1] if reply else []
         if not entries:
             return None

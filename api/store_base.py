@@ -32,6 +32,14 @@ from redis.backoff import ExponentialWithJitterBackoff
 
 from api import keys
 from api.models import Session, SessionEvent, SessionSpec
+from api.store_pools import (
+    DEFAULT_BLOCKING_POOL_SIZE,
+    DEFAULT_POOL_SIZE,
+    DEFAULT_POOL_TIMEOUT_SECONDS,
+    MeteredPool,
+    PoolExhausted,
+    PoolStats,
+)
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -52,6 +60,10 @@ class StoreAuthFailed(StoreUnavailable):
     """Redis refused the credentials (wrong password or a disabled per-session user)."""
 
 
+class StoreBusy(StoreUnavailable):
+    """Every connection of a pool stayed in use for the pool's whole wait: a real limit, per call."""
+
+
 class StorePermissionDenied(RuntimeError):
     """The credentials are valid but may not touch these keys (another session's, for an agent)."""
 
@@ -65,6 +77,8 @@ def unavailable_on_redis_error(func: Callable[P, Awaitable[T]]) -> Callable[P, A
             raise StoreAuthFailed("redis refused the credentials") from exc
         except redis_errors.NoPermissionError as exc:
             raise StorePermissionDenied("redis denied access to these keys") from exc
+        except PoolExhausted as exc:
+            raise StoreBusy(f"all {exc.pool_name} connections to redis are in use") from exc
         except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
             raise StoreUnavailable("redis is unreachable") from exc
         except redis_errors.BusyLoadingError as exc:
@@ -103,7 +117,12 @@ def is_cluster_url(url: str) -> bool:
 
 
 def redis_client(
-    url: str, *, socket_timeout: float = 5.0, connect_timeout: float = 2.0, retries: int = 0
+    url: str,
+    *,
+    socket_timeout: float = 5.0,
+    connect_timeout: float = 2.0,
+    retries: int = 0,
+    max_connections: int | None = None,
 ) -> aioredis.Redis:
     """A client for ``url``: one node (``redis://``, ``rediss://``) or a cluster (``redis+cluster://``).
 
@@ -119,6 +138,8 @@ def redis_client(
         "socket_connect_timeout": min(connect_timeout, socket_timeout),
         "health_check_interval": 15,
     }
+    if max_connections is not None:
+        common["max_connections"] = max_connections
     if parts.scheme in CLUSTER_SCHEMES:
         plain = urlunsplit((CLUSTER_SCHEMES[parts.scheme], parts.netloc, "", parts.query, ""))
         backoff = ExponentialWithJitterBackoff(cap=0.5, base=0.05)
@@ -169,11 +190,15 @@ class StoreBase:
         changes_maxlen: int = DEFAULT_CHANGES_MAXLEN,
         events_maxlen: int = DEFAULT_EVENTS_MAXLEN,
         inbox_maxlen: int = DEFAULT_INBOX_MAXLEN,
+        blocking: aioredis.Redis | None = None,
     ) -> None:
         # redis-py's stubs type every reply as a union of bytes/str/Awaitable; with
         # decode_responses=True the replies are str, so the client is handled as Any here and
         # the store's own signatures carry the types. Private: only store modules touch it.
         self._redis: Any = redis
+        # Blocking reads (XREAD BLOCK) run on their own client, so they never hold the connections
+        # that ordinary commands need (api/store_pools.py).
+        self._blocking: Any = blocking if blocking is not None else redis
         self.changes_maxlen = changes_maxlen
         self.events_maxlen = events_maxlen
         self.inbox_maxlen = inbox_maxlen
@@ -186,17 +211,55 @@ class StoreBase:
         socket_timeout: float = 5.0,
         connect_timeout: float = 2.0,
         retries: int = 0,
+        pool_size: int = DEFAULT_POOL_SIZE,
+        pool_timeout: float = DEFAULT_POOL_TIMEOUT_SECONDS,
+        blocking_pool_size: int = DEFAULT_BLOCKING_POOL_SIZE,
         **kwargs: Any,
     ) -> Self:
-        """A store on its own connection pool (a single node, or a cluster: see :func:`redis_client`).
+        """A store on two sized connection pools: ``pool_size`` for commands, ``blocking_pool_size``
+        for blocking reads. A call that finds its pool busy waits up to ``pool_timeout`` for a
+        connection, then fails with :class:`StoreBusy` (that call only; the API answers it 503).
 
         ``retries`` > 0 retries a command on connection errors with a short jittered backoff
         (capped at 0.2 s) so a blip is absorbed while an outage still fails fast (503, not a hang).
+
+        A cluster URL (see :func:`redis_client`) gives two cluster clients instead, sized per node
+        (``pool_size`` / ``blocking_pool_size`` connections to each node); redis-py's cluster pools
+        do not wait for a free connection, so a full one fails the call at once (503), and they
+        are not metered (:meth:`pool_stats` is empty).
         """
-        client = redis_client(
-            url, socket_timeout=socket_timeout, connect_timeout=connect_timeout, retries=retries
+        if is_cluster_url(url):
+            commands_client = redis_client(
+                url,
+                socket_timeout=socket_timeout,
+                connect_timeout=connect_timeout,
+                retries=retries,
+                max_connections=pool_size,
+            )
+            blocking_client = redis_client(
+                url,
+                socket_timeout=socket_timeout,
+                connect_timeout=connect_timeout,
+                max_connections=blocking_pool_size,
+            )
+            return cls(commands_client, blocking=blocking_client, **kwargs)
+        options: dict[str, Any] = {
+            "decode_responses": True,
+            "socket_timeout": socket_timeout,
+            "socket_connect_timeout": min(connect_timeout, socket_timeout),
+            "health_check_interval": 15,
+            "timeout": pool_timeout,
+        }
+        commands = MeteredPool.from_url(
+            url,
+            max_connections=pool_size,
+            retry=Retry(ExponentialWithJitterBackoff(cap=0.2, base=0.02), retries) if retries else None,
+            **options,
         )
-        return cls(client, **kwargs)
+        # Blocking reads are never retried by the client: their callers loop and resume from a cursor.
+        blocking = MeteredPool.from_url(url, max_connections=blocking_pool_size, retry=None, **options)
+        commands.pool_name, blocking.pool_name = "commands", "blocking"
+        return cls(aioredis.Redis.from_pool(commands), blocking=aioredis.Redis.from_pool(blocking), **kwargs)
 
     @property
     def cluster(self) -> bool:
@@ -205,6 +268,15 @@ class StoreBase:
 
     async def close(self) -> None:
         await self._redis.aclose()
+        if self._blocking is not self._redis:
+            await self._blocking.aclose()
+
+    def pool_stats(self) -> list[PoolStats]:
+        """In use, size, waiters and total wait of each connection pool (for /metrics)."""
+        # A cluster client has one pool per node and none of its own: nothing metered to show.
+        found = [getattr(c, "connection_pool", None) for c in (self._redis, self._blocking)]
+        pools = {id(p): p for p in found if p is not None}
+        return [p.stats() for p in pools.values() if isinstance(p, MeteredPool)]
 
     @unavailable_on_redis_error
     async def ping(self) -> bool:

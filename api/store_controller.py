@@ -209,7 +209,7 @@ class ControllerStore(SessionIndexReads, EventWrites, SessionTeardown, LeaderLea
         if block_ms is None:
             entries = await self._redis.xrange(keys.CHANGES, min=f"({after_id}", max="+", count=count)
         else:
-            reply = await self._redis.xread({keys.CHANGES: after_id}, count=count, block=block_ms)
+            reply = await self._blocking.xread({keys.CHANGES: after_id}, count=count, block=block_ms)
             entries = reply[0][1] if reply else []
         return [Change(entry_id=str(eid), session_id=f["id"], kind=f["kind"]) for eid, f in entries]
 

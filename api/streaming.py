@@ -1,14 +1,8 @@
-"""Following a session's event stream, for Server-Sent Events and WebSockets alike.
+"""Pieces of a session's event stream shared by Server-Sent Events and WebSockets.
 
-:func:`follow_events` replays a session's events after a given stream id, then (when following)
-blocks on the stream for new ones. Between events it yields a :class:`Tick` every keep-alive
-interval, and at each tick it looks at the session: a removed session ends the feed (``deleted``),
-and so does a finished one once a whole interval passed without events (``finished``), so that a
-``logs -f`` returns after the end instead of hanging until the record's TTL.
-
-Blocking reads are cut into slices shorter than the Redis socket timeout (a block longer than the
-socket timeout would look like a dead server). A client that disconnects cancels the feed; the
-blocked read is abandoned with its connection, which redis-py then discards.
+Stream ids (:func:`parse_stream_id`), the feed items besides events (:class:`Tick`, :class:`End`),
+the replay of stored events (:func:`replay_events`, for ``follow=false``) and the SSE frames.
+Following live events is :mod:`api.fanout`'s: one process's followers share a few Redis readers.
 
 :func:`sse_frame` renders one event as ``id:``/``event:``/``data:`` lines; ``data`` is the event's JSON
 on one line, so it never contains a raw newline.
@@ -18,7 +12,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Literal
@@ -42,9 +35,6 @@ class End:
     reason: Literal["deleted", "finished"]
 
 
-FeedItem = StoredEvent | Tick | End
-
-
 def parse_stream_id(value: str | None) -> str | None:
     """A Redis stream id (``<ms>-<seq>``) to resume after; ``0``/``0-0``/empty mean from the start.
 
@@ -60,16 +50,8 @@ def parse_stream_id(value: str | None) -> str | None:
     return value
 
 
-async def follow_events(
-    store: ApiStore,
-    session_id: str,
-    after: str | None,
-    *,
-    follow: bool,
-    keepalive_seconds: float,
-    block_slice_seconds: float,
-) -> AsyncIterator[FeedItem]:
-    """Events after ``after`` (exclusive), then, when following, new ones as they come."""
+async def replay_events(store: ApiStore, session_id: str, after: str | None) -> AsyncIterator[StoredEvent]:
+    """The stored events after ``after`` (exclusive), in order, read a batch at a time."""
     last = after
     while True:
         batch = await store.read_events(session_id, last, count=REPLAY_BATCH)
@@ -77,30 +59,7 @@ async def follow_events(
             last = item.id
             yield item
         if len(batch) < REPLAY_BATCH:
-            break
-    if not follow:
-        return
-    quiet_since = time.monotonic()
-    while True:
-        remaining = keepalive_seconds - (time.monotonic() - quiet_since)
-        if remaining <= 0:
-            session = await store.get(session_id)
-            if session is None:
-                yield End("deleted")
-                return
-            if session.effective_phase().finished:
-                yield End("finished")
-                return
-            yield Tick()
-            quiet_since = time.monotonic()
-            continue
-        block_ms = max(1, int(min(remaining, block_slice_seconds) * 1000))
-        batch = await store.read_events(session_id, last, count=REPLAY_BATCH, block_ms=block_ms)
-        for item in batch:
-            last = item.id
-            yield item
-        if batch:
-            quiet_since = time.monotonic()
+            return
 
 
 def sse_frame(item: StoredEvent) -> bytes:

@@ -12,13 +12,18 @@ Client to server: ``{"text": "...", "ref": <optional, echoed back>}``, validated
 ``error`` frame and the socket stays open. ``?after=<id>`` replays events after that id first.
 
 Close codes: 4400 bad id or ``after``, 4404 unknown session, 1011 Redis unreachable at open, 1000
-after ``end``. While Redis is down mid-stream, an ``error`` frame says so and the feed resumes from
-the last event sent once Redis is back. Protocol-level pings are uvicorn's (``ws_ping_interval``).
+after ``end``, 1013 (try again later) when the process is at ``FLYSWARM_STREAM_MAX_FOLLOWERS`` or
+when this client fell more than ``FLYSWARM_STREAM_FOLLOWER_BUFFER`` events behind (an ``error``
+frame ``slow_client`` first, when the client still reads; reconnect with ``?after=<last id>``).
+Events come from the process's fan-out hub (:mod:`api.fanout`), like SSE. While Redis is down
+mid-stream the feed waits and resumes from the last event sent once Redis is back (an ``error``
+frame says so only when history cannot be read). Protocol-level pings are uvicorn's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -26,10 +31,13 @@ from typing import Any
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from api.errors import ApiError, FieldProblem, bad_request, error_payload
+from api.fanout import Hub, HubFull
+from api.follower import Delivery, FollowerCut, cuttable
 from api.logs import get_logger
+from api.sse import slow_client_message
 from api.store import ApiStore
 from api.store_base import StoreUnavailable
-from api.streaming import End, Tick, follow_events, parse_stream_id
+from api.streaming import End, parse_stream_id
 
 MessageSink = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
 _UNAVAILABLE = "the session store (Redis) is unreachable"
@@ -43,25 +51,26 @@ class SessionSocket:
         self,
         websocket: WebSocket,
         store: ApiStore,
+        hub: Hub,
         accept_message: MessageSink,
         *,
-        keepalive_seconds: float,
-        block_slice_seconds: float,
         request_id: str | None,
     ) -> None:
         self.websocket = websocket
         self.store = store
+        self.hub = hub
         self.accept_message = accept_message
-        self.keepalive_seconds = keepalive_seconds
-        self.block_slice_seconds = block_slice_seconds
         self.request_id = request_id
         self._send_lock = asyncio.Lock()
         self._log = get_logger("api.ws")
 
     async def send(self, frame: dict[str, Any]) -> None:
+        await self.send_text(json.dumps(frame))
+
+    async def send_text(self, text: str) -> None:
         # The event pump and the message reader both send; frames must not interleave.
         async with self._send_lock:
-            await self.websocket.send_text(json.dumps(frame))
+            await self.websocket.send_text(text)
 
     async def send_error(self, error: ApiError, ref: Any = None) -> None:
         frame: dict[str, Any] = {
@@ -108,27 +117,35 @@ class SessionSocket:
         last = start
         while True:
             try:
-                async for item in follow_events(
-                    self.store,
-                    session_id,
-                    last,
-                    follow=True,
-                    keepalive_seconds=self.keepalive_seconds,
-                    block_slice_seconds=self.block_slice_seconds,
-                ):
-                    if isinstance(item, Tick):
-                        continue
-                    if isinstance(item, End):
-                        await self.send({"type": "end", "reason": item.reason})
-                        await self.websocket.close(1000)
-                        return
-                    last = item.id
-                    await self.send(
-                        {"type": "event", "id": item.id, "event": item.event.model_dump(mode="json")}
-                    )
+                # The hub cuts a follower that fell behind even while its send is blocked.
+                async with cuttable() as interrupt:
+                    feed = self.hub.events(session_id, last, "ws", interrupt)
+                    async with contextlib.aclosing(feed):
+                        async for item in feed:
+                            if isinstance(item, End):
+                                await self.send({"type": "end", "reason": item.reason})
+                                await self.websocket.close(1000)
+                                return
+                            if isinstance(item, Delivery):
+                                await self.send_text(item.ws())
+                                last = item.id
+            except (TimeoutError, FollowerCut):
+                await self._close_try_later(ApiError("slow_client", slow_client_message(last)), last)
+                return
+            except HubFull as full:
+                await self._close_try_later(ApiError("unavailable", f"{full}; retry shortly"), None)
+                return
             except StoreUnavailable:
                 await self.send_error(ApiError("unavailable", _UNAVAILABLE))
                 await asyncio.sleep(1.0)
+
+    async def _close_try_later(self, error: ApiError, last: str | None) -> None:
+        """Say why (if the client still reads) and close with 1013; a stalled client just loses us."""
+        reason = f"resume with ?after={last}" if last else "retry shortly"
+        with contextlib.suppress(TimeoutError, *_PEER_GONE):
+            async with asyncio.timeout(1.0):
+                await self.send_error(error)
+                await self.websocket.close(1013, reason)
 
     async def _read_messages(self, session_id: str) -> None:
         while True:

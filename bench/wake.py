@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 import httpx  # noqa: E402
 
 from api.models import Phase, utcnow  # noqa: E402
-from api.store import Store  # noqa: E402
+from api.store import ApiStore as Store  # noqa: E402
 from local.redis_server import free_port  # noqa: E402
 
 PROFILES: dict[str, dict[str, float]] = {
@@ -194,13 +194,20 @@ async def measure(stack: LocalStack, sleep: str, rounds: int) -> dict[str, list[
             at, cursor, seen = await _until(started, 60, "turn_started")
             results[kind].append((at - sent_at).total_seconds())
             for name, when in seen.items():
+                if when < sent_at:
+                    continue  # an earlier boot's milestone
                 steps.setdefault((kind, name), []).append((when - sent_at).total_seconds())
 
-            async def awake() -> bool:
-                current = await store.get(session_id)
-                return current is not None and current.status.phase is not Phase.SLEEPING
+            async def answered(mid: str = message_id, after: str | None = cursor) -> bool:
+                # The turn's end (a message may also be answered by the agent that was just going
+                # to sleep: then the session never leaves Sleeping, and that is right).
+                for stored in await store.read_events(session_id, after_id=after, count=1000):
+                    event = stored.event
+                    if event.type in ("turn_finished", "turn_failed") and event.data.get("messageId") == mid:
+                        return True
+                return False
 
-            await _until(awake, 60, "the session to leave Sleeping")
+            await _until(answered, 60, "the turn to finish")
     finally:
         await api.delete(f"/sessions/{session_id}")
         await api.aclose()
@@ -239,6 +246,12 @@ async def run(args: argparse.Namespace) -> None:
                         ("settled", "(b) after it settled"),
                     ):
                         print(_row(label, results[kind], GOALS[sleep], BEFORE[sleep]), flush=True)
+                        parts = [
+                            f"{name} {statistics.median(results[f'{kind}:{name}']):.2f} s"
+                            for name in MILESTONES
+                            if f"{kind}:{name}" in results
+                        ]
+                        print(f"      medians after the POST: {', '.join(parts)}", flush=True)
             finally:
                 stack.down()
 

@@ -37,8 +37,11 @@ class Limit:
             raise ValueError("a limit needs rate > 0 and burst >= 1")
 
     def scaled(self, factor: float) -> Limit:
-        """The same limit with its rate multiplied by ``factor`` (a safety margin below the real one)."""
-        return Limit(rate=self.rate * factor, burst=self.burst)
+        """A safety margin below the real limit: the rate multiplied by ``factor``, and one token
+        less of burst (when there is more than one). Requests a loaded process sends at the right
+        pace can still *arrive* bunched after scheduling or network delays; the spare token absorbs
+        that, where a full burst would earn a 429."""
+        return Limit(rate=self.rate * factor, burst=max(1, self.burst - 1))
 
 
 class TokenBucket:

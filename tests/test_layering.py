@@ -77,7 +77,7 @@ STORE_MODULES = {
     "api.store_lease",
     "api.transcripts",
 }
-SHARED_STORE_MODULES = {"api.store_base"}
+SHARED_STORE_MODULES = {"api.store_base", "api.store_pools"}
 # Runs Redis servers rather than storing data: forms a local cluster with CLUSTER commands, no keys.
 REDIS_LAUNCHERS = {"local.redis_cluster"}
 ROLE_STORES = {

@@ -46,7 +46,8 @@ EXERCISED = {
         "drop_from_index", "ensure_session_credentials", "finish_credential_deletions", "from_url",
         "get", "get_heartbeat", "get_launch", "get_launches", "get_many", "heartbeat", "heartbeats",
         "inbox_ack", "inbox_next", "inbox_pending", "inbox_pending_many", "last_change_id", "list",
-        "mark_deleted", "new_session", "ping", "read_changes", "read_events", "record_controller_seen",
+        "mark_deleted", "new_session", "ping", "pool_stats", "read_events_many", "read_changes",
+        "read_events", "record_controller_seen",
         "record_create_failure", "record_launch", "release_lease", "remove", "remove_keys",
         "renew_lease", "restore_session_credentials", "send_message", "server_identity",
         "transcripts", "update_launch", "wake_sessions", "write_agent_report", "write_status",
@@ -107,6 +108,11 @@ async def test_every_store_method_runs_on_the_cluster_without_crossslot(
 
     first = await store.append_event("s4", SessionEvent(type="tick"))
     assert [e.id for e in await store.read_events("s4")] == [first]
+    other = await store.append_event("s5", SessionEvent(type="tock"))  # another slot, another node
+    many = await store.read_events_many({"s4": "0-0", "s5": "0-0", "s6": "0-0"}, block_ms=100)
+    assert {sid: [e.id for e in events] for sid, events in many.items()} == {"s4": [first], "s5": [other]}
+    assert await store.read_events_many({"s4": first, "s5": other}, block_ms=100) == {}
+    assert isinstance(store.pool_stats(), list)
     assert await store.read_events("s4", first, block_ms=50) == []
     last = await store.last_change_id()
     await store.mark_deleted("s5")
