@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import random
 import secrets
 from typing import Any
 
@@ -134,15 +135,42 @@ class SessionTeardown(StoreBase):
     async def _on_one_node(self, *command: str) -> Any:
         if not self.cluster:
             return await self._redis.execute_command(*command)
-        return await self._redis.execute_command(*command, target_nodes=self._redis.get_random_node())
+        await self._redis.initialize()  # the topology, should this be the client's first command
+        try:
+            return await self._redis.execute_command(
+                *command, target_nodes=random.choice(self._redis.get_primaries())
+            )
+        except (redis_errors.ConnectionError, redis_errors.TimeoutError):
+            await self._redis.nodes_manager.initialize()  # a master that died: learn who serves now
+            return await self._redis.execute_command(
+                *command, target_nodes=random.choice(self._redis.get_primaries())
+            )
 
     async def _on_every_node(self, *command: str) -> list[Any]:
         """Run a node-local command (ACL) on every node: the one of a single Redis, each of a cluster."""
         if not self.cluster:
             return [await self._redis.execute_command(*command)]
-        nodes = await self._cluster_nodes()
-        replies = await self._redis.execute_command(*command, target_nodes=nodes)
-        return list(replies.values()) if isinstance(replies, dict) else [replies]
+        failed: list[BaseException] = []
+        for attempt in range(2):
+            nodes = await self._cluster_nodes()
+            replies = await asyncio.gather(
+                *(self._redis.execute_command(*command, target_nodes=node) for node in nodes),
+                return_exceptions=True,
+            )
+            failed = [r for r in replies if isinstance(r, BaseException)]
+            if not failed:
+                return replies
+            unreachable = all(
+                isinstance(r, (redis_errors.ConnectionError, redis_errors.TimeoutError)) for r in failed
+            )
+            if not unreachable or attempt == 1:
+                raise failed[0]
+            # A node the client still lists is gone (a dead replica, a failed-over master): learn
+            # the topology again - the cluster drops a node it marked failed - and try once more.
+            # Still failing: an outage for this call (the node is not yet marked failed); the users
+            # of a node that comes back are restored when its new run id is seen (server_identity).
+            await self._redis.nodes_manager.initialize()
+        raise failed[0]
 
     async def _nodes_info(self) -> list[dict[str, Any]]:
         if not self.cluster:

@@ -21,9 +21,11 @@ from api import keys
 from api.models import Phase
 from api.store_base import StoreUnavailable
 from api.store_base import redis_client as redis_client_for
-from local.redis_cluster import LocalCluster, cluster_state, start_cluster
+from api.store_controller import ControllerStore
+from local.redis_cluster import LocalCluster, cluster_state, cluster_summary, start_cluster
 from local.redis_server import RedisServer
 from tests.controller.world import World, make_world
+from tests.redis_nodes import acl_users_per_node
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -63,10 +65,20 @@ def _slots(client: redis.Redis) -> list[tuple[int, int, int]]:
     return [(int(r[0]), int(r[1]), int(r[2][1])) for r in reply]
 
 
+def _replica_of(cluster: LocalCluster, replica: RedisServer) -> int:
+    """The port of the master ``replica`` follows."""
+    client = cluster.client(replica)
+    try:
+        info = client.info("replication")
+        return int(info["master_port"])
+    finally:
+        client.close()
+
+
 def promoted(cluster: LocalCluster, dead: RedisServer) -> bool:
     """Every live node sees the cluster whole again, with the dead master's slots on its replica."""
     for node in cluster.nodes:
-        if node is dead:
+        if node.process.poll() is not None:
             continue
         client = cluster.client(node)
         try:
@@ -96,6 +108,11 @@ async def test_a_killed_master_fails_over_to_its_replica_and_the_invariants_hold
     dead = master_of(cluster, keys.INDEX)
     dead.process.kill()  # kill -9, mid-run: the tasks are still working
     dead.process.wait(timeout=5)
+    # And a replica of another master: the agents' ACL users go to every node the cluster still
+    # lists, so a dead one must drop out of that list rather than block every new session.
+    lost_replica = next(r for r in cluster.replicas if _replica_of(cluster, r) != dead.port)
+    lost_replica.process.kill()
+    lost_replica.process.wait(timeout=5)
 
     # Not world.until: its phase bookkeeping reads Redis, which is down for a moment here.
     async with asyncio.timeout(30):
@@ -119,3 +136,32 @@ async def test_a_killed_master_fails_over_to_its_replica_and_the_invariants_hold
     for sid in (*sorted(before | after), "chat"):
         assert len(world.machines(sid, live=False)) >= 1
         assert len(world.machines(sid)) <= 1
+
+
+async def test_a_dead_replica_does_not_block_new_agent_users_once_the_cluster_marks_it_failed(
+    tmp_path: Path,
+) -> None:
+    """ACL users go to every node; a replica that died must drop out of "every node" (the cluster
+    stops listing it once it is marked failed) instead of failing every new session's launch."""
+    cluster = await asyncio.to_thread(start_cluster, tmp_path / "cluster", masters=3, replicas_per_master=1)
+    store = ControllerStore.from_url(cluster.url)
+    try:
+        assert await store.ensure_session_credentials("before") is not None  # every node known
+        replica = cluster.replicas[0]
+        replica.process.kill()
+        replica.process.wait(timeout=5)
+
+        async def marked_failed() -> bool:
+            summary = await asyncio.to_thread(cluster_summary, cluster.masters[0].port)
+            return summary is not None and f"failed {replica.port}" in summary
+
+        async with asyncio.timeout(20):
+            while not await marked_failed():
+                await asyncio.sleep(0.1)
+        creds = await store.ensure_session_credentials("after")
+        assert creds is not None
+        for users in await acl_users_per_node(store._redis):  # every live node has the user
+            assert keys.acl_user("after") in users
+    finally:
+        await store.close()
+        cluster.stop()
