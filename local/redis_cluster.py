@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import os
+import random
 import signal
 import socket
 import threading
@@ -31,7 +32,7 @@ from typing import Any, cast
 
 import redis
 
-from local.redis_server import RedisServer, free_port, start_redis
+from local.redis_server import RedisServer, start_redis
 
 SLOTS = 16_384
 NODES_CONF = "nodes.conf"
@@ -66,18 +67,34 @@ class LocalCluster:
 
 
 def free_node_port() -> int:
-    """A free loopback port whose cluster-bus port (port + 10 000) is free and valid too."""
-    for _ in range(200):
-        port = free_port()
-        if port + BUS_OFFSET > 65_535:
-            continue
-        try:
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-                sock.bind(("127.0.0.1", port + BUS_OFFSET))
-        except OSError:
-            continue
-        return port
+    """A free loopback port for a node whose cluster-bus port (port + 10 000) is free too.
+
+    Both lie below the kernel's ephemeral range: a client that keeps reconnecting to a dead node
+    on an ephemeral port can be handed that very port as its own source port and "connect" to
+    itself (TCP self-connect), then hang on its own echo instead of being refused.
+    """
+    low = _ephemeral_low()
+    for _ in range(500):
+        port = random.randrange(10_000, max(low - BUS_OFFSET, 10_001))
+        if _bindable(port) and _bindable(port + BUS_OFFSET):
+            return port
     raise RuntimeError("no free port pair for a cluster node")
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768  # Linux's default; elsewhere a safe guess
+
+
+def _bindable(port: int) -> bool:
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", port))
+    except OSError:
+        return False
+    return True
 
 
 def cluster_args(node_timeout_ms: int) -> list[str]:
