@@ -12,6 +12,10 @@ own store class on top of :class:`StoreBase`, with exactly the operations that r
 * :class:`api.store_agent.AgentStore` — the agent in a machine, connected as its session's ACL user:
   its own session read, its report, heartbeat, events, inbox and transcripts.
 
+Every store runs on one Redis node or on a Redis Cluster alike (:func:`redis_client` picks the
+client from the URL's scheme): no command, transaction or script of any role spans two hash slots;
+:mod:`api.store` explains how the writes that must touch global keys are ordered instead.
+
 The Redis client is private (``_redis``): code outside the store asks a store method, so every key
 name stays in :mod:`api.keys` and every Redis error surfaces as :class:`StoreUnavailable` (503 for
 callers, never "gone").
