@@ -35,14 +35,14 @@ install: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy api controller agent local cli
+	$(BIN)/mypy api controller agent gateway local cli
 
 format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
 typecheck: $(STAMP)
-	$(BIN)/mypy api controller agent local cli
+	$(BIN)/mypy api controller agent gateway local cli
 
 test: $(STAMP)
 	@start=$$(date +%s); \

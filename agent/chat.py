@@ -10,10 +10,11 @@ its error: it is acknowledged, the error goes in the report's reason/message and
 and the chat goes on. What ends the chat: a spent budget (``BudgetExceeded``), a dead CLI
 (``CliCrashed``: the message is replayed after the restart) or a signal.
 
-Resume: the conversation's Claude session id is in the report; its transcript is in the Redis
-transcript store. On a fresh machine the SDK materializes the transcript from the store and the
-CLI resumes it. The SDK finds transcripts by the cwd's project key, so if this machine's work dir
-differs from the last one's, the transcript is first copied to the new key.
+Resume: the conversation's Claude session id is in the report; its transcript is in the control
+plane's transcript store (over the agent channel). On a fresh machine the SDK materializes the
+transcript from the store and the CLI resumes it. The SDK finds transcripts by the cwd's project
+key, so if this machine's work dir differs from the last one's, the transcript is first copied to
+the new key.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from claude_agent_sdk import ClaudeSDKClient, ResultMessage, project_key_for_dir
 from agent.context import AgentContext
 from agent.events import result_reason
 from agent.outcome import Outcome, outcome_for_exception
-from api.store_base import StoreUnavailable
+from api.store_errors import StoreUnavailable
 
 _INTERRUPT_DRAIN_SECONDS = 5.0
 
@@ -54,7 +55,7 @@ async def find_resume_target(ctx: AgentContext) -> str | None:
 
 async def _go_idle(ctx: AgentContext, **fields: Any) -> None:
     if ctx.reporter.state != "idle" or fields:
-        # With fields, this is the end of a turn: its result must reach Redis (durable).
+        # With fields, this is the end of a turn: its result must be stored (durable).
         await ctx.reporter.update(state="idle", durable=bool(fields), **fields)
         ctx.heartbeat.poke()
         ctx.emit("agent_idle", None, turns=ctx.reporter.report.turns)
@@ -136,7 +137,7 @@ async def _handle(
 
 
 async def _ack(ctx: AgentContext, message_id: str | None) -> None:
-    """Acknowledge a finished turn, retrying through a Redis outage: an ack lost to an outage would
+    """Acknowledge a finished turn, retrying through an outage: an ack lost to an outage would
     replay a turn that already happened."""
     if message_id is None:
         return

@@ -17,6 +17,8 @@ from typing import Any
 
 from claude_agent_sdk import ClaudeAgentOptions, ClaudeSDKClient, ResultMessage, SystemMessage
 
+from agent.channel import AgentChannel
+from agent.channel_transcripts import ChannelTranscripts
 from agent.diagnostics import CliDiagnostics
 from agent.events import translate
 from agent.heartbeat import Heartbeat
@@ -24,8 +26,6 @@ from agent.publisher import EventPublisher
 from agent.reporter import Reporter
 from agent.settings import AgentSettings
 from api.models import Session, SessionSpec
-from api.store_agent import AgentStore
-from api.transcripts import RedisTranscriptStore
 
 DEFAULT_SYSTEM_PROMPT: dict[str, str] = {"type": "preset", "preset": "claude_code"}
 
@@ -33,12 +33,12 @@ DEFAULT_SYSTEM_PROMPT: dict[str, str] = {"type": "preset", "preset": "claude_cod
 @dataclass
 class AgentContext:
     settings: AgentSettings
-    store: AgentStore
+    store: AgentChannel
     session: Session
     reporter: Reporter
     publisher: EventPublisher
     heartbeat: Heartbeat
-    transcripts: RedisTranscriptStore
+    transcripts: ChannelTranscripts
     diagnostics: CliDiagnostics
     log: Any
     base_cost: float = 0.0
@@ -95,6 +95,10 @@ class AgentContext:
             # The one switch that keeps the CLI to POST /v1/messages (no telemetry, no title query).
             "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
             "FLYSWARM_SESSION_ID": self.session_id,
+            # The model is reached through the control plane's gateway with the session's token: the
+            # only credential this machine has (the real key stays in the control plane).
+            "ANTHROPIC_BASE_URL": settings.control_url,
+            "ANTHROPIC_API_KEY": settings.session_token.get_secret_value(),
             # Lets the scripted model's crash scenario (and operators' tools) find the agent.
             "FLYSWARM_AGENT_PID": str(os.getpid()),
         }

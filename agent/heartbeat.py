@@ -13,9 +13,9 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 
+from agent.channel import AgentChannel
 from api.logs import get_logger
-from api.store_agent import AgentStore
-from api.store_base import StoreUnavailable
+from api.store_errors import StoreUnavailable
 
 log = get_logger("agent.heartbeat")
 
@@ -23,7 +23,7 @@ log = get_logger("agent.heartbeat")
 class Heartbeat:
     def __init__(
         self,
-        store: AgentStore,
+        store: AgentChannel,
         session_id: str,
         machine_id: str | None,
         *,

@@ -28,7 +28,7 @@ EXIT_OK = 0
 EXIT_ERROR = 1  # the run failed (see the report's reason)
 EXIT_CONFIG = 2  # the environment is invalid (FLYSWARM_* variables)
 EXIT_SESSION = 3  # the session is missing or its spec is invalid
-EXIT_REDIS = 4  # Redis unreachable or credentials refused at start-up
+EXIT_UNREACHABLE = 4  # the control plane unreachable, or the session token refused, at start-up
 EXIT_SIGNAL_BASE = 128  # interrupted work: 128 + signal number (143 SIGTERM, 130 SIGINT)
 
 FinalState = Literal["done", "error", "interrupted"]

@@ -2,11 +2,10 @@
 
 The reporter keeps the current report in memory and writes the whole of it on every change
 (the store puts it in its own hash field, so it never clobbers spec or status). Progress writes are
-retried briefly when Redis is away; one that cannot be written is logged, and the next change
-writes the whole state again anyway. A *durable* write (the final report, a finished turn) is
-retried until Redis stores it - through an outage, or a restart that costs the agent its
-credentials until the controller restores them - or until the machine is told to stop: a finished
-result is never lost, so it is never computed again.
+retried briefly when the control plane is away; one that cannot be written is logged, and the next
+change writes the whole state again anyway. A *durable* write (the final report, a finished turn) is
+retried until the control plane stores it - through an outage of it or of its Redis - or until the
+machine is told to stop: a finished result is never lost, so it is never computed again.
 
 Once the agent starts to stop on a signal the state is *locked* to ``interrupted``: a turn that
 ends while the agent is shutting down can still add its cost, but cannot make the report say idle.
@@ -18,10 +17,10 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from agent.channel import AgentChannel
 from api.logs import get_logger
 from api.models import AgentReport, AgentState, utcnow
-from api.store_agent import AgentStore
-from api.store_base import StoreUnavailable
+from api.store_errors import StoreUnavailable
 
 log = get_logger("agent.reporter")
 
@@ -29,7 +28,7 @@ log = get_logger("agent.reporter")
 class Reporter:
     def __init__(
         self,
-        store: AgentStore,
+        store: AgentChannel,
         session_id: str,
         report: AgentReport,
         *,

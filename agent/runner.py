@@ -4,18 +4,21 @@
 
 1. Read the environment (:class:`agent.settings.AgentSettings`) and scrub the secrets out of it.
    Invalid configuration: one ``agent_config_invalid`` log line, exit 2.
-2. Load the session from Redis (retrying an unreachable Redis, or refused credentials - Redis may
-   have restarted and not had them restored yet - for the start-up window). Missing session or
-   invalid spec: one ``session_not_found`` / ``session_spec_invalid`` log line, exit 3 (an invalid
-   spec is also reported as ``error``/``SpecInvalid``). Credentials still refused: exit 4.
+   Before that, :func:`agent.token_handoff.hand_off` re-executes the process so that its
+   environment (``/proc/<pid>/environ``) no longer holds the session token.
+2. Load the session from the control plane (:class:`agent.channel.AgentChannel`, retrying an
+   unreachable one, or a refused token - the controller may not have stored it yet - for the
+   start-up window). Deleted session or invalid spec: one ``session_not_found`` /
+   ``session_spec_invalid`` log line, exit 3 (an invalid spec is also reported as
+   ``error``/``SpecInvalid``). Unreachable, or the token still refused: exit 4.
 3. Report ``running`` with the machine id, start the heartbeat and the event publisher, emit
    ``agent_started``. Only then import the SDK (1-2 s) in a thread: heartbeats already flow.
 4. Run the task or the chat (:mod:`agent.task`, :mod:`agent.chat`) inside a cancel scope.
-5. Report the outcome - retried until Redis stores it, through outages and restarts, unless a
+5. Report the outcome - retried until the control plane stores it, through outages and restarts, unless a
    signal says to stop -, beat a last time, flush the events, exit (0 done, 1 error, 128+signal
    when a signal interrupted work, 0 when a signal stopped an idle chat).
 
-SIGTERM/SIGINT: the report is locked to ``interrupted`` at once (so it is in Redis whatever happens
+SIGTERM/SIGINT: the report is locked to ``interrupted`` at once (so it is stored whatever happens
 next), a chat turn in flight is interrupted through the SDK and given a moment to end (its
 transcript is flushed; the message stays unacknowledged and is replayed), then the run is
 cancelled (the SDK terminates the CLI), and the events are flushed. A watchdog thread ends the
@@ -38,15 +41,17 @@ import anyio
 import structlog
 from pydantic import ValidationError
 
+from agent import token_handoff
+from agent.channel import AgentChannel
 from agent.children import signal_children
 from agent.diagnostics import CliDiagnostics
 from agent.heartbeat import Heartbeat
 from agent.outcome import (
     EXIT_CONFIG,
     EXIT_OK,
-    EXIT_REDIS,
     EXIT_SESSION,
     EXIT_SIGNAL_BASE,
+    EXIT_UNREACHABLE,
     Outcome,
 )
 from agent.publisher import EventPublisher
@@ -54,8 +59,7 @@ from agent.reporter import Reporter
 from agent.settings import AgentSettings, scrub_environment
 from api.logs import configure_logging, get_logger, register_secret
 from api.models import AgentReport, Session
-from api.store_agent import AgentStore
-from api.store_base import StoreAuthFailed, StorePermissionDenied, StoreUnavailable
+from api.store_errors import StoreAuthFailed, StorePermissionDenied, StoreUnavailable
 
 if TYPE_CHECKING:
     from agent.context import AgentContext
@@ -63,9 +67,9 @@ if TYPE_CHECKING:
 log = get_logger("agent")
 
 
-async def load_session(store: AgentStore, settings: AgentSettings) -> Session | int:
+async def load_session(store: AgentChannel, settings: AgentSettings) -> Session | int:
     """The session to run, or the exit code that refuses to run it."""
-    deadline = time.monotonic() + settings.startup_redis_timeout_seconds
+    deadline = time.monotonic() + settings.startup_timeout_seconds
     delay = 0.2
     while True:
         try:
@@ -82,28 +86,27 @@ async def load_session(store: AgentStore, settings: AgentSettings) -> Session | 
                 pass
             return EXIT_SESSION
         except StoreAuthFailed:
-            # Right after a Redis restart the controller may not have restored our user yet:
-            # refused credentials are retried for the start-up window like an unreachable Redis.
+            # A token refused is retried for the start-up window like an unreachable control plane.
             if time.monotonic() >= deadline:
-                log.error("redis_auth_failed")
-                return EXIT_REDIS
-            log.warning("redis_auth_failed_retrying", retry_in=delay)
+                log.error("session_token_refused")
+                return EXIT_UNREACHABLE
+            log.warning("session_token_refused_retrying", retry_in=delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
         except StorePermissionDenied:
-            # Valid credentials for other keys: this machine was handed another session's user.
-            log.error("redis_permission_denied")
-            return EXIT_REDIS
+            # A valid token of another session: this machine was handed the wrong one.
+            log.error("session_token_of_another_session")
+            return EXIT_UNREACHABLE
         except StoreUnavailable:
             if time.monotonic() >= deadline:
-                log.error("redis_unreachable", waited_seconds=settings.startup_redis_timeout_seconds)
-                return EXIT_REDIS
-            log.warning("redis_unavailable_retrying", retry_in=delay)
+                log.error("control_plane_unreachable", waited_seconds=settings.startup_timeout_seconds)
+                return EXIT_UNREACHABLE
+            log.warning("control_plane_unavailable_retrying", retry_in=delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
-        except Exception as exc:  # any other Redis error reply
-            log.error("redis_error", error_type=type(exc).__name__, error=str(exc)[:300])
-            return EXIT_REDIS
+        except Exception as exc:  # a refused request: a bug on one side
+            log.error("control_plane_error", error_type=type(exc).__name__, error=str(exc)[:300])
+            return EXIT_UNREACHABLE
     if session is None:
         log.error("session_not_found")
         return EXIT_SESSION
@@ -113,7 +116,7 @@ async def load_session(store: AgentStore, settings: AgentSettings) -> Session | 
 class AgentProcess:
     """One run of the agent for one session."""
 
-    def __init__(self, settings: AgentSettings, store: AgentStore, session: Session) -> None:
+    def __init__(self, settings: AgentSettings, store: AgentChannel, session: Session) -> None:
         self.settings = settings
         self.store = store
         self.session = session
@@ -246,11 +249,6 @@ class AgentProcess:
             fields["costUsd"] = ctx.total_cost
             if outcome.state == "error":
                 fields["stderrTail"] = ctx.diagnostics.tail()
-        # Retried until stored (heartbeats keep flowing meanwhile): a result lost here would be
-        # computed again by the next machine.
-        await self.reporter.update(durable=True, **fields)
-        await self.heartbeat.stop()
-        await self.heartbeat.beat()
         self._emit(
             "agent_finished",
             outcome.state,
@@ -260,8 +258,15 @@ class AgentProcess:
             costUsd=fields.get("costUsd"),
         )
         log.info("agent_finished", state=outcome.state, reason=outcome.reason, exit_code=outcome.exit_code)
+        # Events first: once the final report is stored the controller may finish the session and
+        # revoke its token, after which the control plane refuses this agent's writes.
         await self.publisher.flush(timeout=max(0.5, self.settings.stop_timeout_seconds * 0.1))
         await self.publisher.stop()
+        # Retried until stored (heartbeats keep flowing meanwhile): a result lost here would be
+        # computed again by the next machine.
+        await self.reporter.update(durable=True, **fields)
+        await self.heartbeat.stop()
+        await self.heartbeat.beat()
         return outcome.exit_code
 
     # -- signals ----------------------------------------------------------------------------------
@@ -270,7 +275,7 @@ class AgentProcess:
         self.give_up.set()
         if self.finishing:
             # The outcome is already decided; its report may still be retrying against an
-            # unreachable Redis: a few more attempts, and the stop timeout ends the process.
+            # unreachable control plane: a few more attempts, and the stop timeout ends the process.
             log.info("signal_while_finishing", signal=sig.name)
             if self._watchdog is None:
                 self._start_watchdog(EXIT_SIGNAL_BASE + int(sig))
@@ -325,7 +330,12 @@ class AgentProcess:
 
 async def amain(settings: AgentSettings) -> int:
     structlog.contextvars.bind_contextvars(session_id=settings.session_id, machine_id=settings.machine_id)
-    store = AgentStore.from_url(settings.redis_connection_url())
+    store = AgentChannel(
+        settings.control_url,
+        settings.session_token.get_secret_value(),
+        settings.session_id,
+        timeout=settings.control_timeout_seconds,
+    )
     try:
         loaded = await load_session(store, settings)
         if isinstance(loaded, int):
@@ -346,8 +356,9 @@ async def amain(settings: AgentSettings) -> int:
 
 def load_settings() -> AgentSettings | None:
     """Settings from the environment; logs ``agent_config_invalid`` and returns None when invalid."""
+    token = token_handoff.receive()
     try:
-        settings = AgentSettings()
+        settings = AgentSettings() if token is None else AgentSettings(session_token=token)
     except ValidationError as exc:
         configure_logging(os.environ.get("FLYSWARM_LOG_LEVEL", "info"))
         errors = [
@@ -357,8 +368,7 @@ def load_settings() -> AgentSettings | None:
         log.error("agent_config_invalid", errors=errors)
         return None
     configure_logging(settings.log_level)
-    register_secret(settings.redis_password.get_secret_value() if settings.redis_password else None)
-    register_secret(os.environ.get("ANTHROPIC_API_KEY"))
+    register_secret(settings.session_token.get_secret_value())
     scrub_environment()
     if os.geteuid() == 0 and os.environ.get("IS_SANDBOX") != "1":
         log.warning("running_as_root_without_is_sandbox")
@@ -368,6 +378,7 @@ def load_settings() -> AgentSettings | None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``python -m agent`` and ``flyswarm agent`` (configured by environment only)."""
     del argv  # no options: a machine's agent is configured by its environment
+    token_handoff.hand_off()  # returns once the environment holds no secret (after a re-exec)
     settings = load_settings()
     if settings is None:
         sys.exit(EXIT_CONFIG)

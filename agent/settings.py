@@ -1,11 +1,11 @@
 """The agent's configuration: environment variables only (the controller sets them on the machine).
 
-Everything the agent needs to know about *what* to run comes from the session's spec in Redis;
-the environment only says *which* session, how to reach Redis, and how the agent paces itself.
-Redis credentials are the per-session ACL user the controller created, either inside
-``FLYSWARM_REDIS_URL`` or as ``FLYSWARM_REDIS_USERNAME`` / ``FLYSWARM_REDIS_PASSWORD``.
-They are removed from the process environment once read, so the CLI and its tools (which the
-model drives) never see them.
+Everything the agent needs to know about *what* to run comes from the session's spec, which it
+reads from the control plane; the environment only says *which* session, where the control plane is
+(``FLYSWARM_CONTROL_URL``: the gateway, for model traffic and the agent channel alike), and how the
+agent paces itself. The one credential, the session's token, arrives as ``FLYSWARM_SESSION_TOKEN``
+and never stays in the agent's environment (:mod:`agent.token_handoff`). No Redis address, no Redis
+credential, no Anthropic key: the agent holds none.
 """
 
 from __future__ import annotations
@@ -13,18 +13,15 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from agent.token_handoff import FORBIDDEN_ENV, TOKEN_ENV, TOKEN_FD_ENV, TOKEN_FILE_ENV
 from api.models import validate_session_id
-from api.store_base import redis_url_with_credentials
 
 # Variables the agent reads and then scrubs from its environment (children must not inherit them).
-SECRET_ENV = ("FLYSWARM_REDIS_URL", "FLYSWARM_REDIS_USERNAME", "FLYSWARM_REDIS_PASSWORD")
-# Never present on an agent machine; scrubbed defensively should an operator set them anyway.
-FORBIDDEN_ENV = ("FLY_API_TOKEN", "FLY_ACCESS_TOKEN")
+SECRET_ENV = (TOKEN_ENV, TOKEN_FD_ENV, TOKEN_FILE_ENV)
 
 
 class AgentSettings(BaseSettings):
@@ -33,14 +30,13 @@ class AgentSettings(BaseSettings):
     session_id: str
     """The flyswarm session this machine runs (``FLYSWARM_SESSION_ID``)."""
 
-    redis_url: SecretStr
-    """Redis URL, possibly with the per-session ACL user's credentials in it."""
+    control_url: str
+    """The control plane's gateway as this machine reaches it: the CLI's ``ANTHROPIC_BASE_URL`` and the
+    agent channel (``/agent/v1``) for the session's state."""
 
-    redis_username: str | None = None
-    """Overrides the user name of ``redis_url`` (the per-session ACL user)."""
-
-    redis_password: SecretStr | None = None
-    """Overrides the password of ``redis_url``."""
+    session_token: SecretStr
+    """The session's token (``FLYSWARM_SESSION_TOKEN``), minted by the controller for this launch. The
+    agent moves it out of its environment before anything else (see ``agent/token_handoff.py``)."""
 
     machine_id: str | None = Field(
         default=None, validation_alias=AliasChoices("FLYSWARM_MACHINE_ID", "FLY_MACHINE_ID")
@@ -69,11 +65,14 @@ class AgentSettings(BaseSettings):
     stop_timeout_seconds: float = Field(default=5.0, gt=0.5)
     """After SIGTERM/SIGINT the agent exits within this time (match the machine's stop timeout)."""
 
-    inbox_block_ms: int = Field(default=2000, ge=10, le=4000)
-    """How long one inbox read blocks (below the Redis client's 5 s socket timeout)."""
+    inbox_block_ms: int = Field(default=20_000, ge=10, le=30_000)
+    """How long one inbox long-poll waits at the control plane before asking again."""
 
-    startup_redis_timeout_seconds: float = Field(default=30.0, ge=0)
-    """How long start-up keeps retrying an unreachable Redis before giving up."""
+    control_timeout_seconds: float = Field(default=10.0, gt=0, le=120)
+    """Timeout of one request to the control plane (a long-poll adds its wait); past it: retried."""
+
+    startup_timeout_seconds: float = Field(default=30.0, ge=0)
+    """How long start-up keeps retrying an unreachable control plane (or a refused token) before giving up."""
 
     cli_debug_log: bool = True
     """Run the CLI with ``--debug-file`` so errors it only logs there reach the stderr tail."""
@@ -95,19 +94,12 @@ class AgentSettings(BaseSettings):
             raise ValueError("heartbeat_interval_seconds must be shorter than heartbeat_ttl_seconds")
         return self
 
-    def redis_connection_url(self) -> str:
-        """The Redis URL with the username/password overrides applied (a secret: never log it)."""
-        url = self.redis_url.get_secret_value()
-        if self.redis_username is None and self.redis_password is None:
-            return url
-        parts = urlsplit(url)
-        user = self.redis_username if self.redis_username is not None else (parts.username or "")
-        password = (
-            self.redis_password.get_secret_value()
-            if self.redis_password is not None
-            else (parts.password or "")
-        )
-        return redis_url_with_credentials(url, user, password)
+    @field_validator("control_url")
+    @classmethod
+    def _control_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/")
 
     @property
     def session_dir(self) -> Path:

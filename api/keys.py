@@ -1,8 +1,8 @@
 """Every Redis key name flyswarm uses, in one place.
 
 Per-session keys carry the hash tag ``{<id>}`` so all of one session's keys live in one Redis Cluster
-slot (atomic scripts and MULTI stay within a slot) and one ACL pattern, ``fs:{<id>}:*``, covers
-exactly one session: the agent's per-session Redis user gets that pattern and nothing else.
+slot (atomic scripts and MULTI stay within a slot). Only the control plane reaches Redis: agents
+reach their session's state through the gateway's channel, with a per-session token.
 
 Global keys (the change feed, the listing index, the credentials record) are few and are never
 written in the same command or script as a session's keys, so nothing spans two slots on a Redis
@@ -20,12 +20,6 @@ INDEX = f"{PREFIX}:sessions"  # zset, score 0: every session id, for lexicograph
 LEADER = f"{PREFIX}:{{leader}}"  # string with TTL: the controller leader lease (holder id + token)
 LEADER_FENCE = f"{PREFIX}:{{leader}}:fence"  # counter: monotonically increasing fencing tokens
 CONTROLLER_SEEN = f"{PREFIX}:controller:seen"  # hash: controller id -> last pass time (for status)
-#: hash: session id -> SHA-256 of its agent's Redis password. ACL users live in the server's memory
-#: only (``ACL SETUSER`` is not in the AOF); this durable copy lets the controller re-create them
-#: after a Redis restart. A global key on purpose: a session's own ACL pattern cannot reach it.
-CREDENTIALS = f"{PREFIX}:credentials"
-# set: ids of removed sessions whose ACL user may still exist (the removal's finalizer)
-ACL_PENDING_DELETE = f"{PREFIX}:acl:pending-delete"
 
 
 def _tag(session_id: str) -> str:
@@ -97,6 +91,15 @@ def transcript_projects(session_id: str) -> str:
     return f"{transcript_prefix(session_id)}projects"
 
 
+def session_token(session_id: str) -> str:
+    """String: SHA-256 (hex) of the session's current gateway token (see api/session_token.py).
+
+    Written by the controller at each launch (a new launch replaces it), deleted when the session
+    finishes or is removed; read by the gateway only.
+    """
+    return f"{_tag(session_id)}:token"
+
+
 def session_registry(session_id: str) -> str:
     """Set: the session's keys beyond :func:`session_fixed_keys` (transcripts), for its removal.
 
@@ -119,6 +122,7 @@ def session_fixed_keys(session_id: str) -> tuple[str, ...]:
         inbox(session_id),
         inbox_acked(session_id),
         launch(session_id),
+        session_token(session_id),
     )
 
 
@@ -128,13 +132,16 @@ def session_key_prefix(session_id: str) -> str:
 
 
 def session_key_pattern(session_id: str) -> str:
-    """The glob that matches every key of one session (the per-session ACL user's key pattern)."""
+    """The glob that matches every key of one session (tests check a removal against it)."""
     return f"{_tag(session_id)}:*"
 
 
-def acl_user(session_id: str) -> str:
-    """The per-session Redis ACL user name."""
-    return f"fs-session-{session_id}"
+def budget_spend(budget: str, period_start: str) -> str:
+    """String (float): USD spent by every session matching one label budget in one period.
+
+    Global (a budget spans sessions); expires a while after its period ends. Written by the gateway.
+    """
+    return f"{PREFIX}:budget:{budget}:{period_start}"
 
 
 # -- pub/sub --------------------------------------------------------------------------------------
@@ -142,9 +149,8 @@ WAKE_PATTERN = f"{PREFIX}:wake:*"
 
 
 def wake_channel(session_id: str) -> str:
-    """Channel on which a session's agent announces a report (the controller psubscribes).
-
-    The agent's ACL user may publish only on its own channel; it cannot write the global change
-    feed. Pub/sub is fire-and-forget, which is fine: it only wakes the loop early, the resync is truth.
+    """Channel on which a session's report is announced (the channel store publishes; the
+    controller psubscribes). Pub/sub is fire-and-forget, which is fine: it only wakes the loop
+    early, the resync is the truth.
     """
     return f"{PREFIX}:wake:{session_id}"

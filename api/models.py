@@ -326,6 +326,26 @@ class AgentReport(BaseModel):
     updatedAt: datetime | None = None
 
 
+class SessionUsage(BaseModel):
+    """Model usage metered by the gateway (written by the gateway only, never by the machine).
+
+    Totals over every response the session's token was used for, priced by the gateway's table.
+    ``budgetExceeded`` names the budget (``maxCostUsd`` or a label budget) that made the gateway
+    refuse a request: the controller then finishes the session ``Failed``/``BudgetExceeded``.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    requests: int = 0
+    inputTokens: int = 0
+    outputTokens: int = 0
+    cacheCreationInputTokens: int = 0
+    cacheReadInputTokens: int = 0
+    costUsd: float = 0.0
+    budgetExceeded: str | None = None
+    updatedAt: datetime | None = None
+
+
 class Session(BaseModel):
     """The whole resource as stored and served."""
 
@@ -337,6 +357,7 @@ class Session(BaseModel):
     spec: SessionSpec
     status: SessionStatus = Field(default_factory=SessionStatus)
     agent: AgentReport | None = None
+    usage: SessionUsage | None = None
 
     @property
     def id(self) -> str:
@@ -359,6 +380,23 @@ class Session(BaseModel):
             return Phase.SUCCEEDED if self.agent.state == "done" else Phase.FAILED
         return phase
 
+    def budget_exhausted(self) -> str | None:
+        """Why the session's spend is over a budget (a message), or None.
+
+        The gateway's metered cost counts (the machine cannot lower it), and so does the agent's own
+        report, whichever is higher; a label budget the gateway found exhausted counts too.
+        """
+        usage = self.usage
+        if usage is not None and usage.budgetExceeded:
+            return f"budget {usage.budgetExceeded} exhausted (session spent {usage.costUsd:.4f} USD)"
+        limit = self.spec.maxCostUsd
+        costs = [
+            c for c in (usage.costUsd if usage else None, self.agent.costUsd if self.agent else None) if c
+        ]
+        if limit is not None and costs and max(costs) >= limit:
+            return f"cost {max(costs):.4f} USD reached maxCostUsd={limit}"
+        return None
+
 
 class SessionEvent(BaseModel):
     """One entry of a session's event stream (lifecycle from the controller, work from the agent)."""
@@ -366,7 +404,7 @@ class SessionEvent(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     type: str
-    source: Literal["controller", "agent", "api"] = "controller"
+    source: Literal["controller", "agent", "api", "gateway"] = "controller"
     reason: str | None = None
     message: str | None = None
     data: dict[str, Any] = Field(default_factory=dict)
@@ -388,17 +426,3 @@ class Heartbeat(BaseModel):
     state: str = "running"
     at: datetime
     ttlSeconds: int
-
-
-class SessionCredentials(BaseModel):
-    """A per-session Redis ACL user; the password is a secret and never logged."""
-
-    model_config = ConfigDict(frozen=True)
-
-    username: str
-    password: str
-
-    def __repr__(self) -> str:
-        return f"SessionCredentials(username={self.username!r}, password='***')"
-
-    __str__ = __repr__

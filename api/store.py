@@ -34,12 +34,10 @@ slots, so they are separate commands:
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import builtins
 import json
-import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -66,9 +64,6 @@ from api.store_base import (
     session_from_hash,
     unavailable_on_redis_error,
 )
-
-#: How often a cluster's multi-stream event read looks again (see ``ApiStore.read_events_many``).
-CLUSTER_POLL_SECONDS = 0.1
 
 
 class InvalidCursor(ValueError):
@@ -356,50 +351,23 @@ class ApiStore(SessionIndexReads):
         """One blocking XREAD over many sessions' event streams: ``{session id: last id seen}`` in,
         ``{session id: events after it}`` out (sessions without new events are left out).
 
-        Runs on the blocking pool: this is how one API reader serves every follower of many sessions.
-
-        On Redis Cluster one ``XREAD`` may only name streams of one hash slot, and every session's
-        stream has a slot of its own: there the read is a non-blocking ``XREAD`` per stream, pipelined
-        (one round trip per node, the nodes in parallel), repeated every ``CLUSTER_POLL_SECONDS``
-        until something arrives or ``block_ms`` has passed. Costlier than one blocking read (one
-        command per followed stream per poll) and up to one poll interval later; see README.
+        Runs on the blocking pool: this is how one API reader serves every follower of many sessions
+        (on a cluster, a pipelined poll instead: :meth:`StoreBase._read_streams`).
         """
-        if self.cluster:
-            return await self._poll_events_many(cursors, count=count, block_ms=block_ms)
         by_key = {keys.events(sid): sid for sid in cursors}
-        reply = await self._blocking.xread(
-            {keys.events(sid): last for sid, last in cursors.items()}, count=count, block=block_ms
+        found = await self._read_streams(
+            {keys.events(sid): last for sid, last in cursors.items()},
+            count=count,
+            block_ms=block_ms,
+            client=self._blocking,
         )
-        found: dict[str, builtins.list[StoredEvent]] = {}
-        for stream, entries in reply or []:
-            found[by_key[str(stream)]] = [
+        return {
+            by_key[stream]: [
                 StoredEvent(id=str(eid), event=SessionEvent.model_validate_json(fields["e"]))
                 for eid, fields in entries
             ]
-        return found
-
-    async def _poll_events_many(
-        self, cursors: dict[str, str], *, count: int, block_ms: int
-    ) -> dict[str, builtins.list[StoredEvent]]:
-        deadline = time.monotonic() + block_ms / 1000
-        order = builtins.list(cursors.items())
-        while True:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for sid, last in order:
-                    pipe.xread({keys.events(sid): last}, count=count)
-                replies = await pipe.execute()
-            found: dict[str, builtins.list[StoredEvent]] = {}
-            for (sid, _last), reply in zip(order, replies, strict=True):
-                entries = reply[0][1] if reply else []
-                if entries:
-                    found[sid] = [
-                        StoredEvent(id=str(eid), event=SessionEvent.model_validate_json(fields["e"]))
-                        for eid, fields in entries
-                    ]
-            left = deadline - time.monotonic()
-            if found or left <= 0:
-                return found
-            await asyncio.sleep(min(CLUSTER_POLL_SECONDS, left))
+            for stream, entries in found
+        }
 
     @unavailable_on_redis_error
     async def send_message(self, session_id: str, text: str) -> InboxMessage:

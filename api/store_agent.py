@@ -59,21 +59,29 @@ class AgentStore(EventWrites):
         beat = Heartbeat(machineId=machine_id, state=state, at=utcnow(), ttlSeconds=ttl_seconds)
         await self._redis.set(keys.heartbeat(session_id), beat.model_dump_json(), ex=ttl_seconds)
 
+    async def _inbox_after(self, session_id: str) -> tuple[str, InboxMessage | None]:
+        """The acknowledged id and the oldest message after it."""
+        acked = await self._redis.get(keys.inbox_acked(session_id)) or "0-0"
+        entries = await self._redis.xrange(keys.inbox(session_id), min=f"({acked}", max="+", count=1)
+        return str(acked), _message(entries[0]) if entries else None
+
     @unavailable_on_redis_error
     async def inbox_next(self, session_id: str, *, block_ms: int | None = None) -> InboxMessage | None:
         """The oldest message whose turn has not been acknowledged; the same one until acked."""
-        acked = await self._redis.get(keys.inbox_acked(session_id)) or "0-0"
-        entries = await self._redis.xrange(keys.inbox(session_id), min=f"({acked}", max="+", count=1)
-        if not entries and block_ms is not None:
+        acked, message = await self._inbox_after(session_id)
+        if message is None and block_ms is not None:
             reply = await self._blocking.xread({keys.inbox(session_id): acked}, count=1, block=block_ms)
-            entries = reply[0][1] if reply else []
-        if not entries:
-            return None
-        entry_id, fields = entries[0]
-        return InboxMessage(
-            id=str(entry_id), text=fields["text"], createdAt=datetime.fromisoformat(fields["createdAt"])
-        )
+            if reply and reply[0][1]:
+                message = _message(reply[0][1][0])
+        return message
 
     @unavailable_on_redis_error
     async def inbox_ack(self, session_id: str, message_id: str) -> None:
         await self._redis.set(keys.inbox_acked(session_id), message_id)
+
+
+def _message(entry: tuple[str, dict[str, str]]) -> InboxMessage:
+    entry_id, fields = entry
+    return InboxMessage(
+        id=str(entry_id), text=fields["text"], createdAt=datetime.fromisoformat(fields["createdAt"])
+    )

@@ -7,7 +7,7 @@ own store class on top of :class:`StoreBase`, with exactly the operations that r
   read events;
 * :class:`api.store_controller.ControllerStore` — the controller: status writes (fenced), launch
   records, heartbeat and inbox reads, the change feed and wake channel; with per-session
-  credentials and session removal (:class:`api.store_credentials.SessionTeardown`) and the leader
+  credentials and session removal (:class:`api.store_teardown.SessionTeardown`) and the leader
   lease (:class:`api.store_lease.LeaderLease`) mixed in;
 * :class:`api.store_agent.AgentStore` — the agent in a machine, connected as its session's ACL user:
   its own session read, its report, heartbeat, events, inbox and transcripts.
@@ -23,11 +23,13 @@ callers, never "gone").
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, ParamSpec, Self, TypeVar, cast
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
@@ -36,6 +38,10 @@ from redis.backoff import ExponentialWithJitterBackoff
 
 from api import keys
 from api.models import Session, SessionEvent, SessionSpec
+from api.store_errors import StoreAuthFailed as StoreAuthFailed
+from api.store_errors import StoreBusy as StoreBusy
+from api.store_errors import StorePermissionDenied as StorePermissionDenied
+from api.store_errors import StoreUnavailable as StoreUnavailable
 from api.store_pools import (
     DEFAULT_BLOCKING_POOL_SIZE,
     DEFAULT_POOL_SIZE,
@@ -51,25 +57,12 @@ T = TypeVar("T")
 #: URL schemes that name a Redis Cluster, and the plain scheme each stands for.
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 
+#: How often a multi-stream read on a cluster looks again (see ``StoreBase._read_streams``).
+CLUSTER_POLL_SECONDS = 0.1
+
 DEFAULT_CHANGES_MAXLEN = 100_000
 DEFAULT_EVENTS_MAXLEN = 2_000
 DEFAULT_INBOX_MAXLEN = 10_000
-
-
-class StoreUnavailable(RuntimeError):
-    """Redis could not be reached or answered with an error we cannot act on."""
-
-
-class StoreAuthFailed(StoreUnavailable):
-    """Redis refused the credentials (wrong password or a disabled per-session user)."""
-
-
-class StoreBusy(StoreUnavailable):
-    """Every connection of a pool stayed in use for the pool's whole wait: a real limit, per call."""
-
-
-class StorePermissionDenied(RuntimeError):
-    """The credentials are valid but may not touch these keys (another session's, for an agent)."""
 
 
 def unavailable_on_redis_error(func: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
@@ -98,21 +91,6 @@ def unavailable_on_redis_error(func: Callable[P, Awaitable[T]]) -> Callable[P, A
             raise StoreUnavailable(f"redis cluster is not ready: {type(exc).__name__}") from exc
 
     return wrapper
-
-
-def redis_url_with_credentials(url: str, username: str | None, password: str | None) -> str:
-    """``url`` (scheme, host, port, db) with its user info replaced by ``username``/``password``.
-
-    Both None: no user info at all. The result carries a secret: never log it.
-    """
-    parts = urlsplit(url)
-    host = parts.hostname or "127.0.0.1"
-    if ":" in host:  # IPv6
-        host = f"[{host}]"
-    netloc = host if parts.port is None else f"{host}:{parts.port}"
-    if username is not None or password is not None:
-        netloc = f"{quote(username or '', safe='')}:{quote(password or '', safe='')}@{netloc}"
-    return urlunsplit((parts.scheme or "redis", netloc, parts.path, parts.query, ""))
 
 
 def is_cluster_url(url: str) -> bool:
@@ -176,6 +154,7 @@ def session_from_hash(raw: dict[str, str]) -> Session | None:
         "spec": json.loads(raw["spec"]),
         "status": json.loads(raw["status"]) if raw.get("status") else {},
         "agent": json.loads(raw["agent"]) if raw.get("agent") else None,
+        "usage": json.loads(raw["usage"]) if raw.get("usage") else None,
     }
     return Session.model_validate(data)
 
@@ -281,6 +260,38 @@ class StoreBase:
         found = [getattr(c, "connection_pool", None) for c in (self._redis, self._blocking)]
         pools = {id(p): p for p in found if p is not None}
         return [p.stats() for p in pools.values() if isinstance(p, MeteredPool)]
+
+    async def _read_streams(
+        self, cursors: dict[str, str], *, count: int, block_ms: int, client: Any = None
+    ) -> list[tuple[str, list[Any]]]:
+        """``XREAD`` over many streams (``{key: last id seen}``): ``[(key, entries)]`` of those with news.
+
+        One node: one ``XREAD BLOCK`` on ``client`` (default: the command client). On Redis Cluster
+        one ``XREAD`` may only name streams of one hash slot, and every session's stream has a slot
+        of its own: there it is a non-blocking ``XREAD`` per stream, pipelined (one round trip per
+        node, the nodes in parallel), repeated every ``CLUSTER_POLL_SECONDS`` until something
+        arrives or ``block_ms`` has passed - one command per stream per poll, and up to one poll
+        interval later than a blocking read (README, "Redis: one node or a cluster").
+        """
+        if not self.cluster:
+            reply = await (client or self._redis).xread(cursors, count=count, block=block_ms)
+            return [(str(stream), entries) for stream, entries in reply or [] if entries]
+        deadline = time.monotonic() + block_ms / 1000
+        order = list(cursors.items())
+        while True:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for key, last in order:
+                    pipe.xread({key: last}, count=count)
+                replies = await pipe.execute()
+            found = [
+                (key, reply[0][1])
+                for (key, _), reply in zip(order, replies, strict=True)
+                if reply and reply[0][1]
+            ]
+            left = deadline - time.monotonic()
+            if found or left <= 0:
+                return found
+            await asyncio.sleep(min(CLUSTER_POLL_SECONDS, left))
 
     @unavailable_on_redis_error
     async def ping(self) -> bool:

@@ -3,9 +3,10 @@
 A role of the store (see :mod:`api.store_base`): batched reads of sessions, heartbeats, launch
 records and inbox depth; the status write, fenced by the leader's token; launch records written
 *before* a Fly create; the change feed and the agents' wake channel (the early triggers); the
-controller-seen record; the leader lease (:class:`api.store_lease.LeaderLease`, which
+controller-seen record; the per-session gateway tokens (:class:`api.store_tokens.SessionTokens`:
+minted per launch, revoked at the end); the leader lease (:class:`api.store_lease.LeaderLease`, which
 :mod:`controller.leader` drives); and per-session credentials and session removal
-(:class:`api.store_credentials.SessionTeardown`).
+(:class:`api.store_teardown.SessionTeardown`).
 
 **Fencing is per session** (one hash slot, so it holds on Redis Cluster). ``write_status`` takes
 ``fence=(fence_key, token)`` from the lease the caller holds for the session (the leader's, or a
@@ -38,8 +39,9 @@ import redis.exceptions as redis_errors
 from api import keys
 from api.models import Heartbeat, Session, SessionStatus, utcnow
 from api.store_base import EventWrites, SessionIndexReads, StoreUnavailable, unavailable_on_redis_error
-from api.store_credentials import SessionTeardown
 from api.store_lease import LeaderLease
+from api.store_teardown import SessionTeardown
+from api.store_tokens import SessionTokens
 
 StatusWrite = Literal["written", "missing", "refused", "fenced"]
 
@@ -75,7 +77,7 @@ class Change:
     kind: str
 
 
-class ControllerStore(SessionIndexReads, EventWrites, SessionTeardown, LeaderLease):
+class ControllerStore(SessionIndexReads, EventWrites, SessionTeardown, SessionTokens, LeaderLease):
     """Async access for the controller. One instance per process, shared by all tasks."""
 
     def __init__(self, redis: aioredis.Redis, **kwargs: Any) -> None:

@@ -12,7 +12,7 @@ kept and the SDK falls back to loading transcripts when it lists sessions.
 
 Layout (names in :mod:`api.keys`, all under ``fs:{<session>}:tr:`` so the per-session ACL covers
 them), each key recorded in the session's key registry (:func:`api.keys.session_registry`) in the
-transaction that creates it, so :meth:`api.store_credentials.SessionTeardown.remove` deletes them
+transaction that creates it, so :meth:`api.store_teardown.SessionTeardown.remove` deletes them
 with the session, atomically and without scanning the keyspace:
 
 * ``e:<key>``  list of JSON entries, in append order (``<key>`` = url-quoted
@@ -32,56 +32,19 @@ server clock, so machines with skewed clocks still agree on which write is newer
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from typing import Any, NotRequired, Required, TypedDict
+from typing import Any
 from urllib.parse import quote
 
 import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
 
 from api import keys
-
-
-class TranscriptKey(TypedDict):
-    """The SDK's ``SessionKey``."""
-
-    project_key: str
-    session_id: str
-    subpath: NotRequired[str]
-
-
-class TranscriptListKey(TypedDict):
-    """The SDK's ``SessionListSubkeysKey``."""
-
-    project_key: str
-    session_id: str
-
-
-class TranscriptEntry(TypedDict, total=False):
-    """The SDK's ``SessionStoreEntry``: an opaque JSON transcript line."""
-
-    type: Required[str]
-    uuid: str
-    timestamp: str
-
-
-class TranscriptListEntry(TypedDict):
-    """The SDK's ``SessionStoreListEntry``."""
-
-    session_id: str
-    mtime: int
-
-
-class TranscriptSummary(TypedDict):
-    """The SDK's ``SessionSummaryEntry``; ``data`` is opaque SDK state, stored verbatim."""
-
-    session_id: str
-    mtime: int
-    data: dict[str, Any]
-
-
-SummaryFold = Callable[[Any, Any, Any], Any]
-"""``claude_agent_sdk.fold_session_summary(prev, key, entries) -> summary``."""
+from api.transcript_types import SummaryFold as SummaryFold
+from api.transcript_types import TranscriptEntry as TranscriptEntry
+from api.transcript_types import TranscriptKey as TranscriptKey
+from api.transcript_types import TranscriptListEntry as TranscriptListEntry
+from api.transcript_types import TranscriptListKey as TranscriptListKey
+from api.transcript_types import TranscriptSummary as TranscriptSummary
 
 _MAX_CONFLICT_RETRIES = 20
 

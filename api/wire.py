@@ -5,7 +5,7 @@ Request bodies
     ``apiVersion``, ``kind``, ``metadata``, ``spec``) or the seed orchestrator's short form
     ``{"prompt": "...", "session_id": "optional"}``, which may also carry ``labels`` and any spec
     field by its manifest name (``mode``, ``maxTurns``, ``model``, ...). In a manifest the server-set
-    parts (``status``, ``agent``, ``metadata.uid|generation|createdAt|deletionTimestamp`` and the
+    parts (``status``, ``agent``, ``usage``, ``metadata.uid|generation|createdAt|deletionTimestamp`` and the
     convenience fields ``machine_id``, ``created_at``, ``state``) are accepted and ignored, so the
     output of ``GET`` can be applied back; ``session_id`` is a synonym of ``metadata.name``.
     Anything else unknown is a 422 naming the field.
@@ -83,6 +83,7 @@ class SessionManifest(BaseModel):
     spec: SessionSpec
     status: Any = Field(default=None, description="Controller-owned; ignored on input.")
     agent: Any = Field(default=None, description="Agent-owned; ignored on input.")
+    usage: Any = Field(default=None, description="Gateway-owned (metered model usage); ignored on input.")
     session_id: str | None = Field(default=None, description="Same as metadata.name (seed spelling).")
     machine_id: Any = Field(default=None, description="Output only; ignored on input.")
     created_at: Any = Field(default=None, description="Output only; ignored on input.")

@@ -34,7 +34,8 @@ from api.models import SessionSpec  # noqa: E402
 from api.store import ApiStore  # noqa: E402
 from api.store_controller import ControllerStore  # noqa: E402
 from local.model import ModelServer, start_in_thread  # noqa: E402
-from local.redis_server import RedisServer, start_redis  # noqa: E402
+from local.redis_server import start_redis  # noqa: E402
+from tests.gateway.conftest import start_gateway  # noqa: E402
 
 PROMPT = "[[scenario:default]] write the file"
 
@@ -83,16 +84,19 @@ def base_env(model: ModelServer, home: Path) -> dict[str, str]:
 
 
 async def run_agent(
-    store: ApiStore, controller: ControllerStore, redis: RedisServer, model: ModelServer, tmp: Path, n: int
+    store: ApiStore, controller: ControllerStore, gateway_url: str, model: ModelServer, tmp: Path, n: int
 ) -> dict[str, float]:
     sid = f"bench-{n}"
     await store.create_or_get(store.new_session(sid, SessionSpec(prompt=PROMPT)))
-    creds = await controller.ensure_session_credentials(sid)
-    auth = f"{creds.username}:{creds.password}@" if creds else ""
+    token = await controller.mint_session_token(sid)
     env = base_env(model, tmp / "home")
+    # As on a machine: the gateway is the agent's model endpoint and its only way to its state.
+    for name in ("ANTHROPIC_BASE_URL", "ANTHROPIC_API_KEY"):
+        env.pop(name)
     env.update(
         FLYSWARM_SESSION_ID=sid,
-        FLYSWARM_REDIS_URL=f"redis://{auth}127.0.0.1:{redis.port}/0",
+        FLYSWARM_CONTROL_URL=gateway_url,
+        FLYSWARM_SESSION_TOKEN=token.value,
         FLYSWARM_WORK_ROOT=str(tmp / "work"),
         FLYSWARM_MACHINE_ID="bench",
         FLYSWARM_LOG_LEVEL="warning",
@@ -168,15 +172,17 @@ async def main() -> None:
         tmp = Path(raw_tmp)
         redis = start_redis(tmp / "redis")
         model = start_in_thread()
+        gateway = start_gateway(redis_url=redis.url, upstream_url=model.url, upstream_api_key="sk-bench")
         store = ApiStore.from_url(redis.url)
         controller = ControllerStore.from_url(redis.url)
         try:
             run_cli(model, tmp, -1)  # warm the page cache for both
-            agent = [await run_agent(store, controller, redis, model, tmp, n) for n in range(args.runs)]
+            agent = [await run_agent(store, controller, gateway.url, model, tmp, n) for n in range(args.runs)]
             cli = [run_cli(model, tmp, n) for n in range(args.runs)]
         finally:
             await store.close()
             await controller.close()
+            gateway.stop()
             model.stop()
             redis.stop()
 

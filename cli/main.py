@@ -10,7 +10,7 @@ User verbs talk to the API over HTTP (:mod:`api.client`; ``FLYSWARM_URL``, ``FLY
     delete ID... | -f FILE      [--wait]
     wait ID --for=phase=Succeeded [--timeout 300s]
 
-Process verbs run one component in the foreground (``api``, ``controller``, ``agent``,
+Process verbs run one component in the foreground (``api``, ``gateway``, ``controller``, ``agent``,
 ``emulator``, ``model``) or drive the local stack (``up``, ``down``, ``status``, ``logs-follow``,
 ``demo``; see :mod:`local.stack`).
 
@@ -541,6 +541,16 @@ def api_cmd() -> None:
 
 
 @main.command(context_settings=CONTEXT)
+def gateway() -> None:
+    """Run the model gateway in the foreground (agents' ANTHROPIC_BASE_URL).
+
+    Settings come from the environment (and .env): REDIS_URL, ANTHROPIC_API_KEY (the real key,
+    held only here), FLYSWARM_GATEWAY_* (see manifests/.env.example).
+    """
+    _run_module_main("gateway.server")
+
+
+@main.command(context_settings=CONTEXT)
 def controller() -> None:
     """Run the reconcile controller in the foreground.
 
@@ -555,7 +565,8 @@ def agent() -> None:
     """Run the agent of one session, as each machine does (`python -m agent`).
 
     Configured by the environment the controller gives a machine: FLYSWARM_SESSION_ID,
-    FLYSWARM_REDIS_URL, ANTHROPIC_API_KEY (and ANTHROPIC_BASE_URL for the scripted model).
+    FLYSWARM_REDIS_URL, ANTHROPIC_BASE_URL (the model gateway) and ANTHROPIC_API_KEY (the session's
+    gateway token, never the real key).
     """
     _run_module_main("agent.runner")
 
@@ -583,14 +594,18 @@ def emulator(host: str, port: int, work_root: str | None) -> None:
 @click.option("--port", default=4281, show_default=True, type=int, envvar="FLYSWARM_MODEL_PORT")
 @click.option("--log", "log_file", type=click.Path(dir_okay=False), default=None, help="JSONL request log.")
 def model(host: str, port: int, log_file: str | None) -> None:
-    """Run the scripted model (an offline stand-in for the Anthropic Messages API)."""
+    """Run the scripted model (an offline stand-in for the Anthropic Messages API).
+
+    With FLYSWARM_MODEL_API_KEY set it answers 401 to any other key (the gateway's upstream key).
+    """
     from pathlib import Path
 
     from api.logs import configure_logging
     from local.model import serve
 
     configure_logging(os.environ.get("LOG_LEVEL", "info"))
-    serve(host, port, log_file=Path(log_file) if log_file else None)
+    api_key = os.environ.get("FLYSWARM_MODEL_API_KEY") or None
+    serve(host, port, log_file=Path(log_file) if log_file else None, api_key=api_key)
 
 
 # -- the local stack --------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from api.models import API_VERSION, KIND, Session, field_path
 
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
 SERVER_METADATA = ("uid", "generation", "createdAt", "deletionTimestamp")
-SERVER_PARTS = ("status", "agent")
+SERVER_PARTS = ("status", "agent", "usage")
 # Fields the API adds to its answers for the orchestrator-compatible short form.
 CONVENIENCE_FIELDS = ("session_id", "machine_id", "created_at", "state")
 # Stands in for a missing metadata.name while validating (the server generates the real id).

@@ -23,9 +23,10 @@ pass. A 412 ("not in a state for that") is a requeue, and the plan decides again
 After a call the machine is read back once (``_look_again``) so a lagging list cannot undo what we
 just did; after an ambiguous create it is looked up by its launch tag - reads, not decisions.
 
-The agent's Redis URL is built here from the operator's ``FLYSWARM_AGENT_REDIS_URL`` host and the
-session's own ACL user (``ControllerStore.ensure_session_credentials``), so the controller's Redis password
-and the Fly token never reach a machine.
+Each launch gets a fresh per-session token (``ControllerStore.mint_session_token``; the previous
+machine's stops working at once): the only credential a machine holds. It opens nothing but the
+gateway, for this session, until the session finishes (then it is revoked). The Fly token, Redis
+and the Anthropic key never reach a machine.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from api.logs import get_logger
-from api.models import Reason, Session, SessionCredentials, SessionEvent, parse_timestamp, utcnow
-from api.store_base import StoreUnavailable, redis_url_with_credentials
+from api.models import Reason, Session, SessionEvent, parse_timestamp, utcnow
+from api.store_base import StoreUnavailable
 from api.store_controller import ControllerStore
 from controller import fly_errors
 from controller.actions import (
@@ -105,7 +106,14 @@ class SoleAuthority:
 class ConfigBuilder(Protocol):
     """Builds the machine config of a session's launch (``controller.machine_config.machine_config_for``)."""
 
-    def __call__(self, session: Session, *, launch_id: str, region: str, redis_url: str) -> MachineConfig: ...
+    def __call__(
+        self,
+        session: Session,
+        *,
+        launch_id: str,
+        region: str,
+        session_token: str,
+    ) -> MachineConfig: ...
 
 
 @dataclass(frozen=True)
@@ -207,16 +215,6 @@ def observed_from_fly(machine: Machine, *, now: datetime | None = None) -> Obser
     )
 
 
-def agent_redis_url(base_url: str, credentials: SessionCredentials | None) -> str:
-    """``base_url``'s scheme, host, port and db with the session's own user (never the controller's).
-
-    Without per-session credentials (a Redis without ACLs) the URL carries no user info at all.
-    """
-    if credentials is None:
-        return redis_url_with_credentials(base_url, None, None)
-    return redis_url_with_credentials(base_url, credentials.username, credentials.password)
-
-
 class Executor:
     """Applies actions for the reconciler; one instance per controller, shared by all workers."""
 
@@ -228,7 +226,6 @@ class Executor:
         authority: Authority,
         expectations: Expectations,
         config_builder: ConfigBuilder,
-        agent_redis_base_url: str,
         settings: ExecutorSettings | None = None,
         metrics: ControllerMetrics | None = None,
         destroy_budget: DestroyBudget | None = None,
@@ -239,7 +236,6 @@ class Executor:
         self.authority = authority
         self.expectations = expectations
         self.config_builder = config_builder
-        self.agent_redis_base_url = agent_redis_base_url
         self.settings = settings or ExecutorSettings()
         self.metrics = metrics
         self.destroy_budget = destroy_budget or DestroyBudget(self.settings.max_destroys_per_pass)
@@ -305,6 +301,9 @@ class Executor:
         if result == "fenced":
             return Transient("status write fenced: a newer leader exists")
         if result == "written":
+            if action.status.phase.finished:
+                # A finished session's token opens nothing any more (the gateway also refuses it).
+                await self.store.revoke_session_token(action.session_id)
             for event in action.events:
                 await self.store.append_event(action.session_id, event)
             log.info(
@@ -333,11 +332,14 @@ class Executor:
         if wait > 0:
             # Not our turn yet under Fly's create limit: come back when the slot is due.
             return Requeue(wait)
-        credentials = await self.store.ensure_session_credentials(action.session_id)
-        redis_url = agent_redis_url(self.agent_redis_base_url, credentials)
+        # A fresh gateway token per launch: the previous machine's stops working at once.
+        token = await self.store.mint_session_token(action.session_id)
         try:
             config = self.config_builder(
-                session, launch_id=action.launch_id, region=action.region, redis_url=redis_url
+                session,
+                launch_id=action.launch_id,
+                region=action.region,
+                session_token=token.value,
             )
         except ValueError as err:
             return Permanent(f"machine config refused: {err}")

@@ -7,11 +7,12 @@ typed ``MachineConfig``. Nothing here does I/O, so tests call the builder and co
 What a machine gets, and why:
 
 - **image**: the spec's ``machine.image``, else the deployment's (``FLY_AGENT_IMAGE``).
-- **env**: the session id, the launch id, the Redis URL carrying the session's *own* ACL user
-  (it reaches only that session's keys), heartbeat pacing, the stop timeout, then the spec's env.
-  Never the Fly token and never the controller's Redis password - :func:`machine_config_for`
-  refuses to build a body that contains either. The Anthropic key is not put in env: on Fly it
-  comes from the agent app's secrets.
+- **env**: the session id, the launch id, the control plane's gateway as agents reach it
+  (``FLYSWARM_CONTROL_URL``: the CLI's ``ANTHROPIC_BASE_URL`` and the agent channel), the session
+  token minted for this launch (``FLYSWARM_SESSION_TOKEN``: the machine's one credential, which the
+  agent moves out of its environment at once), heartbeat pacing, the stop timeout, then the spec's
+  env. No Redis address or credential, no Anthropic key, no Fly token: :func:`machine_config_for`
+  refuses to build a body that contains a controller secret or any Redis URL.
 - **metadata**: ``flyswarm_managed=true``, ``flyswarm_session``, ``flyswarm_launch`` - the identity
   the controller finds its machines by (create is not idempotent on Fly).
 - **restart policy ``no``**: the controller decides restarts (backoff, maxRetries, heartbeats);
@@ -49,16 +50,22 @@ def machine_name(session_id: str, launch_id: str) -> str:
 
 
 def agent_env(
-    session: Session, settings: ControllerSettings, *, launch_id: str, credentials_url: str
+    session: Session, settings: ControllerSettings, *, launch_id: str, session_token: str
 ) -> dict[str, str]:
-    """The machine's environment: the spec's variables, then ours (ours win; the API forbids clashes)."""
+    """The machine's environment: the spec's variables, then ours (ours win; the API forbids clashes).
+
+    ``session_token`` is the launch's per-session token: the one credential a machine holds. It opens
+    nothing but the gateway (``FLYSWARM_CONTROL_URL``: the model proxy and the agent's channel to its
+    own state), for this session, while it lives. No Redis address, no Anthropic key.
+    """
     ttl = max(int(settings.heartbeat_ttl_seconds), 3)
     stop_timeout = max(settings.stop_grace_seconds - _STOP_MARGIN_SECONDS, 1.0)
     return {
         **session.spec.machine.env,
         "FLYSWARM_SESSION_ID": session.id,
         "FLYSWARM_LAUNCH_ID": launch_id,
-        "FLYSWARM_REDIS_URL": credentials_url,
+        "FLYSWARM_CONTROL_URL": settings.agent_gateway_url,
+        "FLYSWARM_SESSION_TOKEN": session_token,
         "FLYSWARM_HEARTBEAT_TTL_SECONDS": str(ttl),
         "FLYSWARM_HEARTBEAT_INTERVAL_SECONDS": _number(ttl / 3),
         "FLYSWARM_STOP_TIMEOUT_SECONDS": _number(stop_timeout),
@@ -71,22 +78,23 @@ def machine_config_for(
     settings: ControllerSettings,
     *,
     launch_id: str,
-    credentials_url: str,
+    session_token: str,
     image: str | None = None,
     region: str | None = None,
 ) -> dict[str, Any]:
     """The CreateMachineRequest body (``name``, ``region``, ``config``) for one launch of ``session``.
 
-    ``credentials_url`` is the Redis URL with the session's own credentials; ``image`` overrides
-    ``FLY_AGENT_IMAGE`` (the spec's image still wins); ``region`` overrides the spec's (e.g. a
-    fallback region after a capacity error). Raises ValueError if a controller secret would leak.
+    ``session_token`` is the token minted for this launch (``ControllerStore.mint_session_token``);
+    ``image`` overrides ``FLY_AGENT_IMAGE`` (the spec's image still wins); ``region`` overrides the
+    spec's (e.g. a fallback region after a capacity error). Raises ValueError if a controller
+    secret or a Redis address would reach the machine.
     """
     spec = session.spec
     guest = spec.machine.guest
     config: dict[str, Any] = {
         "image": spec.machine.image or image or settings.fly_agent_image,
         "guest": {"cpu_kind": guest.cpuKind, "cpus": guest.cpus, "memory_mb": guest.memoryMb},
-        "env": agent_env(session, settings, launch_id=launch_id, credentials_url=credentials_url),
+        "env": agent_env(session, settings, launch_id=launch_id, session_token=session_token),
         "metadata": machine_tags(session.id, launch_id),
         "auto_destroy": spec.mode == "task",
         "restart": {"policy": "no"},
@@ -108,12 +116,19 @@ class MachineConfigBuilder:
         self.settings = settings
         self.image = image
 
-    def __call__(self, session: Session, *, launch_id: str, region: str, redis_url: str) -> MachineConfig:
+    def __call__(
+        self,
+        session: Session,
+        *,
+        launch_id: str,
+        region: str,
+        session_token: str,
+    ) -> MachineConfig:
         body = machine_config_for(
             session,
             self.settings,
             launch_id=launch_id,
-            credentials_url=redis_url,
+            session_token=session_token,
             image=self.image,
             region=region,
         )
@@ -125,7 +140,7 @@ def controller_secrets(settings: ControllerSettings) -> list[str]:
     found: list[str] = []
     if settings.fly_api_token is not None:
         found.append(settings.fly_api_token.get_secret_value())
-    for url in (settings.redis_url, settings.agent_redis_url):
+    for url in (settings.redis_url,):
         if url is not None:
             password = urlsplit(url.get_secret_value()).password
             if password:
@@ -138,6 +153,8 @@ def _refuse_controller_secrets(body: dict[str, Any], settings: ControllerSetting
     for secret in controller_secrets(settings):
         if secret in text:
             raise ValueError("refusing to build a machine config that contains a controller secret")
+    if "redis://" in text or "rediss://" in text:
+        raise ValueError("refusing to build a machine config that contains a Redis address")
 
 
 def _number(value: float) -> str:

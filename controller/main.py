@@ -85,8 +85,6 @@ def build_reconciler(
         authority=authority,
         expectations=expectations,
         config_builder=config_builder,
-        # The settings fill agent_redis_url from REDIS_URL when it is not set.
-        agent_redis_base_url=(settings.agent_redis_url or settings.redis_url).get_secret_value(),
         settings=ExecutorSettings(
             call_timeout_seconds=settings.call_timeout_seconds,
             stop_grace_seconds=settings.stop_grace_seconds,

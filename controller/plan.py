@@ -291,6 +291,8 @@ def _finish_cause(p: _Pass) -> tuple[Phase, str, str] | None:
             Reason.reported(agent.reason, Reason.COMPLETED),
             agent.message or "the agent finished",
         )
+    if (exhausted := session.budget_exhausted()) is not None:  # the gateway's metered usage counts
+        return Phase.FAILED, Reason.BUDGET_EXCEEDED, exhausted
     if agent is not None and agent.state == "error":
         return (
             Phase.FAILED,
@@ -303,13 +305,6 @@ def _finish_cause(p: _Pass) -> tuple[Phase, str, str] | None:
             Phase.FAILED,
             Reason.DEADLINE_EXCEEDED,
             f"the task ran longer than timeoutSeconds={spec.timeoutSeconds}",
-        )
-    cost = agent.costUsd if agent is not None else None
-    if spec.maxCostUsd is not None and cost is not None and cost >= spec.maxCostUsd:
-        return (
-            Phase.FAILED,
-            Reason.BUDGET_EXCEEDED,
-            f"cost {cost:.4f} USD reached maxCostUsd={spec.maxCostUsd}",
         )
     return None
 

@@ -301,10 +301,6 @@ class Reconciler:
         holder = str(getattr(self.authority, "holder_id", "controller"))
         with contextlib.suppress(Exception):
             await self.store.record_controller_seen(holder, record)
-        # The finalizer of session removal: users of removed sessions whose deletion a crash or an
-        # outage interrupted are deleted now (api/store_credentials.py).
-        with contextlib.suppress(StoreUnavailable):
-            await self.store.finish_credential_deletions()
 
     # -- workers ----------------------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ import os
 import socket
 from dataclasses import dataclass
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from api.settings import DEFAULT_REDIS_URL  # the port `make up` gives its Redis
@@ -67,12 +67,12 @@ class ControllerSettings(BaseSettings):
         validation_alias="REDIS_URL",
         description="Redis the controller uses (may carry a password, so it is treated as a secret).",
     )
-    agent_redis_url: SecretStr | None = Field(
-        default=None,
-        validation_alias="FLYSWARM_AGENT_REDIS_URL",
+    agent_gateway_url: str = Field(
+        default="http://127.0.0.1:8082",
+        validation_alias="FLYSWARM_AGENT_GATEWAY_URL",
         description=(
-            "Redis address as agents on Fly reach it (e.g. over 6PN); defaults to REDIS_URL. Any "
-            "credentials in it are replaced by the session's own before it is handed to a machine."
+            "The gateway as agents reach it (on Fly, over 6PN): their `ANTHROPIC_BASE_URL` and their "
+            "only way to their session's state. Machines get no Redis address."
         ),
     )
     fly_api_token: SecretStr | None = Field(
@@ -226,12 +226,6 @@ class ControllerSettings(BaseSettings):
         validation_alias="LOG_LEVEL",
         description="Log level: debug, info, warning or error.",
     )
-
-    @model_validator(mode="after")
-    def _agent_redis_defaults_to_redis(self) -> ControllerSettings:
-        if self.agent_redis_url is None:
-            self.agent_redis_url = self.redis_url
-        return self
 
     def plan_settings(self) -> PlanSettings:
         """The subset the pure plan needs."""

@@ -11,8 +11,7 @@ from "dead": whether Redis and Fly answered (``redis_ok``, ``fly_ok``), and sinc
 can be trusted (:attr:`WorldReader.heartbeats_known_since`): a new reader (a controller start, a
 leadership change), a Redis outage it saw, and a Redis server that restarted all reset it, because
 in each case agents may not have been able to write the heartbeats it would otherwise read as
-missing. A restarted Redis server (a new run id) also lost every agent's ACL user: the reader has
-the store re-create them from their durable password hashes before anything else.
+missing (agents write them through the gateway, which cannot while Redis is away).
 """
 
 from __future__ import annotations
@@ -221,19 +220,13 @@ class WorldReader:
     # -- what we know about Redis -------------------------------------------------------------------
 
     async def _check_redis_server(self, now: datetime) -> None:
-        """Notice a new Redis server (restarted, failed over) and give its agents their users back.
-
-        ACL users are not persisted by Redis; the store keeps each session's password hash, and
-        this re-creates them before agents give up on their retries. The first pass of a reader
-        restores too: Redis may have restarted while no controller was looking.
-        """
+        """Notice a new Redis server (restarted, failed over): heartbeats written before it, or while
+        it was down, may be gone although their agents live (see :attr:`heartbeats_known_since`)."""
         run_id, uptime = await self.store.server_identity()
         self._redis_started_at = now - timedelta(seconds=uptime)
-        if run_id == self._redis_run_id:
-            return
-        restored = await self.store.restore_session_credentials()
-        _log.info("redis_server_seen", restored_credentials=restored, uptime_seconds=round(uptime, 1))
-        self._redis_run_id = run_id
+        if run_id != self._redis_run_id:
+            _log.info("redis_server_seen", uptime_seconds=round(uptime, 1))
+            self._redis_run_id = run_id
 
     def redis_down(self) -> None:
         self.redis_ok = False

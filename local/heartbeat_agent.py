@@ -2,9 +2,10 @@
 
 It runs where ``python -m agent`` would run (a machine of the emulator, started through the image
 map or ``init.exec``), reads the same environment the controller sets on every machine
-(``FLYSWARM_SESSION_ID``, ``FLYSWARM_REDIS_URL`` with the session's own ACL credentials,
-``FLY_MACHINE_ID``, ``FLYSWARM_HEARTBEAT_INTERVAL_SECONDS``, ``FLYSWARM_HEARTBEAT_TTL_SECONDS``)
-and talks to Redis only through :class:`api.store_agent.AgentStore`, exactly as the real agent does. It never
+(``FLYSWARM_SESSION_ID``, ``FLYSWARM_CONTROL_URL`` and ``FLYSWARM_SESSION_TOKEN``: the control
+plane's gateway and the session's token, ``FLY_MACHINE_ID``, ``FLYSWARM_HEARTBEAT_INTERVAL_SECONDS``,
+``FLYSWARM_HEARTBEAT_TTL_SECONDS``) and reaches its session's state only through the agent channel
+(:class:`agent.channel.AgentChannel`), exactly as the real agent does: no Redis here either. It never
 starts the Claude CLI, so a figure measured with it measures the *controller*, not the CLI.
 
 What it does is scripted by the session itself, so a test drives it through the public surface:
@@ -29,17 +30,18 @@ import re
 import signal
 import sys
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
-from api.models import AgentReport, AgentState, Reason
-from api.store_agent import AgentStore
-from api.store_base import StoreUnavailable, redis_url_with_credentials
+from agent import token_handoff
+from agent.channel import AgentChannel
+from api.models import AgentReport, AgentState, Reason, Session
+from api.store_errors import StoreUnavailable
 
 _DIRECTIVE_RE = re.compile(r"(finish-after|result)=(\S+)")
 _COMMANDS = ("done", "error", "crash", "hang")
 _DEFAULT_INTERVAL = 10.0
 _DEFAULT_TTL = 30
 _INBOX_BLOCK_MS = 200
+_STARTUP_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -61,22 +63,11 @@ def is_command(text: str) -> bool:
     return word in _COMMANDS or word.startswith("exit:")
 
 
-def redis_url_from_env(env: dict[str, str]) -> str:
-    """``FLYSWARM_REDIS_URL`` with ``FLYSWARM_REDIS_USERNAME`` / ``_PASSWORD`` applied."""
-    url = env["FLYSWARM_REDIS_URL"]
-    user = env.get("FLYSWARM_REDIS_USERNAME")
-    password = env.get("FLYSWARM_REDIS_PASSWORD")
-    if user is None and password is None:
-        return url
-    parts = urlsplit(url)
-    return redis_url_with_credentials(url, user or parts.username or "", password or parts.password or "")
-
-
 class HeartbeatAgent:
     """Heartbeats every ``interval`` seconds and follows its script and inbox until told to end."""
 
     def __init__(
-        self, store: AgentStore, session_id: str, machine_id: str | None, interval: float, ttl: int
+        self, store: AgentChannel, session_id: str, machine_id: str | None, interval: float, ttl: int
     ) -> None:
         self.store = store
         self.session_id = session_id
@@ -182,18 +173,31 @@ class HeartbeatAgent:
             await self.store.write_agent_report(self.session_id, report)
 
 
+async def _load(store: AgentChannel, session_id: str) -> Session | None:
+    """The session, retrying an unavailable control plane for a start-up window (as the real agent)."""
+    deadline = asyncio.get_running_loop().time() + _STARTUP_SECONDS
+    while True:
+        try:
+            return await store.get(session_id)
+        except StoreUnavailable:
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+
+
 async def amain(env: dict[str, str]) -> int:
     session_id = env["FLYSWARM_SESSION_ID"]
     machine_id = env.get("FLYSWARM_MACHINE_ID") or env.get("FLY_MACHINE_ID")
     ttl = int(float(env.get("FLYSWARM_HEARTBEAT_TTL_SECONDS", _DEFAULT_TTL)))
     interval = float(env.get("FLYSWARM_HEARTBEAT_INTERVAL_SECONDS", min(_DEFAULT_INTERVAL, ttl / 3)))
-    store = AgentStore.from_url(redis_url_from_env(env))
+    token = token_handoff.receive() or env.get(token_handoff.TOKEN_ENV, "")
+    store = AgentChannel(env["FLYSWARM_CONTROL_URL"], token, session_id)
     agent = HeartbeatAgent(store, session_id, machine_id, interval, ttl)
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, agent.terminate)
     loop.add_signal_handler(signal.SIGINT, agent.terminate)
     try:
-        session = await store.get(session_id)
+        session = await _load(store, session_id)
         if session is None:
             return 0  # the session is gone; the controller will destroy this machine
         code = await agent.run(Script.from_prompt(session.spec.prompt), session.spec.mode)
@@ -206,11 +210,9 @@ async def amain(env: dict[str, str]) -> int:
 
 
 def main() -> None:
-    # Take the credentials out of the environment once read, as the real agent does.
-    env = dict(os.environ)
-    for name in ("FLYSWARM_REDIS_URL", "FLYSWARM_REDIS_USERNAME", "FLYSWARM_REDIS_PASSWORD"):
-        os.environ.pop(name, None)
-    sys.exit(asyncio.run(amain(env)))
+    # As the real agent does: re-execute without the token in the process environment first.
+    token_handoff.hand_off([sys.executable, "-m", "local.heartbeat_agent"])
+    sys.exit(asyncio.run(amain(dict(os.environ))))
 
 
 if __name__ == "__main__":

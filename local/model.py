@@ -41,6 +41,12 @@ A request without ``tools`` is a side query (titles, summaries) and gets the sho
 Non-streaming requests get the same reply as one JSON message. ``role: "system"`` entries in
 ``messages`` and unknown top-level keys are accepted and ignored.
 
+**Keys.** A session token (``fst_...``, see :mod:`api.session_token`) is refused with 401 always:
+the scripted model stands where the real API does, which must only ever see the gateway's key.
+Started with ``api_key`` (``FLYSWARM_MODEL_API_KEY`` for ``flyswarm model``, as ``make up``
+does), it also refuses any other key than that one, so the local stack proves that the agents'
+traffic goes through the gateway.
+
 Every request is logged (structlog ``model_request`` and an optional JSONL file) with its path,
 header *names*, body size, scenario and step; header values (``x-api-key`` above all) never are.
 ``GET /_requests`` returns those records, for tests that run the server in another process.
@@ -66,6 +72,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from api.logs import get_logger
+from api.session_token import looks_like_session_token
 
 log = get_logger("local.model")
 
@@ -502,7 +509,20 @@ async def _hang(request: Request, shutdown: threading.Event) -> None:
         await asyncio.sleep(0.25)
 
 
-def create_app(*, log_file: Path | None = None) -> Starlette:
+def _key_refusal(request: Request, api_key: str | None) -> str | None:
+    """Why the request's key is refused (a message), or None when it may pass."""
+    given = request.headers.get("x-api-key")
+    if given is None:
+        scheme, _, rest = request.headers.get("authorization", "").partition(" ")
+        given = rest.strip() if scheme.lower() == "bearer" else None
+    if given is not None and looks_like_session_token(given):
+        return "a flyswarm session token reached the model: only the gateway's key may"
+    if api_key is not None and given != api_key:
+        return "invalid x-api-key (the scripted model expects the gateway's upstream key)"
+    return None
+
+
+def create_app(*, log_file: Path | None = None, api_key: str | None = None) -> Starlette:
     """The scripted model as an ASGI app. ``app.state.script`` holds counters and request records."""
     state = ScriptState()
     shutdown = threading.Event()
@@ -526,6 +546,11 @@ def create_app(*, log_file: Path | None = None) -> Starlette:
             "header_names": sorted(request.headers.keys()),
             "body_bytes": len(raw),
         }
+        refusal = _key_refusal(request, api_key)
+        if refusal is not None:
+            entry.update(outcome="unauthorized", status=401)
+            write_log(entry)
+            return _error_response(401, None, refusal)
         try:
             body = json.loads(raw or b"{}")
             if not isinstance(body, dict):
@@ -573,6 +598,21 @@ def create_app(*, log_file: Path | None = None) -> Starlette:
 
     async def count_tokens(request: Request) -> Response:
         raw = await request.body()
+        refusal = _key_refusal(request, api_key)
+        write_log(
+            {
+                "time": time.time(),
+                "method": request.method,
+                "path": request.url.path,
+                "query": request.url.query,
+                "header_names": sorted(request.headers.keys()),
+                "body_bytes": len(raw),
+                "outcome": "unauthorized" if refusal else "count_tokens",
+                "status": 401 if refusal else 200,
+            }
+        )
+        if refusal is not None:
+            return _error_response(401, None, refusal)
         return JSONResponse({"input_tokens": max(1, len(raw) // 4)})
 
     async def requests_log(_request: Request) -> Response:
@@ -628,13 +668,15 @@ class ModelServer:
         self.thread.join(timeout)
 
 
-def start_in_thread(host: str = "127.0.0.1", port: int = 0, *, log_file: Path | None = None) -> ModelServer:
+def start_in_thread(
+    host: str = "127.0.0.1", port: int = 0, *, log_file: Path | None = None, api_key: str | None = None
+) -> ModelServer:
     """Start the scripted model on a free (or given) loopback port and wait until it is listening."""
     from local.redis_server import free_port
 
     if port == 0:
         port = free_port()
-    server = build_server(host, port, log_file=log_file)
+    server = build_server(host, port, log_file=log_file, api_key=api_key)
     thread = threading.Thread(target=server.run, name=f"scripted-model-{port}", daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
@@ -645,12 +687,14 @@ def start_in_thread(host: str = "127.0.0.1", port: int = 0, *, log_file: Path | 
     return ModelServer(host=host, port=port, server=server, thread=thread)
 
 
-def build_server(host: str = "127.0.0.1", port: int = 4281, *, log_file: Path | None = None) -> Any:
+def build_server(
+    host: str = "127.0.0.1", port: int = 4281, *, log_file: Path | None = None, api_key: str | None = None
+) -> Any:
     """A ``uvicorn.Server`` for the scripted model (callers may run it in a thread)."""
     import uvicorn
 
     config = uvicorn.Config(
-        create_app(log_file=log_file),
+        create_app(log_file=log_file, api_key=api_key),
         host=host,
         port=port,
         log_level="warning",
@@ -661,10 +705,12 @@ def build_server(host: str = "127.0.0.1", port: int = 4281, *, log_file: Path | 
     return uvicorn.Server(config)
 
 
-def serve(host: str = "127.0.0.1", port: int = 4281, *, log_file: Path | None = None) -> None:
+def serve(
+    host: str = "127.0.0.1", port: int = 4281, *, log_file: Path | None = None, api_key: str | None = None
+) -> None:
     """Run the scripted model in the foreground until interrupted (``flyswarm model``)."""
-    log.info("model_serving", host=host, port=port)
-    build_server(host, port, log_file=log_file).run()
+    log.info("model_serving", host=host, port=port, key_required=api_key is not None)
+    build_server(host, port, log_file=log_file, api_key=api_key).run()
 
 
 def main(argv: list[str] | None = None) -> None:

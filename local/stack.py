@@ -9,15 +9,18 @@ component   what runs                             ready when
 redis       ``redis-server`` (AOF under redis/)   it answers PING (cluster: ``cluster_state:ok``)
 emulator    ``flyswarm emulator`` (Fly Machines)  ``GET /_admin/health`` answers 200
 model       ``flyswarm model`` (scripted model)   ``GET /_requests`` answers 200
+gateway     ``flyswarm gateway`` (model gateway)  ``GET /readyz`` answers 200
 api         ``flyswarm api``                      ``GET /readyz`` answers 200
 controller  ``flyswarm controller``               ``GET /readyz`` (health port) answers 200
 ==========  ====================================  ============================================
 
-The scripted model runs only without ``ANTHROPIC_API_KEY``. With a key, the key becomes an app
-secret of the emulated agent app (as ``deploy.sh`` makes it a Fly secret of the real one) and the
-agents talk to the real API; without, the secrets point the agents at the scripted model with a
-dummy key. Either way the secret values reach the emulator through its environment and admin
-endpoint, never a command line.
+The agents' ``ANTHROPIC_BASE_URL`` is the gateway, which alone holds an Anthropic key: the agent
+app's secrets carry no key at all (each machine gets its session's token from the controller).
+The scripted model runs only without ``ANTHROPIC_API_KEY``: the gateway then forwards to it with a
+local upstream key (``secrets/model-api-key``) that the model requires, so it answers 401 to
+anything that did not come through the gateway. With a key, the gateway forwards to the real API
+with it (as ``deploy.sh`` makes it a secret of the control plane). Secret values reach the
+components through their environment, never a command line.
 
 State lives under one directory (``FLYSWARM_LOCAL_DIR``, default ``./.local``)::
 
@@ -48,8 +51,9 @@ Settings (environment; defaults in parentheses):
 forms it on first start and restarts a node that dies; every component gets a ``redis+cluster://``
 URL);
 ``FLYSWARM_EMULATOR_PORT`` (4280, the port of Fly's internal Machines API);
-``FLYSWARM_MODEL_PORT`` (4281); ``PORT`` (8080, the API); ``FLYSWARM_CONTROLLER_PORT`` (9090, the
-controller's health and metrics); ``FLY_APP_NAME`` (``flyswarm-agents``); ``FLY_AGENT_IMAGE``
+``FLYSWARM_MODEL_PORT`` (4281); ``FLYSWARM_GATEWAY_PORT`` (8082, the model gateway); ``PORT``
+(8080, the API); ``FLYSWARM_CONTROLLER_PORT`` (9090, the controller's health and metrics);
+``FLY_APP_NAME`` (``flyswarm-agents``); ``FLY_AGENT_IMAGE``
 (``flyswarm-agent``); ``ANTHROPIC_API_KEY`` (unset: scripted model); ``FLYSWARM_UP_TIMEOUT`` (60 s,
 how long ``up`` waits for readiness); ``FLYSWARM_DOWN_TIMEOUT`` (15 s, SIGTERM→SIGKILL grace).
 Every other variable in the environment of ``up`` passes through to the components (for example
@@ -83,7 +87,6 @@ Echo = Callable[[str], None]
 
 HOST = "127.0.0.1"
 MARKER_ENV = "FLYSWARM_LOCAL_STACK"
-DUMMY_ANTHROPIC_KEY = "sk-ant-local-scripted-model"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Credentials that must reach only the component that needs them.
 _CREDENTIAL_ENV = (
@@ -94,9 +97,9 @@ _CREDENTIAL_ENV = (
     "API_TOKENS",
 )
 # The order components start in; down goes the other way.
-ORDER = ("redis", "emulator", "model", "api", "controller")
+ORDER = ("redis", "emulator", "model", "gateway", "api", "controller")
 # Components of one stage start together; a stage starts when the previous one is ready.
-STAGES = (("redis",), ("emulator", "model"), ("api", "controller"))
+STAGES = (("redis",), ("emulator", "model"), ("gateway", "api", "controller"))
 
 
 class StackError(RuntimeError):
@@ -142,6 +145,7 @@ class StackConfig:
     redis_mode: str = "single"
     emulator_port: int = 4280
     model_port: int = 4281
+    gateway_port: int = 8082
     api_port: int = 8080
     controller_port: int = 9090
     app_name: str = "flyswarm-agents"
@@ -161,6 +165,7 @@ class StackConfig:
             redis_mode=_redis_mode(env),
             emulator_port=_env_int(env, "FLYSWARM_EMULATOR_PORT", 4280),
             model_port=_env_int(env, "FLYSWARM_MODEL_PORT", 4281),
+            gateway_port=_env_int(env, "FLYSWARM_GATEWAY_PORT", 8082),
             api_port=_env_int(env, "PORT", 8080),
             controller_port=_env_int(env, "FLYSWARM_CONTROLLER_PORT", 9090),
             app_name=env.get("FLY_APP_NAME") or "flyswarm-agents",
@@ -187,6 +192,10 @@ class StackConfig:
     @property
     def model_url(self) -> str:
         return f"http://{HOST}:{self.model_port}"
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://{HOST}:{self.gateway_port}"
 
     @property
     def controller_url(self) -> str:
@@ -401,13 +410,20 @@ class Stack:
 
     def fly_token(self) -> str:
         """The local FLY_API_TOKEN (generated once, kept so restarts of single components agree)."""
-        path = self.root / "secrets" / "fly-api-token"
+        return self._local_secret("fly-api-token", "local-")
+
+    def model_key(self) -> str:
+        """The gateway's upstream key for the scripted model (the model refuses any other)."""
+        return self._local_secret("model-api-key", "sk-ant-local-")
+
+    def _local_secret(self, name: str, prefix: str) -> str:
+        path = self.root / "secrets" / name
         with contextlib.suppress(FileNotFoundError):
             token = path.read_text().strip()
             if token:
                 return token
         path.parent.mkdir(parents=True, exist_ok=True)
-        token = "local-" + secrets.token_urlsafe(24)
+        token = prefix + secrets.token_urlsafe(24)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
             fh.write(token + "\n")
@@ -438,12 +454,9 @@ class Stack:
         values = {
             MARKER_ENV: str(self.root),
             "FLYSWARM_WORK_ROOT": str(self.root / "sessions"),
+            # No Anthropic key and no Redis address: each machine gets its session's token and the
+            # gateway's address (FLYSWARM_CONTROL_URL, set by the controller), the CLI's base URL.
         }
-        if self.config.anthropic_api_key:
-            values["ANTHROPIC_API_KEY"] = self.config.anthropic_api_key
-        else:
-            values["ANTHROPIC_API_KEY"] = DUMMY_ANTHROPIC_KEY
-            values["ANTHROPIC_BASE_URL"] = self.config.model_url
         if hasattr(os, "geteuid") and os.geteuid() == 0:
             # The CLI refuses bypassPermissions as root unless told it runs in a sandbox; a local
             # machine is a subprocess of whoever runs `make up` (the Fly image runs as non-root).
@@ -513,12 +526,34 @@ class Stack:
                 name="model",
                 port=cfg.model_port,
                 argv=(py, "-m", "cli", "model", "--host", HOST, "--port", str(cfg.model_port)),
-                env=base,
+                env={**base, "FLYSWARM_MODEL_API_KEY": self.model_key()},
                 url=cfg.model_url,
                 probe=lambda: _http_ok(f"{cfg.model_url}/_requests"),
                 marker="cli model",
                 port_variable="FLYSWARM_MODEL_PORT",
             )
+        gateway_env = {
+            **base,
+            "REDIS_URL": cfg.redis_url,
+            "FLYSWARM_GATEWAY_HOST": HOST,
+            "FLYSWARM_GATEWAY_PORT": str(cfg.gateway_port),
+        }
+        if cfg.uses_model:
+            gateway_env["ANTHROPIC_API_KEY"] = self.model_key()
+            gateway_env["FLYSWARM_GATEWAY_UPSTREAM_URL"] = cfg.model_url
+        else:
+            assert cfg.anthropic_api_key is not None
+            gateway_env["ANTHROPIC_API_KEY"] = cfg.anthropic_api_key
+        comps["gateway"] = Component(
+            name="gateway",
+            port=cfg.gateway_port,
+            argv=(py, "-m", "cli", "gateway"),
+            env=gateway_env,
+            url=cfg.gateway_url,
+            probe=lambda: _http_ok(f"{cfg.gateway_url}/readyz"),
+            marker="cli gateway",
+            port_variable="FLYSWARM_GATEWAY_PORT",
+        )
         api_env = {**base, "PORT": str(cfg.api_port), "HOST": HOST, "REDIS_URL": cfg.redis_url}
         if self.environ.get("API_TOKENS"):
             api_env["API_TOKENS"] = self.environ["API_TOKENS"]
@@ -545,6 +580,8 @@ class Stack:
                 "FLY_AGENT_IMAGE": cfg.agent_image,
                 "FLYSWARM_CONTROLLER_HOST": HOST,
                 "FLYSWARM_CONTROLLER_PORT": str(cfg.controller_port),
+                # Every machine's FLYSWARM_CONTROL_URL: model traffic and its session's state.
+                "FLYSWARM_AGENT_GATEWAY_URL": cfg.gateway_url,
             },
             url=cfg.controller_url,
             probe=lambda: _http_ok(f"{cfg.controller_url}/readyz"),
@@ -681,7 +718,7 @@ class Stack:
             # for a moment, and `up` promises a ready stack.
             self._wait_ready(list(components.values()), {})
             if not self.config.uses_model:
-                outcome["model"] = "not used (ANTHROPIC_API_KEY is set: agents call the real API)"
+                outcome["model"] = "not used (ANTHROPIC_API_KEY is set: the gateway forwards to the real API)"
                 model_pid = self.recorded_pid("model")
                 if model_pid is not None and _pid_alive(model_pid) and "cli model" in _cmdline(model_pid):
                     self._stop_pid(model_pid)

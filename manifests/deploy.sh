@@ -2,12 +2,12 @@
 # Deploy flyswarm to Fly.io: manifests/deploy.sh staging|production
 #
 # What it does (the seed orchestrator's manual steps, made repeatable):
-#   1. create the two apps if they are missing: the control plane (API + controller) and the
-#      image-only agent app;
-#   2. set secrets: ANTHROPIC_API_KEY on the AGENT app (Fly injects app secrets into every machine the
-#      controller creates there, so the key is never part of a machine config); FLY_API_TOKEN,
-#      REDIS_URL, API_TOKENS (and FLYSWARM_AGENT_REDIS_URL when set) on the controller app, staged so
-#      the deploy below applies them;
+#   1. create the two apps if they are missing: the control plane (API, controller and the model
+#      gateway) and the image-only agent app;
+#   2. set secrets, all on the CONTROLLER app, staged so the deploy below applies them: FLY_API_TOKEN,
+#      REDIS_URL, API_TOKENS, ANTHROPIC_API_KEY (read by the gateway only: agents reach the model
+#      through it with their session's token). Agents get no Redis address: their state goes
+#      through the gateway too. The agent app gets no secret at all; a key left there by an older deploy is removed;
 #   3. build and push the agent image to registry.fly.io/<agent app>:<label> (no machine is created);
 #   4. deploy the control plane, pointing it at that agent app and image.
 #
@@ -16,7 +16,7 @@
 # flyswarm-agents[-staging]), FLY_ORG (personal), FLYSWARM_IMAGE_LABEL (git commit), FLYSWARM_HA
 # (false for staging, true for production), FLYSWARM_CONTROLLER_FLY_API_TOKEN (the token the
 # controller itself uses; default FLY_API_TOKEN — prefer `flyctl tokens create deploy -a <agent app>`),
-# FLYSWARM_AGENT_REDIS_URL, FLYCTL (path of flyctl), DRY_RUN=1 (print the commands, run nothing).
+# FLYCTL (path of flyctl), DRY_RUN=1 (print the commands, run nothing).
 #
 # Secret values are read from the environment, handed to flyctl on stdin, and never printed.
 set -euo pipefail
@@ -119,7 +119,7 @@ ensure_app() {
 }
 
 # Check every value before changing anything.
-for name in ANTHROPIC_API_KEY REDIS_URL API_TOKENS FLYSWARM_AGENT_REDIS_URL; do
+for name in ANTHROPIC_API_KEY REDIS_URL API_TOKENS; do
   check_secret_value "$name" "${!name:-}"
 done
 check_secret_value FLYSWARM_CONTROLLER_FLY_API_TOKEN "$controller_token"
@@ -129,11 +129,13 @@ echo "== flyswarm $environment: control plane $controller_app, agents $agent_app
 ensure_app "$agent_app"
 ensure_app "$controller_app"
 
-import_secrets "$agent_app" false ANTHROPIC_API_KEY=ANTHROPIC_API_KEY
-controller_secrets=(FLY_API_TOKEN=controller_token REDIS_URL=REDIS_URL API_TOKENS=API_TOKENS)
-if [[ -n "${FLYSWARM_AGENT_REDIS_URL:-}" ]]; then
-  controller_secrets+=(FLYSWARM_AGENT_REDIS_URL=FLYSWARM_AGENT_REDIS_URL)
+# The key of an older deploy must not stay where every agent (and every tool it runs) can read it.
+if [[ "$dry_run" == 1 ]] || "$flyctl" secrets list --app "$agent_app" 2>/dev/null | grep -q '^ANTHROPIC_API_KEY\b'; then
+  run "$flyctl" secrets unset ANTHROPIC_API_KEY --app "$agent_app"
 fi
+controller_secrets=(
+  FLY_API_TOKEN=controller_token REDIS_URL=REDIS_URL API_TOKENS=API_TOKENS ANTHROPIC_API_KEY=ANTHROPIC_API_KEY
+)
 import_secrets "$controller_app" true "${controller_secrets[@]}"
 
 # Build on Fly's remote builder and push; --build-only creates no machine in the agent app.
@@ -142,7 +144,8 @@ run "$flyctl" deploy . --config manifests/fly.agent.toml --app "$agent_app" \
 
 run "$flyctl" deploy . --config manifests/fly.controller.toml --app "$controller_app" \
   --remote-only --ha="$ha" \
-  --env "FLY_APP_NAME=$agent_app" --env "FLY_AGENT_IMAGE=$image"
+  --env "FLY_APP_NAME=$agent_app" --env "FLY_AGENT_IMAGE=$image" \
+  --env "FLYSWARM_AGENT_GATEWAY_URL=http://gateway.process.${controller_app}.internal:8082"
 
 echo "== deployed: https://${controller_app}.fly.dev"
 echo "   curl https://${controller_app}.fly.dev/health"

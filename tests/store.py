@@ -10,7 +10,8 @@ from __future__ import annotations
 from api.store import ApiStore
 from api.store_agent import AgentStore
 from api.store_controller import ControllerStore
+from api.store_gateway import GatewayStore
 
 
-class Store(ApiStore, ControllerStore, AgentStore):
-    """The API's, the controller's and the agent's store on one connection pool."""
+class Store(ApiStore, ControllerStore, AgentStore, GatewayStore):
+    """The API's, the controller's, the agent's and the gateway's store on one connection pool."""

@@ -1,14 +1,18 @@
 """The package layering of DESIGN.md, enforced over the source with ``ast``.
 
 * ``api`` imports none of the other packages;
-* ``controller`` and ``agent`` import only ``api`` (never ``local``, ``cli`` or each other);
-* ``local`` may import ``api`` and ``controller``;
+* ``controller``, ``agent`` and ``gateway`` import only ``api`` (never ``local``, ``cli`` or each other);
+* ``local`` may import ``api``, ``controller`` and ``agent`` (the stand-in agent uses the agent's channel);
 * only the Fly client modules (``controller/fly*.py``) import httpx in the controller;
 * only the store layer (``api/store.py``, ``api/store_*.py``, ``api/transcripts.py``) imports redis
-  in ``api``, ``controller`` and ``agent``;
+  in ``api``, ``controller`` and ``gateway``;
+* the agent imports no store module and no redis, even indirectly (it holds no Redis credential:
+  its state goes through the control plane's agent channel); it shares only the store's errors
+  (``api.store_errors``) and the transcript shapes (``api.transcript_types``), neither of which loads redis;
 * each role imports only its own store: ``api`` the API's (``api.store``), ``controller`` the
-  controller's (``api.store_controller``), ``agent`` (and the local stand-in agent) the agent's
-  (``api.store_agent``); the shared base (``api.store_base``: errors, helpers) is open to all;
+  controller's (``api.store_controller``), ``gateway`` the gateway's (``api.store_gateway``) and the
+  agent channel's (``api.store_channel``); the shared base (``api.store_base``: errors, helpers) is
+  open to all but the agent;
 * no code outside the store reaches the Redis client through attribute access
   (``self.store.redis.hset(...)``, ``store._redis``, ``x.pubsub()``, ``x.register_script(...)``):
   an import check alone cannot see that;
@@ -18,19 +22,22 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("api", "controller", "agent", "local", "cli")
+PACKAGES = ("api", "controller", "agent", "gateway", "local", "cli")
 
 ALLOWED = {
     "api": set(),
     "controller": {"api"},
     "agent": {"api"},
-    "local": {"api", "controller"},
-    "cli": {"api", "controller", "agent", "local"},
+    "gateway": {"api"},
+    "local": {"api", "controller", "agent"},
+    "cli": {"api", "controller", "agent", "gateway", "local"},
 }
 
 
@@ -73,8 +80,11 @@ STORE_MODULES = {
     "api.store",
     "api.store_agent",
     "api.store_controller",
-    "api.store_credentials",
+    "api.store_teardown",
     "api.store_lease",
+    "api.store_gateway",
+    "api.store_tokens",
+    "api.store_channel",
     "api.transcripts",
 }
 SHARED_STORE_MODULES = {"api.store_base", "api.store_pools"}
@@ -83,8 +93,9 @@ REDIS_LAUNCHERS = {"local.redis_cluster"}
 ROLE_STORES = {
     "api": {"api.store"},
     "controller": {"api.store_controller"},
-    "agent": {"api.store_agent", "api.transcripts"},
-    "local": {"api.store_agent"},
+    "agent": set(),
+    "gateway": {"api.store_gateway", "api.store_channel"},
+    "local": set(),
     "cli": set(),
 }
 # Methods of the redis client (and its pipelines and pub/sub objects) that only the store calls.
@@ -134,18 +145,49 @@ def _imported_names(path: Path) -> set[str]:
 
 def test_only_the_store_layer_talks_to_redis() -> None:
     offenders = []
-    for package in ("api", "controller", "agent"):
+    for package in ("api", "controller", "agent", "gateway", "local"):
         for path in _modules(package):
-            if _is_store_module(path):
+            if (
+                _is_store_module(path)
+                or (package == "local" and path.name == "redis_server.py")
+                or _module_name(path) in REDIS_LAUNCHERS
+            ):
                 continue
             if any(n.split(".")[0] == "redis" for n in _imports(path)):
                 offenders.append(str(path.relative_to(ROOT)))
     assert offenders == []
 
 
+def test_the_agent_imports_no_store_module_and_no_redis() -> None:
+    offenders = []
+    for path in _modules("agent"):
+        for name in _imported_names(path):
+            if name.split(".")[0] == "redis" or name in STORE_MODULES | SHARED_STORE_MODULES:
+                offenders.append(f"{path.relative_to(ROOT)} imports {name}")
+            elif name.rsplit(".", 1)[0] in STORE_MODULES | SHARED_STORE_MODULES:
+                offenders.append(f"{path.relative_to(ROOT)} imports {name}")
+    assert offenders == []
+
+
+def test_the_agent_loads_no_redis_even_indirectly() -> None:
+    # What the import statements cannot show: a shared module that pulls redis in behind them.
+    program = (
+        "import sys\n"
+        "import agent.runner, agent.channel, agent.channel_transcripts, agent.chat, agent.task\n"
+        "import local.heartbeat_agent\n"
+        "loaded = sorted(m for m in sys.modules if m == 'redis' or m.startswith('redis.')"
+        " or m.startswith('api.store') or m == 'api.transcripts')\n"
+        "print(','.join(loaded))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.strip() in ("", "api.store_errors"), out.stdout
+
+
 @pytest.mark.parametrize("package", PACKAGES)
 def test_each_role_imports_only_its_own_store(package: str) -> None:
-    allowed = ROLE_STORES[package] | SHARED_STORE_MODULES
+    allowed = ROLE_STORES[package] | (SHARED_STORE_MODULES if package != "agent" else set())
     violations = []
     for path in _modules(package):
         if _is_store_module(path):

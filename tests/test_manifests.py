@@ -42,7 +42,11 @@ def test_controller_app_is_always_on_in_frankfurt_with_https_and_health_checks()
     config = _toml("fly.controller.toml")
 
     assert config["primary_region"] == "fra"
-    assert config["processes"] == {"api": "flyswarm api", "controller": "flyswarm controller"}
+    assert config["processes"] == {
+        "api": "flyswarm api",
+        "controller": "flyswarm controller",
+        "gateway": "flyswarm gateway",
+    }
     service = config["http_service"]
     assert service["processes"] == ["api"]
     assert service["internal_port"] == int(config["env"]["PORT"]) == 8080
@@ -56,6 +60,11 @@ def test_controller_app_is_always_on_in_frankfurt_with_https_and_health_checks()
     assert len(controller_checks) == 1
     check = controller_checks[0]
     assert (check["type"], check["path"], check["port"]) == ("http", "/readyz", 9090)
+    (gateway_check,) = [c for c in config["checks"].values() if c.get("processes") == ["gateway"]]
+    assert (gateway_check["path"], gateway_check["port"]) == (
+        "/readyz",
+        int(config["env"]["FLYSWARM_GATEWAY_PORT"]),
+    )
 
 
 def test_controller_app_env_holds_no_secret_and_points_at_the_agent_app() -> None:
@@ -307,6 +316,8 @@ case "$1 $2" in
   "status --app") [[ -e "$state/apps/$3" ]] ;;
   "apps create") mkdir -p "$state/apps" && touch "$state/apps/$3" ;;
   "secrets import") mkdir -p "$state/secrets" && cat >> "$state/secrets/$4" ;;
+  "secrets list") cat "$state/secrets/$4" 2>/dev/null || true ;;
+  "secrets unset") sed -i "/^$3=/d" "$state/secrets/$5" ;;
   "deploy .") ;;
   *) echo "fake flyctl: unexpected $*" >&2; exit 64 ;;
 esac
@@ -320,9 +331,11 @@ SECRETS = {
 }
 
 
-def _run_deploy(tmp_path: Path, **extra: str) -> tuple[subprocess.CompletedProcess[str], Path]:
+def _run_deploy(
+    tmp_path: Path, *, existing_state: bool = False, **extra: str
+) -> tuple[subprocess.CompletedProcess[str], Path]:
     state = tmp_path / "fly"
-    state.mkdir()
+    state.mkdir(exist_ok=existing_state)
     flyctl = tmp_path / "flyctl"
     flyctl.write_text(FAKE_FLYCTL)
     flyctl.chmod(0o755)
@@ -352,10 +365,10 @@ def test_deploy_puts_each_secret_on_its_app_through_stdin_only(tmp_path: Path) -
         "flyswarm-agents-staging",
         "flyswarm-staging",
     ]
-    agent = (state / "secrets" / "flyswarm-agents-staging").read_text().splitlines()
+    # Every secret, the Anthropic key included, is the control plane's; the agent app holds none.
+    assert not (state / "secrets" / "flyswarm-agents-staging").exists()
     controller = (state / "secrets" / "flyswarm-staging").read_text().splitlines()
-    assert agent == [f"ANTHROPIC_API_KEY={SECRETS['ANTHROPIC_API_KEY']}"]
-    assert sorted(controller) == sorted(f"{k}={v}" for k, v in SECRETS.items() if k != "ANTHROPIC_API_KEY")
+    assert sorted(controller) == sorted(f"{k}={v}" for k, v in SECRETS.items())
     argv = (state / "argv").read_text()
     for value in SECRETS.values():
         assert value not in argv
@@ -365,6 +378,18 @@ def test_deploy_puts_each_secret_on_its_app_through_stdin_only(tmp_path: Path) -
     assert "--build-only --push" in deploys[0] and "--image-label staging-abc123" in deploys[0]
     assert "FLY_AGENT_IMAGE=registry.fly.io/flyswarm-agents-staging:staging-abc123" in deploys[1]
     assert "FLY_APP_NAME=flyswarm-agents-staging" in deploys[1]
+    assert "FLYSWARM_AGENT_GATEWAY_URL=http://gateway.process.flyswarm-staging.internal:8082" in deploys[1]
+
+
+def test_deploy_removes_a_key_an_older_deploy_left_on_the_agent_app(tmp_path: Path) -> None:
+    state = tmp_path / "fly"
+    (state / "secrets").mkdir(parents=True)
+    (state / "secrets" / "flyswarm-agents-staging").write_text("ANTHROPIC_API_KEY=sk-ant-old\n")
+    out, state = _run_deploy(tmp_path, existing_state=True)
+
+    assert out.returncode == 0, out.stderr
+    assert (state / "secrets" / "flyswarm-agents-staging").read_text() == ""
+    assert "secrets unset ANTHROPIC_API_KEY --app flyswarm-agents-staging" in (state / "argv").read_text()
 
 
 def test_deploy_gives_the_controller_its_own_fly_token_when_one_is_set(tmp_path: Path) -> None:

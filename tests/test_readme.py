@@ -25,11 +25,13 @@ def _classes() -> list[tuple[str, str, type[BaseSettings]]]:
     from agent.settings import AgentSettings
     from api.settings import ApiSettings
     from controller.settings import ControllerSettings
+    from gateway.settings import GatewaySettings
     from local.emulator_settings import EmulatorSettings
 
     return [
         ("API", "`flyswarm api`", ApiSettings),
         ("Controller", "`flyswarm controller`", ControllerSettings),
+        ("Model gateway", "`flyswarm gateway`", GatewaySettings),
         ("Agent", "`python -m agent` inside each machine", AgentSettings),
         ("Fly emulator", "`flyswarm emulator`", EmulatorSettings),
     ]

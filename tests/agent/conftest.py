@@ -1,6 +1,8 @@
-"""The agent test rig: the real agent as a subprocess, the real SDK and CLI, the scripted model.
+"""The agent test rig: the real agent as a subprocess, the real SDK and CLI, the real gateway in front
+of the scripted model (which refuses every key but the gateway's upstream key).
 
-Every agent runs with the per-session Redis ACL user the controller would create, in a private
+Every agent runs as a machine does: its environment holds the gateway's URL and a session token
+minted as the controller mints one at launch (no Redis address, no Anthropic key), in a private
 temp dir, with a tag in its environment. The CLI and the tools' shells inherit that environment
 (the CLI puts its Bash tool in a session of its own, so a process group would miss them); at
 teardown every process carrying the tag is killed, so no test leaves a process behind.
@@ -25,8 +27,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from api.models import Session, SessionSpec
-from api.store_base import redis_url_with_credentials
 from local.model import ModelServer, start_in_thread
+from local.redis_server import RedisServer
+from tests.gateway.conftest import UPSTREAM_KEY, GatewayServer, start_gateway
 from tests.store import Store
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -92,8 +95,9 @@ class AgentRig:
     """Creates sessions and starts agents against one Redis and one scripted model."""
 
     store: Store
-    redis_url: str  # the control plane's URL (one node or a cluster); agents get their own user in it
+    redis_server: RedisServer
     model: ModelServer
+    gateway: GatewayServer
     tmp_path: Path
     tag: str = field(default_factory=lambda: uuid.uuid4().hex)
     agents: list[AgentProcess] = field(default_factory=list)
@@ -105,12 +109,11 @@ class AgentRig:
         assert outcome.session is not None
         return outcome.session
 
-    async def session_url(self, session_id: str) -> str:
-        creds = await self.store.ensure_session_credentials(session_id)
-        assert creds is not None, "the test Redis supports ACLs"
-        return redis_url_with_credentials(self.redis_url, creds.username, creds.password)
+    async def token(self, session_id: str) -> str:
+        """A fresh session token, as the controller mints one for each launch."""
+        return (await self.store.mint_session_token(session_id)).value
 
-    def env(self, session_id: str, redis_url: str, *, machine: str = "m-1", **extra: str) -> dict[str, str]:
+    def env(self, session_id: str, token: str, *, machine: str = "m-1", **extra: str) -> dict[str, str]:
         home = self.tmp_path / "agent-home"
         home.mkdir(exist_ok=True)
         env = {
@@ -119,19 +122,18 @@ class AgentRig:
             "HOME": str(home),
             "LANG": "C.UTF-8",
             TAG: self.tag,
-            "ANTHROPIC_BASE_URL": self.model.url,
-            "ANTHROPIC_API_KEY": "sk-test-dummy-key",
             "IS_SANDBOX": "1",  # the tests run as root; the CLI refuses bypassPermissions otherwise
             "CLAUDE_CODE_MAX_RETRIES": "1",
             "FLYSWARM_SESSION_ID": session_id,
-            "FLYSWARM_REDIS_URL": redis_url,
+            "FLYSWARM_CONTROL_URL": self.gateway.url,
+            "FLYSWARM_SESSION_TOKEN": token,
             "FLYSWARM_MACHINE_ID": machine,
             "FLYSWARM_WORK_ROOT": str(self.tmp_path / machine),
             "FLYSWARM_HEARTBEAT_INTERVAL_SECONDS": "0.3",
             "FLYSWARM_HEARTBEAT_TTL_SECONDS": "2",
             "FLYSWARM_STOP_TIMEOUT_SECONDS": "5",
             "FLYSWARM_INBOX_BLOCK_MS": "200",
-            "FLYSWARM_STARTUP_REDIS_TIMEOUT_SECONDS": "2",
+            "FLYSWARM_STARTUP_TIMEOUT_SECONDS": "2",
         }
         env.update(extra)
         return env
@@ -152,7 +154,7 @@ class AgentRig:
         return agent
 
     async def start_session(self, session_id: str, *, machine: str = "m-1", **extra: str) -> AgentProcess:
-        return self.start(self.env(session_id, await self.session_url(session_id), machine=machine, **extra))
+        return self.start(self.env(session_id, await self.token(session_id), machine=machine, **extra))
 
     def work_dir(self, session_id: str, machine: str = "m-1") -> Path:
         return self.tmp_path / machine / session_id / "work"
@@ -178,7 +180,7 @@ class AgentRig:
 
 @pytest.fixture(scope="session")
 def model_server() -> Iterator[ModelServer]:
-    server = start_in_thread()
+    server = start_in_thread(api_key=UPSTREAM_KEY)
     try:
         yield server
     finally:
@@ -194,11 +196,28 @@ async def store(redis_client: aioredis.Redis, redis_url: str) -> AsyncIterator[S
         await s.close()
 
 
+def gateway_for(redis_url: str, model: ModelServer, **settings: Any) -> GatewayServer:
+    """The control plane's gateway over ``redis_url``, in front of the scripted model."""
+    values: dict[str, Any] = {"upstream_url": model.url, "upstream_api_key": UPSTREAM_KEY, **settings}
+    return start_gateway(redis_url=redis_url, **values)
+
+
+@pytest.fixture(scope="session")
+def gateway(redis_server: RedisServer, model_server: ModelServer) -> Iterator[GatewayServer]:
+    server = gateway_for(redis_server.url, model_server)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture
 async def rig(
-    store: Store, redis_url: str, model_server: ModelServer, tmp_path: Path
+    store: Store, redis_server: RedisServer, model_server: ModelServer, gateway: GatewayServer, tmp_path: Path
 ) -> AsyncIterator[AgentRig]:
-    rig = AgentRig(store=store, redis_url=redis_url, model=model_server, tmp_path=tmp_path)
+    rig = AgentRig(
+        store=store, redis_server=redis_server, model=model_server, gateway=gateway, tmp_path=tmp_path
+    )
     try:
         yield rig
     finally:

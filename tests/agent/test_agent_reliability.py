@@ -1,8 +1,8 @@
 """The agent's results survive Redis: a run that ends while Redis is away is reported once it is back.
 
-The real agent (real SDK and CLI, scripted model) runs against a Redis of the test's own that is
-killed with ``kill -9`` mid-run and restarted from its AOF - which loses every ACL user, so the
-agent's credentials only work again once the control plane restores them, as the controller does.
+The real agent (real SDK and CLI, the gateway in front of the scripted model) runs against a Redis
+of the test's own, behind the control plane's agent channel, that is killed with ``kill -9`` mid-run
+and restarted from its AOF: the channel answers 503 meanwhile and the agent retries its report.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from api.store_base import StoreUnavailable
+from api.store_errors import StoreUnavailable
 from local.model import ModelServer
-from tests.agent.conftest import AgentRig
+from tests.agent.conftest import AgentRig, gateway_for
 from tests.restartable_redis import RestartableRedis
 from tests.store import Store
 
@@ -30,11 +30,15 @@ async def aof_rig(
     own_redis: RestartableRedis, model_server: ModelServer, tmp_path: Path
 ) -> AsyncIterator[AgentRig]:
     store = Store.from_url(own_redis.url)
-    rig = AgentRig(store=store, redis_url=own_redis.url, model=model_server, tmp_path=tmp_path)
+    gateway = gateway_for(own_redis.url, model_server)
+    rig = AgentRig(
+        store=store, redis_server=own_redis.server, model=model_server, gateway=gateway, tmp_path=tmp_path
+    )
     try:
         yield rig
     finally:
         rig.cleanup()
+        gateway.stop()
         await store.close()
 
 
@@ -67,6 +71,14 @@ async def test_task_that_finishes_while_redis_is_down_reports_its_result_once_re
     agent = await rig.start_session("outage")
     await rig.wait_for_event("outage", "run_started")
 
+    def the_model_is_answering() -> bool:
+        return any(
+            r["time"] >= started and r.get("scenario") == "slow" and not r.get("side_query")
+            for r in model_server.state.requests
+        )
+
+    # The gateway admits a model request by its token in Redis: kill Redis once it was admitted.
+    await _until(the_model_is_answering, 30, "the model request")
     own_redis.kill()  # mid-run: the model answers while Redis is away
 
     def retried_past_the_old_limit() -> bool:
@@ -81,17 +93,14 @@ async def test_task_that_finishes_while_redis_is_down_reports_its_result_once_re
     assert agent.popen.poll() is None, "the agent gave up on its result"
 
     own_redis.start()
-    # Redis lost the agent's ACL user with the restart; the controller restores it like this.
-    for _ in range(100):
+    assert await agent.wait(60) == 0, agent.log()
+    session = None
+    for _ in range(100):  # the test's own connection to the killed server reconnects
         try:
-            restored = await rig.store.restore_session_credentials()
+            session = await rig.store.get("outage")
             break
         except StoreUnavailable:
             await asyncio.sleep(0.05)
-    assert restored == 1
-
-    assert await agent.wait(60) == 0, agent.log()
-    session = await rig.store.get("outage")
     assert session is not None and session.agent is not None
     assert session.agent.state == "done"
     assert session.agent.resultText == f"answer {marker}"

@@ -6,15 +6,12 @@ import asyncio
 
 import pytest
 import redis.asyncio as aioredis
-import redis.exceptions
 
 from api import keys
 from api.models import AgentReport, Phase, SessionEvent, SessionSpec, SessionStatus
 from api.selector import parse_selector
 from api.store import InvalidCursor, decode_cursor
-from api.store_agent import AgentStore
-from api.store_base import StoreUnavailable, redis_url_with_credentials
-from api.store_base import redis_client as redis_client_for
+from api.store_base import StoreUnavailable
 from tests.store import Store
 
 REDIS_MODES = ("single", "cluster")
@@ -213,30 +210,6 @@ async def test_inbox_replays_unacked_message_until_acked(store: Store) -> None:
     assert await store.inbox_next("chat", block_ms=50) is None
 
 
-async def test_session_credentials_reach_only_their_own_keys(
-    store: Store, redis_client: aioredis.Redis, redis_url: str
-) -> None:
-    await store.apply(store.new_session("mine", task()))
-    await store.apply(store.new_session("other", task()))
-    creds = await store.ensure_session_credentials("mine")
-    assert creds is not None
-    assert "***" in repr(creds) and creds.password not in repr(creds)
-    # On a cluster: a cluster client as the session's user (it must be allowed to learn the slots).
-    agent = redis_client_for(redis_url_with_credentials(redis_url, creds.username, creds.password))
-    try:
-        agent_store = AgentStore(agent)
-        assert (await agent_store.get("mine")) is not None
-        await agent_store.write_agent_report("mine", AgentReport(state="running"))
-        with pytest.raises(redis.exceptions.NoPermissionError):
-            await agent.hgetall(keys.session("other"))
-        with pytest.raises(redis.exceptions.NoPermissionError):
-            await agent.set(keys.heartbeat("other"), "x")
-        with pytest.raises(redis.exceptions.NoPermissionError):
-            await agent.xadd(keys.CHANGES, {"id": "x", "kind": "x"})
-    finally:
-        await agent.aclose()
-
-
 async def test_unreachable_redis_raises_store_unavailable() -> None:
     from local.redis_server import free_port
 
@@ -268,14 +241,3 @@ async def test_created_session_returned_equals_what_a_read_returns(store: Store)
     )
     assert outcome.result == "created" and outcome.session is not None
     assert outcome.session == await store.get("same")
-
-
-def test_redis_url_with_credentials_replaces_user_info_only() -> None:
-    from api.store_base import redis_url_with_credentials
-
-    base = "rediss://admin:controller-pw@10.0.0.5:6380/2"
-    assert redis_url_with_credentials(base, "fs-session-a", "p@ss/word") == (
-        "rediss://fs-session-a:p%40ss%2Fword@10.0.0.5:6380/2"
-    )
-    assert redis_url_with_credentials(base, None, None) == "rediss://10.0.0.5:6380/2"
-    assert redis_url_with_credentials("redis://[::1]:6379/0", "u", "p") == "redis://u:p@[::1]:6379/0"

@@ -18,10 +18,10 @@ import redis.asyncio as aioredis
 
 from api import keys
 from api.models import AgentReport, Phase, SessionEvent, SessionSpec, SessionStatus
-from api.store_base import redis_url_with_credentials
+from api.store_channel import ChannelStore
 from api.store_controller import ControllerStore
+from api.store_gateway import MeteredUsage
 from api.transcripts import RedisTranscriptStore
-from tests.redis_nodes import acl_users_per_node
 from tests.store import Store
 
 REDIS_MODES = ("single", "cluster")
@@ -34,23 +34,34 @@ async def store(redis_client: aioredis.Redis, redis_url: str) -> AsyncIterator[S
     await s.close()
 
 
+@pytest.fixture
+async def channel(redis_client: aioredis.Redis, redis_url: str) -> AsyncIterator[ChannelStore]:
+    c = ChannelStore.connect(redis_url)
+    yield c
+    await c.close()
+
+
 def chat() -> SessionSpec:
     return SessionSpec(prompt="p", mode="chat")
 
 
-#: What the cluster test below calls (``from_url`` and ``close`` are exercised by the fixture).
+#: What the cluster test below calls (``from_url``, ``connect`` and ``close`` by the fixtures).
 EXERCISED = {
     "Store": {
-        "acl_supported", "acquire_lease", "all_ids", "all_sessions", "append_event", "apply",
-        "clear_launch", "close", "count", "create_or_get", "delete_session_credentials",
-        "drop_from_index", "ensure_session_credentials", "finish_credential_deletions", "from_url",
-        "get", "get_heartbeat", "get_launch", "get_launches", "get_many", "heartbeat", "heartbeats",
-        "inbox_ack", "inbox_next", "inbox_pending", "inbox_pending_many", "last_change_id", "list",
-        "mark_deleted", "new_session", "ping", "pool_stats", "read_events_many", "read_changes",
-        "read_events", "record_controller_seen",
-        "record_create_failure", "record_launch", "release_lease", "remove", "remove_keys",
-        "renew_lease", "restore_session_credentials", "send_message", "server_identity",
-        "transcripts", "update_launch", "wake_sessions", "write_agent_report", "write_status",
+        "acquire_lease", "all_ids", "all_sessions", "append_event", "apply", "clear_launch", "close",
+        "count", "create_or_get", "drop_from_index", "from_url", "get", "get_heartbeat", "get_launch",
+        "get_launches", "get_many", "heartbeat", "heartbeats", "inbox_ack", "inbox_next",
+        "inbox_pending", "inbox_pending_many", "last_change_id", "list", "mark_budget_exceeded",
+        "mark_deleted", "mint_session_token", "new_session", "ping", "pool_stats", "read_changes",
+        "read_events", "read_events_many", "record_controller_seen", "record_create_failure",
+        "record_launch", "record_usage", "release_lease", "remove", "renew_lease",
+        "revoke_session_token", "send_message", "server_identity", "transcripts", "update_launch",
+        "view", "wake_sessions", "write_agent_report", "write_status",
+    },
+    "ChannelStore": {
+        "admission", "append_event", "append_events", "close", "connect", "from_url", "get",
+        "heartbeat", "inbox_ack", "inbox_next", "inbox_peek", "inbox_read_many", "ping",
+        "pool_stats", "transcripts", "write_agent_report",
     },
     "RedisTranscriptStore": {
         "append", "copy_transcript", "delete", "find_project_key", "list_session_summaries",
@@ -60,13 +71,13 @@ EXERCISED = {
 
 
 def test_every_store_method_is_exercised_on_the_cluster() -> None:
-    for cls in (Store, RedisTranscriptStore):
+    for cls in (Store, ChannelStore, RedisTranscriptStore):
         public = {n for n, f in inspect.getmembers(cls) if not n.startswith("_") and callable(f)}
         assert public - {"cluster"} == EXERCISED[cls.__name__], "add the new method to the cluster test"
 
 
 async def test_every_store_method_runs_on_the_cluster_without_crossslot(
-    store: Store, redis_mode: str, redis_url: str
+    store: Store, channel: ChannelStore, redis_mode: str
 ) -> None:
     """On the cluster, a CROSSSLOT (or a keyless command the cluster client cannot route) fails it."""
     assert store.cluster == (redis_mode == "cluster") and await store.ping()
@@ -141,22 +152,39 @@ async def test_every_store_method_runs_on_the_cluster_without_crossslot(
     assert isinstance(await tr.list_session_summaries("-w"), list)
     await tr.delete({"project_key": "-v", "session_id": "c1"})  # type: ignore[arg-type]
 
-    assert await store.acl_supported()
-    creds = await store.ensure_session_credentials("s8")
-    assert creds is not None
-    for users in await acl_users_per_node(store._redis):  # the agent's user is on every node
-        assert keys.acl_user("s8") in users
+    token = await store.mint_session_token("s8")
+    admitted = await channel.admission("s8")
+    assert admitted is not None
+    view = await store.view("s8", ["fs:budget:team:2026-12"])
+    assert view is not None
+    assert await store.record_usage(
+        "s8", MeteredUsage(input_tokens=10, cost_usd=0.01), [("fs:budget:team:2026-12", 60)]
+    )
+    await store.mark_budget_exceeded("s8", "team")
+    assert await store.revoke_session_token("s8") and token is not None
     run_id, _uptime = await store.server_identity()
     assert len(run_id.split(",")) == (3 if store.cluster else 1)  # one run id per node
-    assert await store.restore_session_credentials() == 1
-    await store.delete_session_credentials("s8")
-    assert await store.remove_keys("s9") > 0 and await store.finish_credential_deletions() == ["s9"]
     await store.remove("s7")
     assert await store.get("s7") is None and "s7" not in await store.all_ids()
     assert await store.drop_from_index(["s10"]) == 0  # alive: put back
     assert "s10" in await store.all_ids()
-    scheme = "redis+cluster" if store.cluster else "redis"
-    assert redis_url_with_credentials(redis_url, "u", "p").startswith(f"{scheme}://u:p@")
+
+    # The agent channel's store (the gateway's side of the agents): its reads and writes too.
+    await channel.heartbeat("s10", "m-1", 30, "running")
+    ids = await channel.append_events("s10", [SessionEvent(type="a"), SessionEvent(type="b")])
+    assert len(ids) == 2 and (await channel.get("s10")) is not None
+    await store.send_message("s10", "hello")
+    await store.send_message("s11", "there")  # another slot
+    newest = await channel.inbox_read_many({"s10": "0-0", "s11": "0-0", "s1": "0-0"}, block_ms=100)
+    assert set(newest) == {"s10", "s11"}
+    acked, message = await channel.inbox_peek("s10")
+    assert message is not None and acked == "0-0"
+    assert (await channel.inbox_next("s10")) is not None
+    await channel.inbox_ack("s10", message.id)
+    assert await channel.write_agent_report("s10", AgentReport(state="running"))
+    await channel.append_event("s10", SessionEvent(type="c"))
+    assert isinstance(channel.transcripts("s10"), RedisTranscriptStore) and await channel.ping()
+    assert isinstance(channel.pool_stats(), list)
 
 
 async def test_a_crash_after_the_index_write_leaves_an_entry_readers_skip_and_the_resync_drops(
@@ -174,7 +202,7 @@ async def test_a_create_racing_a_removal_of_the_same_id_stays_indexed(store: Sto
     await store.apply(store.new_session("again", chat()))
     await store.mark_deleted("again")
     # The removal's script has run; the create of the new session lands before its ZREM.
-    await store.remove_keys("again")
+    await store.remove("again")
     assert (await store.create_or_get(store.new_session("again", chat()))).result == "created"
     await store.drop_from_index(["again"])  # what the removal's ZREM + EXISTS does, once more
     assert await store.all_ids() == ["again"]

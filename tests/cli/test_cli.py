@@ -438,11 +438,12 @@ def test_wait_returns_when_the_phase_is_reached(
     result = box[0]
     assert result.exit_code == 0, result.stderr
     assert result.stdout.strip() == "session/waited condition met: phase=Succeeded"
-    # Not a terminal: one progress line per change of state.
-    assert result.stderr.splitlines() == [
-        "waiting for session/waited phase=Succeeded: Pending",
-        "waiting for session/waited phase=Succeeded: Running, machine m1",
-    ]
+    # Not a terminal: one progress line per change of state it saw (a loaded machine may start the
+    # waiting thread only after the session already runs: then Pending was never seen).
+    lines = result.stderr.splitlines()
+    pending = "waiting for session/waited phase=Succeeded: Pending"
+    running = "waiting for session/waited phase=Succeeded: Running, machine m1"
+    assert lines in ([pending, running], [running]), lines
 
 
 def test_wait_fails_when_the_session_lands_in_another_terminal_phase(

@@ -28,7 +28,7 @@ from local.stack import marked_processes
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "manifests" / "examples"
-COMPONENTS = ("redis", "emulator", "model", "api", "controller")
+COMPONENTS = ("redis", "emulator", "model", "gateway", "api", "controller")
 
 pytestmark = pytest.mark.e2e
 
@@ -90,6 +90,7 @@ def stack(tmp_path: Path) -> Iterator[LocalStack]:
         "FLYSWARM_REDIS_PORT": free_port(),
         "FLYSWARM_EMULATOR_PORT": free_port(),
         "FLYSWARM_MODEL_PORT": free_port(),
+        "FLYSWARM_GATEWAY_PORT": free_port(),
         "PORT": free_port(),
         "FLYSWARM_CONTROLLER_PORT": free_port(),
     }
@@ -173,11 +174,12 @@ def test_up_apply_wait_describe_heal_and_down_leave_nothing_behind(stack: LocalS
         time.sleep(0.05)
     healed = stack.flyswarm("up")
     assert healed.returncode == 0, healed.stdout + healed.stderr
-    states = {line.split()[0]: line.split()[1] for line in healed.stdout.splitlines()[1:6]}
+    states = {line.split()[0]: line.split()[1] for line in healed.stdout.splitlines()[1:7]}
     assert states == {
         "redis": "restarted",
         "emulator": "already",
         "model": "already",
+        "gateway": "already",
         "api": "restarted",
         "controller": "already",
     }

@@ -3,7 +3,8 @@
 A cluster of its own (3 masters, one replica each, AOF, 1 s node timeout), the emulator and its
 machines' heartbeat agents, one controller. Sessions are converging (tasks finishing, chats
 running) when the master that holds the listing index is killed with SIGKILL; the replica is
-promoted, and the agents' per-session ACL users already exist on it (they are set on every node).
+promoted. The machines' agents reach their state through the gateway's channel, which talks to
+the cluster too.
 After convergence the invariants hold: no lost session, no duplicate or orphan machine, no phase
 regression.
 """
@@ -11,6 +12,7 @@ regression.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -21,13 +23,12 @@ from api import keys
 from api.models import Phase
 from api.store_base import StoreUnavailable
 from api.store_base import redis_client as redis_client_for
-from api.store_controller import ControllerStore
-from local.redis_cluster import LocalCluster, cluster_state, cluster_summary, start_cluster
+from local.redis_cluster import LocalCluster, cluster_state, start_cluster
 from local.redis_server import RedisServer
 from tests.controller.world import World, make_world
-from tests.redis_nodes import acl_users_per_node
 
-pytestmark = pytest.mark.timeout(120)
+# Generous: a failover under a loaded shared machine has taken minutes to settle (32 s when idle).
+pytestmark = pytest.mark.timeout(240)
 
 
 @pytest.fixture
@@ -40,7 +41,9 @@ async def cluster_world(tmp_path: Path) -> AsyncIterator[tuple[World, LocalClust
         async with make_world(cluster.url, client, tmp_path) as world:
             yield world, cluster
     finally:
-        await client.aclose()
+        # Closing waits on every node the client knew, the dead one included: bounded.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(client.aclose(), 5)
         cluster.stop()
 
 
@@ -108,8 +111,7 @@ async def test_a_killed_master_fails_over_to_its_replica_and_the_invariants_hold
     dead = master_of(cluster, keys.INDEX)
     dead.process.kill()  # kill -9, mid-run: the tasks are still working
     dead.process.wait(timeout=5)
-    # And a replica of another master: the agents' ACL users go to every node the cluster still
-    # lists, so a dead one must drop out of that list rather than block every new session.
+    # And a replica of another master: the client must stop counting on a node that is gone.
     lost_replica = next(r for r in cluster.replicas if _replica_of(cluster, r) != dead.port)
     lost_replica.process.kill()
     lost_replica.process.wait(timeout=5)
@@ -130,38 +132,9 @@ async def test_a_killed_master_fails_over_to_its_replica_and_the_invariants_hold
                     await asyncio.sleep(0.1)  # the client is still learning the new topology
 
     for sid in sorted(before | after):
-        await world.until_phase(sid, Phase.SUCCEEDED, timeout=60)
+        await world.until_phase(sid, Phase.SUCCEEDED, timeout=120)
     assert await world.phase("chat") is Phase.RUNNING
     await world.assert_invariants(before | after | {"chat"}, timeout=60)
     for sid in (*sorted(before | after), "chat"):
         assert len(world.machines(sid, live=False)) >= 1
         assert len(world.machines(sid)) <= 1
-
-
-async def test_a_dead_replica_does_not_block_new_agent_users_once_the_cluster_marks_it_failed(
-    tmp_path: Path,
-) -> None:
-    """ACL users go to every node; a replica that died must drop out of "every node" (the cluster
-    stops listing it once it is marked failed) instead of failing every new session's launch."""
-    cluster = await asyncio.to_thread(start_cluster, tmp_path / "cluster", masters=3, replicas_per_master=1)
-    store = ControllerStore.from_url(cluster.url)
-    try:
-        assert await store.ensure_session_credentials("before") is not None  # every node known
-        replica = cluster.replicas[0]
-        replica.process.kill()
-        replica.process.wait(timeout=5)
-
-        async def marked_failed() -> bool:
-            summary = await asyncio.to_thread(cluster_summary, cluster.masters[0].port)
-            return summary is not None and f"failed {replica.port}" in summary
-
-        async with asyncio.timeout(20):
-            while not await marked_failed():
-                await asyncio.sleep(0.1)
-        creds = await store.ensure_session_credentials("after")
-        assert creds is not None
-        for users in await acl_users_per_node(store._redis):  # every live node has the user
-            assert keys.acl_user("after") in users
-    finally:
-        await store.close()
-        cluster.stop()

@@ -10,7 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from api import keys
-from api.models import Phase, SessionCredentials, SessionStatus
+from api.models import Phase, SessionStatus
 from api.store_controller import ControllerStore
 from controller.actions import (
     CreateMachine,
@@ -29,7 +29,6 @@ from controller.executor import (
     Executor,
     ExecutorSettings,
     SoleAuthority,
-    agent_redis_url,
 )
 from controller.expectations import Expectations
 from controller.fly import FlyClient, FlyClientConfig
@@ -50,7 +49,6 @@ def make_executor(world: World, authority: Authority | None = None, **settings: 
         authority=authority or SoleAuthority(),
         expectations=Expectations(max_age_seconds=30),
         config_builder=MachineConfigBuilder(controller_settings),
-        agent_redis_base_url=world.redis_url,
         settings=ExecutorSettings(call_timeout_seconds=5.0, stop_grace_seconds=2.0, **settings),  # type: ignore[arg-type]
     )
 
@@ -85,7 +83,8 @@ async def test_create_records_the_launch_before_calling_fly_and_tags_the_machine
     assert launch is not None and launch.machine_id == machine.id
     env = machine.config["env"]
     assert env["FLYSWARM_SESSION_ID"] == "c1"
-    assert f"{keys.acl_user('c1')}:" in env["FLYSWARM_REDIS_URL"]
+    assert env["FLYSWARM_SESSION_TOKEN"].startswith("fst_c1_")
+    assert not any(k.startswith("FLYSWARM_REDIS") for k in env) and "redis://" not in str(machine.config)
     assert "test-fly-token-0123" not in str(machine.config)
 
 
@@ -223,14 +222,6 @@ async def test_destroys_beyond_the_per_pass_budget_wait_for_the_next_pass(world:
     assert await executor.apply(DestroyMachine("b2", second, force=True)) == Done()
 
 
-def test_agent_redis_url_carries_the_sessions_credentials_and_never_the_controllers() -> None:
-    creds = SessionCredentials(username="fs-session-a", password="p@ss/word")
-    url = agent_redis_url("redis://:controller-secret@10.0.0.5:6380/2", creds)
-    assert url == "redis://fs-session-a:p%40ss%2Fword@10.0.0.5:6380/2"
-    assert "controller-secret" not in agent_redis_url("redis://admin:controller-secret@h:6379/0", None)
-    assert agent_redis_url("rediss://admin:controller-secret@h:6379/0", None) == "rediss://h:6379/0"
-
-
 def _pid(world: World, machine_id: str) -> int:
     process = world.emulator.machines[machine_id].process
     assert process is not None
@@ -261,3 +252,27 @@ def test_create_pacer_hands_out_slots_at_the_create_rate_first_come_first_served
     assert pacer.admit("s3") == 0.0
     assert pacer.admit("s4") == pytest.approx(1.0)
     assert CreatePacer(None).admit("any") == 0.0
+
+
+async def test_each_launch_gets_a_fresh_gateway_token_and_a_finished_session_loses_it(
+    world: World, redis_client: aioredis.Redis
+) -> None:
+    """The machine's one credential is the launch's session token; a new launch replaces it; a
+    finished session's token is revoked."""
+    from api import keys
+    from api.session_token import digest_matches
+
+    executor = make_executor(world)
+    machine_id = await started_machine(world, executor, "tok")
+    token = world.emulator.machines[machine_id].config["env"]["FLYSWARM_SESSION_TOKEN"]
+    assert token.startswith("fst_tok_")
+    assert digest_matches(token, await redis_client.get(keys.session_token("tok")))
+
+    session = await world.store.get("tok")
+    assert session is not None
+    assert await executor.apply(CreateMachine("tok", "l2", "fra"), session=session) == Done()
+    assert not digest_matches(token, await redis_client.get(keys.session_token("tok"))), "old token lives"
+
+    finished = session.status.model_copy(update={"phase": Phase.SUCCEEDED, "reason": "Completed"})
+    assert await executor.apply(SetStatus("tok", finished)) == Done()
+    assert await redis_client.get(keys.session_token("tok")) is None

@@ -21,13 +21,15 @@ from controller.settings import ControllerSettings
 
 FLY_TOKEN = "FlyV1 fm2_super-secret-fly-token"
 CONTROLLER_REDIS_PASSWORD = "controller-redis-pw-123"
-SESSION_URL = "redis://fs-session-s1:per-session-pw@10.0.0.5:6379/0"
+TOKEN = "fst_s1_" + "5e" * 32
+CONTROL_URL = "http://flyswarm-gateway.internal:8082"
 
 
 def make_settings(**overrides: Any) -> ControllerSettings:
     values: dict[str, Any] = {
         "redis_url": f"redis://default:{CONTROLLER_REDIS_PASSWORD}@127.0.0.1:6379/0",
         "fly_api_token": FLY_TOKEN,
+        "agent_gateway_url": CONTROL_URL,
         **overrides,
     }
     return ControllerSettings(_env_file=None, **values)  # type: ignore[call-arg]
@@ -43,7 +45,7 @@ def build(session: Session | None = None, **kw: Any) -> dict[str, Any]:
         session or make_session(),
         kw.pop("settings", None) or make_settings(),
         launch_id=kw.pop("launch_id", "g1r0-abc"),
-        credentials_url=kw.pop("credentials_url", SESSION_URL),
+        session_token=kw.pop("session_token", TOKEN),
         **kw,
     )
 
@@ -75,11 +77,12 @@ def test_region_override_is_used_for_fallback() -> None:
     assert build(region="iad")["region"] == "iad"
 
 
-def test_agent_env_names_session_redis_and_heartbeat_and_keeps_spec_env() -> None:
+def test_agent_env_names_session_control_plane_token_and_heartbeat_and_keeps_spec_env() -> None:
     env = build(make_session(machine={"env": {"GIT_AUTHOR_NAME": "bot"}}))["config"]["env"]
     assert env["FLYSWARM_SESSION_ID"] == "s1"
     assert env["FLYSWARM_LAUNCH_ID"] == "g1r0-abc"
-    assert env["FLYSWARM_REDIS_URL"] == SESSION_URL
+    assert env["FLYSWARM_CONTROL_URL"] == CONTROL_URL
+    assert env["FLYSWARM_SESSION_TOKEN"] == TOKEN
     assert env["FLYSWARM_HEARTBEAT_TTL_SECONDS"] == "30"
     assert float(env["FLYSWARM_HEARTBEAT_INTERVAL_SECONDS"]) < float(env["FLYSWARM_HEARTBEAT_TTL_SECONDS"])
     assert float(env["FLYSWARM_STOP_TIMEOUT_SECONDS"]) < 30
@@ -104,12 +107,17 @@ def test_no_controller_secret_reaches_the_machine() -> None:
     assert CONTROLLER_REDIS_PASSWORD not in text
     assert "ANTHROPIC_API_KEY" not in text
     assert "FLY_API_TOKEN" not in text
+    assert "redis" not in text.lower()  # no Redis address, no Redis credential: the agent has none
+
+
+def test_refuses_to_build_a_config_that_would_hand_a_machine_a_redis_address() -> None:
+    with pytest.raises(ValueError, match="Redis address"):
+        build(make_session(machine={"env": {"CACHE": "redis://10.0.0.5:6379/0"}}))
 
 
 def test_refuses_to_build_a_config_that_would_leak_the_controller_redis_password() -> None:
-    leaking = f"redis://default:{CONTROLLER_REDIS_PASSWORD}@127.0.0.1:6379/0"
     with pytest.raises(ValueError, match="controller secret"):
-        build(credentials_url=leaking)
+        build(make_session(machine={"env": {"PW": CONTROLLER_REDIS_PASSWORD}}))
 
 
 def test_refuses_a_spec_env_value_that_carries_the_fly_token() -> None:
@@ -117,9 +125,8 @@ def test_refuses_a_spec_env_value_that_carries_the_fly_token() -> None:
         build(make_session(machine={"env": {"SOMETHING": FLY_TOKEN}}))
 
 
-def test_controller_secrets_include_agent_redis_url_password() -> None:
-    settings = make_settings(agent_redis_url="redis://default:other-agent-pw@fly-redis.internal:6379")
-    assert set(controller_secrets(settings)) == {FLY_TOKEN, CONTROLLER_REDIS_PASSWORD, "other-agent-pw"}
+def test_controller_secrets_are_the_fly_token_and_the_redis_password() -> None:
+    assert set(controller_secrets(make_settings())) == {FLY_TOKEN, CONTROLLER_REDIS_PASSWORD}
 
 
 def test_machine_names_are_unique_per_launch_and_bounded() -> None:
@@ -138,6 +145,11 @@ def test_body_is_a_valid_fly_create_request() -> None:
 
 def test_builder_gives_the_executor_a_typed_config() -> None:
     builder = MachineConfigBuilder(make_settings())
-    config = builder(make_session("chat"), launch_id="g1r0-abc", region="fra", redis_url=SESSION_URL)
+    config = builder(make_session("chat"), launch_id="g1r0-abc", region="fra", session_token=TOKEN)
     assert isinstance(config, MachineConfig)
-    assert config.auto_destroy is False and (config.env or {})["FLYSWARM_REDIS_URL"] == SESSION_URL
+    assert config.auto_destroy is False and (config.env or {})["FLYSWARM_SESSION_TOKEN"] == TOKEN
+
+
+def test_the_builder_refuses_a_launch_without_a_session_token() -> None:
+    with pytest.raises(ValueError, match="session token"):
+        MachineConfigBuilder(make_settings())(make_session(), launch_id="g1r0-abc", region="fra")

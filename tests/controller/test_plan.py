@@ -24,6 +24,7 @@ from api.models import (
     Session,
     SessionSpec,
     SessionStatus,
+    SessionUsage,
 )
 from controller.actions import (
     Action,
@@ -659,6 +660,18 @@ def test_budget_exceeded_fails_session() -> None:
     status = status_of(actions)
     assert status is not None and status.phase is Phase.FAILED and status.reason == "BudgetExceeded"
     assert len(of_type(actions, StopMachine)) == 1
+
+
+def test_the_gateways_metered_spend_and_label_budgets_fail_the_session_as_budget_exceeded() -> None:
+    # The gateway refused the request, so the CLI's turn failed and the agent reported an error:
+    # the budget, not the error, is why the session ends.
+    errored = AgentReport(state="error", costUsd=0.01)
+    over = make_session(agent=errored, maxCostUsd=2.0).model_copy(update={"usage": SessionUsage(costUsd=2.1)})
+    label = make_session(agent=errored).model_copy(update={"usage": SessionUsage(budgetExceeded="ios-daily")})
+    for session in (over, label):
+        status = status_of(run(session, [make_machine()], beat(2)))
+        assert status is not None and status.phase is Phase.FAILED and status.reason == "BudgetExceeded"
+    assert "ios-daily" in (status.message or "")
 
 
 def test_finished_session_keeps_record_until_ttl() -> None:

@@ -8,7 +8,7 @@ from controller.settings import ControllerSettings, PlanSettings
 
 
 def test_defaults_match_the_documented_values(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("REDIS_URL", "FLY_APP_NAME", "FLYSWARM_RESYNC_SECONDS", "FLYSWARM_AGENT_REDIS_URL"):
+    for name in ("REDIS_URL", "FLY_APP_NAME", "FLYSWARM_RESYNC_SECONDS"):
         monkeypatch.delenv(name, raising=False)
     settings = ControllerSettings(_env_file=None)  # type: ignore[call-arg]
     assert settings.fly_app_name == "flyswarm-agents"
@@ -30,12 +30,10 @@ def test_reads_seed_and_prefixed_names_from_the_environment(monkeypatch: pytest.
     monkeypatch.setenv("FLY_APP_NAME", "my-agents")
     monkeypatch.setenv("FLYSWARM_RESYNC_SECONDS", "5")
     monkeypatch.setenv("FLYSWARM_MAX_DESTROYS_PER_PASS", "3")
-    monkeypatch.delenv("FLYSWARM_AGENT_REDIS_URL", raising=False)
     settings = ControllerSettings(_env_file=None)  # type: ignore[call-arg]
     assert settings.fly_app_name == "my-agents"
     assert settings.resync_seconds == 5 and settings.max_destroys_per_pass == 3
-    assert settings.agent_redis_url is not None
-    assert settings.agent_redis_url.get_secret_value() == "redis://:pw-from-env@10.0.0.1:6379/0"
+    assert settings.redis_url.get_secret_value() == "redis://:pw-from-env@10.0.0.1:6379/0"
     assert "pw-from-env" not in repr(settings) and "fly-token-from-env" not in repr(settings)
     assert settings.plan_settings().resync_seconds == 5
 

@@ -35,6 +35,7 @@ from local.emulator import EmulatorSettings, create_app, emulator_state
 from local.emulator_faults import FaultSettings
 from local.emulator_state import EmulatorState
 from local.redis_server import free_port
+from tests.gateway.conftest import start_gateway
 from tests.store import Store
 
 APP = "flyswarm-agents-test"
@@ -111,13 +112,16 @@ class World:
     fly_url: str
     fly: FlyClient
     http: httpx.AsyncClient
+    gateway_url: str = "http://127.0.0.1:9"
     controllers: list[RunningController] = field(default_factory=list)
     finished_seen: dict[str, Phase] = field(default_factory=dict)
 
     # -- controllers ------------------------------------------------------------------------------
 
     def settings(self, **overrides: Any) -> ControllerSettings:
-        return fast_settings(self.redis_url, self.fly_url, **overrides)
+        return fast_settings(
+            self.redis_url, self.fly_url, **{"agent_gateway_url": self.gateway_url, **overrides}
+        )
 
     async def start_controller(self, **overrides: Any) -> RunningController:
         settings = self.settings(**overrides)
@@ -293,10 +297,13 @@ async def make_world(
     fly = FlyClient(FlyClientConfig(app_name=APP, api_token="test-fly-token-0123", base_url=fly_url))
     http = httpx.AsyncClient(base_url=fly_url)
     store = Store.from_url(redis_url)
-    world = World(redis_url, redis_client, store, state, fly_url, fly, http)
+    # The machines' heartbeat agents reach their sessions' state through the gateway's agent channel.
+    gateway = start_gateway(redis_url=redis_url, upstream_url="http://127.0.0.1:9")
+    world = World(redis_url, redis_client, store, state, fly_url, fly, http, gateway_url=gateway.url)
     try:
         yield world
     finally:
+        gateway.stop()
         for running in world.controllers:
             if not running.task.done():
                 running.stop.set()

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from local.redis_server import free_port
-from local.stack import DUMMY_ANTHROPIC_KEY, MARKER_ENV, Stack, StackConfig, StackError, marked_processes
+from local.stack import MARKER_ENV, Stack, StackConfig, StackError, marked_processes
 
 
 def _config(tmp_path: Path, **env: str) -> StackConfig:
@@ -30,6 +30,7 @@ def test_every_default_can_be_moved_by_the_environment(tmp_path: Path) -> None:
         FLYSWARM_MODEL_PORT="1003",
         PORT="1004",
         FLYSWARM_CONTROLLER_PORT="1005",
+        FLYSWARM_GATEWAY_PORT="1006",
         FLY_APP_NAME="my-agents",
         FLY_AGENT_IMAGE="my-image",
         FLYSWARM_UP_TIMEOUT="90s",
@@ -45,6 +46,7 @@ def test_every_default_can_be_moved_by_the_environment(tmp_path: Path) -> None:
         config.controller_port,
     )
     assert ports == (1001, 1002, 1003, 1004, 1005)
+    assert config.gateway_url == "http://127.0.0.1:1006"
     assert (config.app_name, config.agent_image) == ("my-agents", "my-image")
     assert (config.ready_timeout, config.stop_timeout) == (90.0, 3.0)
     assert config.api_url == "http://127.0.0.1:1004"
@@ -57,10 +59,11 @@ def test_defaults_are_the_documented_ones(tmp_path: Path) -> None:
         config.redis_port,
         config.emulator_port,
         config.model_port,
+        config.gateway_port,
         config.api_port,
         config.controller_port,
     )
-    assert ports == (6399, 4280, 4281, 8080, 9090)
+    assert ports == (6399, 4280, 4281, 8082, 8080, 9090)
     assert (config.app_name, config.agent_image, config.uses_model) == (
         "flyswarm-agents",
         "flyswarm-agent",
@@ -80,13 +83,21 @@ def test_without_a_key_the_agents_use_the_scripted_model(tmp_path: Path) -> None
     components = stack.components()
 
     assert "model" in components
-    assert secrets["ANTHROPIC_BASE_URL"] == "http://127.0.0.1:4281"
-    assert secrets["ANTHROPIC_API_KEY"] == DUMMY_ANTHROPIC_KEY
+    # The agents call the gateway and hold no Anthropic key; the gateway forwards to the model with
+    # the one key the model accepts.
+    # (the controller gives each machine the gateway's address and its session's token).
+    assert components["controller"].env["FLYSWARM_AGENT_GATEWAY_URL"] == "http://127.0.0.1:8082"
+    assert "ANTHROPIC_API_KEY" not in secrets and not any("redis" in v for v in secrets.values())
+    gateway = components["gateway"].env
+    assert gateway["FLYSWARM_GATEWAY_UPSTREAM_URL"] == "http://127.0.0.1:4281"
+    assert (
+        gateway["ANTHROPIC_API_KEY"] == components["model"].env["FLYSWARM_MODEL_API_KEY"] == stack.model_key()
+    )
     assert secrets[MARKER_ENV] == str(stack.root)
     assert secrets["FLYSWARM_WORK_ROOT"] == str(stack.root / "sessions")
 
 
-def test_with_a_key_the_key_is_an_app_secret_and_reaches_no_other_component(tmp_path: Path) -> None:
+def test_with_a_key_only_the_gateway_holds_it(tmp_path: Path) -> None:
     key = "sk-ant-real-key-123456"
     environ = {
         "ANTHROPIC_API_KEY": key,
@@ -99,10 +110,13 @@ def test_with_a_key_the_key_is_an_app_secret_and_reaches_no_other_component(tmp_
     components = stack.components()
 
     assert "model" not in components
-    assert secrets["ANTHROPIC_API_KEY"] == key and "ANTHROPIC_BASE_URL" not in secrets
+    assert "ANTHROPIC_API_KEY" not in secrets
+    assert components["controller"].env["FLYSWARM_AGENT_GATEWAY_URL"] == "http://127.0.0.1:8082"
+    assert components["gateway"].env["ANTHROPIC_API_KEY"] == key
+    assert "FLYSWARM_GATEWAY_UPSTREAM_URL" not in components["gateway"].env  # the real API, by default
     for component in components.values():
         assert all(key not in arg for arg in component.argv), component.name
-        if component.name != "emulator":
+        if component.name != "gateway":
             assert key not in component.env.values(), component.name
         # The operator's real Fly token never reaches the local stack; the controller gets the local one.
         assert "fly-real-token-999" not in component.env.values(), component.name
