@@ -20,14 +20,10 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Self, TypeVar
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff
-
 from api import keys
 from api.models import TERMINAL_PHASES, InboxMessage, SessionEvent
 from api.store_agent import AgentStore
-from api.store_base import is_cluster_url, redis_client, unavailable_on_redis_error
+from api.store_base import unavailable_on_redis_error
 
 T = TypeVar("T")
 
@@ -48,36 +44,34 @@ class Admission:
         return self.phase in TERMINAL_PHASES
 
 
+#: Command connections of the channel's store, and its blocking-read connections (the inbox hub).
+CHANNEL_POOL_SIZE = 64
+CHANNEL_BLOCKING_POOL_SIZE = 2
+
+
 class ChannelStore(AgentStore):
     """Async access for the agent channel of the gateway. One instance per process."""
 
     @classmethod
     def connect(
-        cls, url: str, *, socket_timeout: float = 5.0, max_connections: int = 64, retries: int = 2
+        cls,
+        url: str,
+        *,
+        socket_timeout: float = 5.0,
+        max_connections: int = CHANNEL_POOL_SIZE,
+        retries: int = 2,
     ) -> Self:
-        """A store on a *bounded* pool: a burst of thousands of agents' requests queues for at most
-        ``max_connections`` connections (waiting up to ``socket_timeout``) instead of opening one
-        each. The inbox hub's one blocking read takes one of them.
-
-        A cluster URL (``redis+cluster://``) gives a cluster client, ``max_connections`` per node.
-        """
-        if is_cluster_url(url):
-            return cls(
-                redis_client(
-                    url, socket_timeout=socket_timeout, retries=retries, max_connections=max_connections
-                )
-            )
-        pool = aioredis.BlockingConnectionPool.from_url(
+        """A store on *bounded* pools: a burst of thousands of agents' requests queues for at most
+        ``max_connections`` command connections (waiting up to ``socket_timeout``) instead of
+        opening one each; the inbox hub's multiplexed blocking read has its own small pool."""
+        return cls.from_url(
             url,
-            decode_responses=True,
             socket_timeout=socket_timeout,
-            socket_connect_timeout=min(2.0, socket_timeout),
-            health_check_interval=15,
-            max_connections=max_connections,
-            timeout=socket_timeout,
-            retry=Retry(ExponentialWithJitterBackoff(cap=0.2, base=0.02), retries) if retries else None,
+            retries=retries,
+            pool_size=max_connections,
+            pool_timeout=socket_timeout,
+            blocking_pool_size=CHANNEL_BLOCKING_POOL_SIZE,
         )
-        return cls(aioredis.Redis.from_pool(pool))  # from_pool: close() closes the pool too
 
     @unavailable_on_redis_error
     async def admission(self, session_id: str) -> Admission:

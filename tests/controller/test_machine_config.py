@@ -148,8 +148,3 @@ def test_builder_gives_the_executor_a_typed_config() -> None:
     config = builder(make_session("chat"), launch_id="g1r0-abc", region="fra", session_token=TOKEN)
     assert isinstance(config, MachineConfig)
     assert config.auto_destroy is False and (config.env or {})["FLYSWARM_SESSION_TOKEN"] == TOKEN
-
-
-def test_the_builder_refuses_a_launch_without_a_session_token() -> None:
-    with pytest.raises(ValueError, match="session token"):
-        MachineConfigBuilder(make_settings())(make_session(), launch_id="g1r0-abc", region="fra")

@@ -138,6 +138,7 @@ def _controller_process(
         "FLYSWARM_CONTROLLER_ID": controller_id,
         "FLYSWARM_CONTROLLER_PORT": str(settings.controller_port),
         "FLYSWARM_LEADER_LEASE_SECONDS": str(lease),
+        "FLYSWARM_AGENT_GATEWAY_URL": world.gateway_url,
         "LOG_LEVEL": "info",
     }
     for name in (
