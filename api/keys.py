@@ -4,8 +4,10 @@ Per-session keys carry the hash tag ``{<id>}`` so all of one session's keys live
 slot (atomic scripts and MULTI stay within a slot). Only the control plane reaches Redis: agents
 reach their session's state through the gateway's channel, with a per-session token.
 
-Global keys (the change feed, the listing index, the leader lease) are few and are never written
-in the same transaction as another session's keys.
+Global keys (the change feed, the listing index, the credentials record) are few and are never
+written in the same command or script as a session's keys, so nothing spans two slots on a Redis
+Cluster (:mod:`api.store` explains the order of the separate writes). The leader lease and its
+fence counter share the hash tag ``{leader}``: the script that takes the lease touches both.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ PREFIX = "fs"
 # -- global ---------------------------------------------------------------------------------------
 CHANGES = f"{PREFIX}:changes"  # stream: the change feed (capped); wakes the controller early
 INDEX = f"{PREFIX}:sessions"  # zset, score 0: every session id, for lexicographic cursor paging
-LEADER = f"{PREFIX}:leader"  # string with TTL: the controller leader lease (holder id + token)
-LEADER_FENCE = f"{PREFIX}:leader:fence"  # counter: monotonically increasing fencing tokens
+LEADER = f"{PREFIX}:{{leader}}"  # string with TTL: the controller leader lease (holder id + token)
+LEADER_FENCE = f"{PREFIX}:{{leader}}:fence"  # counter: monotonically increasing fencing tokens
 #: zset: controller replica id -> expiry (Redis server time, ms); who shares the shards (see below)
 CONTROLLER_MEMBERS = f"{PREFIX}:controller:members"
 CONTROLLER_SEEN = f"{PREFIX}:controller:seen"  # hash: controller id -> last pass time (for status)
@@ -121,6 +123,11 @@ def session_registry(session_id: str) -> str:
     Every writer that creates such a key adds its name here in the same transaction.
     """
     return f"{_tag(session_id)}:keys"
+
+
+def session_fence_field(fence_key: str) -> str:
+    """Field of the session hash holding the highest token of ``fence_key`` that wrote its status."""
+    return f"fence:{fence_key}"
 
 
 def session_fixed_keys(session_id: str) -> tuple[str, ...]:

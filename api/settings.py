@@ -39,7 +39,10 @@ class ApiSettings(BaseSettings):
     redis_url: SecretStr = Field(
         default=SecretStr(DEFAULT_REDIS_URL),
         validation_alias="REDIS_URL",
-        description="Redis that holds the sessions (may carry a password, so it is treated as a secret).",
+        description=(
+            "Redis that holds the sessions: `redis://` (one node) or `redis+cluster://` (a Redis "
+            "Cluster; any node as the seed). May carry a password, so it is treated as a secret."
+        ),
     )
     redis_timeout_seconds: float = Field(
         default=5.0,

@@ -4,19 +4,32 @@ others).
 
 Layout (names in :mod:`api.keys`): one hash per session with separate fields for each writer —
 ``meta`` (name, uid, createdAt), ``labels``, ``gen`` (generation), ``deleted`` (deletionTimestamp),
-``spec`` (user), ``status`` (controller), ``agent`` (agent). Separate fields mean a status write can
-never clobber a spec and an agent report can never clobber a status.
+``spec`` (user), ``status`` (controller), ``agent`` (agent), ``fence:*`` (the controller's fencing
+tokens). Separate fields mean a status write can never clobber a spec and an agent report can never
+clobber a status.
 
-Atomicity comes from Lua scripts that touch one session's hash plus the two global keys the API
-maintains (the listing index and the change feed):
+**What is atomic: one session.** Lua scripts touch only one session's hash (one hash slot), so
+they run unchanged on a single node and on Redis Cluster:
 
 * ``apply``: create-or-get (POST) and create-or-update (PUT) in one step; ``generation`` is bumped
-  only when the canonical spec JSON really changes; a change-feed entry is appended in the same step.
+  only when the canonical spec JSON really changes.
 * ``delete``: sets ``deletionTimestamp`` once; the controller finalizes (machines, then the keys).
 
-On Redis Cluster the index and the change feed live in other slots than a session's keys; the
-scripts would then have to be split (feed entry after the write). Single Redis (with AOF) is the
-supported deployment today; the per-session hash tags are there so the split stays small.
+**The global structures are written around that step, in an order a crash cannot hurt.** The
+listing index (:data:`api.keys.INDEX`) and the change feed (:data:`api.keys.CHANGES`) live in other
+slots, so they are separate commands:
+
+1. ``ZADD`` the id to the index *before* the script creates the hash. A crash right after leaves
+   an index entry without a session: every reader skips ids whose hash is missing, and the
+   controller's resync drops them (``ControllerStore.all_sessions``). The reverse order could
+   leave a session no index names, invisible to the controller for ever.
+2. The script (the session itself).
+3. After a creation, ``ZADD`` again, with the change-feed entry. The second ``ZADD`` closes a race
+   with a removal of the same id in flight: whoever drops an id from the index (removal, resync)
+   checks afterwards whether the hash exists and puts the id back if so, and the creator adds it
+   after creating; whichever runs last, a live session stays indexed.
+4. The change feed only wakes the controller early (its resync is the truth), so a crash before
+   the ``XADD`` costs a wake-up, never a change.
 """
 
 from __future__ import annotations
@@ -77,19 +90,17 @@ def decode_cursor(cursor: str) -> str:
     return raw[3:]
 
 
-# KEYS: session hash, index, changes. ARGV: id, meta, labels, spec, status, maxlen, mode.
+# KEYS: session hash. ARGV: meta, labels, spec, status, mode.
 # mode: "create" (create-or-get), "apply" (create-or-update), "update" (update only).
 _APPLY_LUA = """
 local exists = redis.call('EXISTS', KEYS[1])
 if exists == 0 then
-  if ARGV[7] == 'update' then return {'missing'} end
-  redis.call('HSET', KEYS[1], 'meta', ARGV[2], 'labels', ARGV[3], 'spec', ARGV[4])
-  redis.call('HSET', KEYS[1], 'status', ARGV[5], 'gen', 1)
-  redis.call('ZADD', KEYS[2], 0, ARGV[1])
-  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', 'id', ARGV[1], 'kind', 'created')
+  if ARGV[5] == 'update' then return {'missing'} end
+  redis.call('HSET', KEYS[1], 'meta', ARGV[1], 'labels', ARGV[2], 'spec', ARGV[3])
+  redis.call('HSET', KEYS[1], 'status', ARGV[4], 'gen', 1)
   return {'created'}
 end
-if ARGV[7] == 'create' then
+if ARGV[5] == 'create' then
   return {'exists', redis.call('HGETALL', KEYS[1])}
 end
 if redis.call('HEXISTS', KEYS[1], 'deleted') == 1 then
@@ -97,10 +108,10 @@ if redis.call('HEXISTS', KEYS[1], 'deleted') == 1 then
 end
 local result = 'unchanged'
 local current = redis.call('HGET', KEYS[1], 'spec')
-if current ~= ARGV[4] then
+if current ~= ARGV[3] then
   -- Checked here, inside the atomic step, so two racing applies cannot slip past them:
   -- spec.mode is immutable, and a finished session's spec is frozen.
-  local new_mode = cjson.decode(ARGV[4])['mode']
+  local new_mode = cjson.decode(ARGV[3])['mode']
   if cjson.decode(current)['mode'] ~= new_mode then
     return {'mode_conflict', redis.call('HGETALL', KEYS[1])}
   end
@@ -118,28 +129,26 @@ if current ~= ARGV[4] then
       return {'finished', redis.call('HGETALL', KEYS[1])}
     end
   end
-  redis.call('HSET', KEYS[1], 'spec', ARGV[4])
+  redis.call('HSET', KEYS[1], 'spec', ARGV[3])
   redis.call('HINCRBY', KEYS[1], 'gen', 1)
   result = 'configured'
 end
-if redis.call('HGET', KEYS[1], 'labels') ~= ARGV[3] then
-  redis.call('HSET', KEYS[1], 'labels', ARGV[3])
+if redis.call('HGET', KEYS[1], 'labels') ~= ARGV[2] then
+  redis.call('HSET', KEYS[1], 'labels', ARGV[2])
   result = 'configured'
-end
-if result == 'configured' then
-  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', 'id', ARGV[1], 'kind', 'updated')
 end
 return {result, redis.call('HGETALL', KEYS[1])}
 """
 
-# KEYS: session hash, changes. ARGV: id, timestamp, maxlen.
+# KEYS: session hash. ARGV: timestamp. 'marked' when this call set the timestamp, 'ok' when set before.
 _DELETE_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'missing'} end
+local result = 'ok'
 if redis.call('HEXISTS', KEYS[1], 'deleted') == 0 then
-  redis.call('HSET', KEYS[1], 'deleted', ARGV[2])
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'id', ARGV[1], 'kind', 'deleted')
+  redis.call('HSET', KEYS[1], 'deleted', ARGV[1])
+  result = 'marked'
 end
-return {'ok', redis.call('HGETALL', KEYS[1])}
+return {result, redis.call('HGETALL', KEYS[1])}
 """
 
 
@@ -190,19 +199,32 @@ class ApiStore(SessionIndexReads):
         uid = session.metadata.uid or str(uuid.uuid4())
         created_at = session.metadata.createdAt or utcnow()
         meta = {"name": session.metadata.name, "uid": uid, "createdAt": created_at.isoformat()}
+        if mode != "update":
+            # Step 1 of the module docstring: the index entry before the session it names.
+            await self._redis.zadd(keys.INDEX, {session.id: 0})
         reply = await self._apply(
-            keys=[keys.session(session.id), keys.INDEX, keys.CHANGES],
+            keys=[keys.session(session.id)],
             args=[
-                session.id,
                 json.dumps(meta),
                 canonical_labels(session.metadata.labels),
                 canonical_spec(session.spec),
                 SessionStatus().model_dump_json(),
-                self.changes_maxlen,
                 mode,
             ],
         )
         result: ApplyResult = reply[0]
+        if result in ("created", "configured"):
+            # Steps 3 and 4: the index again (a racing removal may have dropped it), the feed entry.
+            async with self._redis.pipeline(transaction=False) as pipe:
+                if result == "created":
+                    pipe.zadd(keys.INDEX, {session.id: 0})
+                pipe.xadd(
+                    keys.CHANGES,
+                    {"id": session.id, "kind": "created" if result == "created" else "updated"},
+                    maxlen=self.changes_maxlen,
+                    approximate=True,
+                )
+                await pipe.execute()
         if result == "created":
             # What was just written, without reading it back (the hottest path of POST /sessions).
             metadata = session.metadata.model_copy(
@@ -279,12 +301,18 @@ class ApiStore(SessionIndexReads):
     @unavailable_on_redis_error
     async def mark_deleted(self, session_id: str) -> Session | None:
         """Set ``deletionTimestamp``; the controller finalizes (destroys machines, then removes)."""
-        reply = await self._delete(
-            keys=[keys.session(session_id), keys.CHANGES],
-            args=[session_id, utcnow().isoformat(), self.changes_maxlen],
-        )
+        reply = await self._delete(keys=[keys.session(session_id)], args=[utcnow().isoformat()])
         if reply[0] == "missing":
             return None
+        if reply[0] == "marked":
+            # After the mark, a separate command (another slot): a crash in between costs only the
+            # early wake-up; the controller's resync sees the deletionTimestamp anyway.
+            await self._redis.xadd(
+                keys.CHANGES,
+                {"id": session_id, "kind": "deleted"},
+                maxlen=self.changes_maxlen,
+                approximate=True,
+            )
         return session_from_hash(flat_to_dict(reply[1]))
 
     @unavailable_on_redis_error
@@ -323,19 +351,23 @@ class ApiStore(SessionIndexReads):
         """One blocking XREAD over many sessions' event streams: ``{session id: last id seen}`` in,
         ``{session id: events after it}`` out (sessions without new events are left out).
 
-        Runs on the blocking pool: this is how one API reader serves every follower of many sessions.
+        Runs on the blocking pool: this is how one API reader serves every follower of many sessions
+        (on a cluster, a pipelined poll instead: :meth:`StoreBase._read_streams`).
         """
         by_key = {keys.events(sid): sid for sid in cursors}
-        reply = await self._blocking.xread(
-            {keys.events(sid): last for sid, last in cursors.items()}, count=count, block=block_ms
+        found = await self._read_streams(
+            {keys.events(sid): last for sid, last in cursors.items()},
+            count=count,
+            block_ms=block_ms,
+            client=self._blocking,
         )
-        found: dict[str, builtins.list[StoredEvent]] = {}
-        for stream, entries in reply or []:
-            found[by_key[str(stream)]] = [
+        return {
+            by_key[stream]: [
                 StoredEvent(id=str(eid), event=SessionEvent.model_validate_json(fields["e"]))
                 for eid, fields in entries
             ]
-        return found
+            for stream, entries in found
+        }
 
     @unavailable_on_redis_error
     async def send_message(self, session_id: str, text: str) -> InboxMessage:

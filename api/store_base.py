@@ -12,6 +12,10 @@ own store class on top of :class:`StoreBase`, with exactly the operations that r
 * :class:`api.store_agent.AgentStore` — the agent in a machine, connected as its session's ACL user:
   its own session read, its report, heartbeat, events, inbox and transcripts.
 
+Every store runs on one Redis node or on a Redis Cluster alike (:func:`redis_client` picks the
+client from the URL's scheme): no command, transaction or script of any role spans two hash slots;
+:mod:`api.store` explains how the writes that must touch global keys are ordered instead.
+
 The Redis client is private (``_redis``): code outside the store asks a store method, so every key
 name stays in :mod:`api.keys` and every Redis error surfaces as :class:`StoreUnavailable` (503 for
 callers, never "gone").
@@ -19,10 +23,13 @@ callers, never "gone").
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
+import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, ParamSpec, Self, TypeVar
+from typing import Any, ParamSpec, Self, TypeVar, cast
+from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
@@ -47,6 +54,12 @@ from api.store_pools import (
 P = ParamSpec("P")
 T = TypeVar("T")
 
+#: URL schemes that name a Redis Cluster, and the plain scheme each stands for.
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+
+#: How often a multi-stream read on a cluster looks again (see ``StoreBase._read_streams``).
+CLUSTER_POLL_SECONDS = 0.1
+
 DEFAULT_CHANGES_MAXLEN = 100_000
 DEFAULT_EVENTS_MAXLEN = 2_000
 DEFAULT_INBOX_MAXLEN = 10_000
@@ -67,8 +80,57 @@ def unavailable_on_redis_error(func: Callable[P, Awaitable[T]]) -> Callable[P, A
             raise StoreUnavailable("redis is unreachable") from exc
         except redis_errors.BusyLoadingError as exc:
             raise StoreUnavailable("redis is loading its data set") from exc
+        except (
+            redis_errors.ClusterError,
+            redis_errors.TryAgainError,
+            redis_errors.ReadOnlyError,
+            redis_errors.SlotNotCoveredError,
+        ) as exc:
+            # A cluster mid-failover: a slot without a master, a node still read-only, a resharding
+            # in progress. An outage like any other: 503 now, healed once the cluster settles.
+            raise StoreUnavailable(f"redis cluster is not ready: {type(exc).__name__}") from exc
 
     return wrapper
+
+
+def is_cluster_url(url: str) -> bool:
+    """Whether ``url`` names a Redis Cluster: the scheme is ``redis+cluster`` or ``rediss+cluster``."""
+    return urlsplit(url).scheme in CLUSTER_SCHEMES
+
+
+def redis_client(
+    url: str,
+    *,
+    socket_timeout: float = 5.0,
+    connect_timeout: float = 2.0,
+    retries: int = 0,
+    max_connections: int | None = None,
+) -> aioredis.Redis:
+    """A client for ``url``: one node (``redis://``, ``rediss://``) or a cluster (``redis+cluster://``).
+
+    One setting picks the topology: a cluster URL names any one node (a seed); the client learns
+    the others from it (``CLUSTER SLOTS``) and follows ``MOVED`` and failovers by itself. Cluster
+    nodes only have database 0, so a cluster URL takes no database path. Typed as ``Redis`` because
+    both clients offer the same command methods; :attr:`StoreBase.cluster` tells them apart.
+    """
+    parts = urlsplit(url)
+    common: dict[str, Any] = {
+        "decode_responses": True,
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": min(connect_timeout, socket_timeout),
+        "health_check_interval": 15,
+    }
+    if max_connections is not None:
+        common["max_connections"] = max_connections
+    if parts.scheme in CLUSTER_SCHEMES:
+        plain = urlunsplit((CLUSTER_SCHEMES[parts.scheme], parts.netloc, "", parts.query, ""))
+        backoff = ExponentialWithJitterBackoff(cap=0.5, base=0.05)
+        # At least a few attempts even when ``retries`` is 0: the cluster client uses them to
+        # re-learn the topology after a MOVED or a failover, not only to absorb blips.
+        cluster: Any = aioredis.RedisCluster.from_url(plain, retry=Retry(backoff, max(retries, 3)), **common)
+        return cast(aioredis.Redis, cluster)
+    retry = Retry(ExponentialWithJitterBackoff(cap=0.2, base=0.02), retries) if retries else None
+    return aioredis.Redis.from_url(url, retry=retry, **common)
 
 
 def canonical_spec(spec: SessionSpec) -> str:
@@ -143,7 +205,27 @@ class StoreBase:
 
         ``retries`` > 0 retries a command on connection errors with a short jittered backoff
         (capped at 0.2 s) so a blip is absorbed while an outage still fails fast (503, not a hang).
+
+        A cluster URL (see :func:`redis_client`) gives two cluster clients instead, sized per node
+        (``pool_size`` / ``blocking_pool_size`` connections to each node); redis-py's cluster pools
+        do not wait for a free connection, so a full one fails the call at once (503), and they
+        are not metered (:meth:`pool_stats` is empty).
         """
+        if is_cluster_url(url):
+            commands_client = redis_client(
+                url,
+                socket_timeout=socket_timeout,
+                connect_timeout=connect_timeout,
+                retries=retries,
+                max_connections=pool_size,
+            )
+            blocking_client = redis_client(
+                url,
+                socket_timeout=socket_timeout,
+                connect_timeout=connect_timeout,
+                max_connections=blocking_pool_size,
+            )
+            return cls(commands_client, blocking=blocking_client, **kwargs)
         options: dict[str, Any] = {
             "decode_responses": True,
             "socket_timeout": socket_timeout,
@@ -162,6 +244,11 @@ class StoreBase:
         commands.pool_name, blocking.pool_name = "commands", "blocking"
         return cls(aioredis.Redis.from_pool(commands), blocking=aioredis.Redis.from_pool(blocking), **kwargs)
 
+    @property
+    def cluster(self) -> bool:
+        """Whether this store talks to a Redis Cluster (commands then never span hash slots)."""
+        return isinstance(self._redis, aioredis.RedisCluster)
+
     async def close(self) -> None:
         await self._redis.aclose()
         if self._blocking is not self._redis:
@@ -169,8 +256,42 @@ class StoreBase:
 
     def pool_stats(self) -> list[PoolStats]:
         """In use, size, waiters and total wait of each connection pool (for /metrics)."""
-        pools = {id(c.connection_pool): c.connection_pool for c in (self._redis, self._blocking)}
+        # A cluster client has one pool per node and none of its own: nothing metered to show.
+        found = [getattr(c, "connection_pool", None) for c in (self._redis, self._blocking)]
+        pools = {id(p): p for p in found if p is not None}
         return [p.stats() for p in pools.values() if isinstance(p, MeteredPool)]
+
+    async def _read_streams(
+        self, cursors: dict[str, str], *, count: int, block_ms: int, client: Any = None
+    ) -> list[tuple[str, list[Any]]]:
+        """``XREAD`` over many streams (``{key: last id seen}``): ``[(key, entries)]`` of those with news.
+
+        One node: one ``XREAD BLOCK`` on ``client`` (default: the command client). On Redis Cluster
+        one ``XREAD`` may only name streams of one hash slot, and every session's stream has a slot
+        of its own: there it is a non-blocking ``XREAD`` per stream, pipelined (one round trip per
+        node, the nodes in parallel), repeated every ``CLUSTER_POLL_SECONDS`` until something
+        arrives or ``block_ms`` has passed - one command per stream per poll, and up to one poll
+        interval later than a blocking read (README, "Redis: one node or a cluster").
+        """
+        if not self.cluster:
+            reply = await (client or self._redis).xread(cursors, count=count, block=block_ms)
+            return [(str(stream), entries) for stream, entries in reply or [] if entries]
+        deadline = time.monotonic() + block_ms / 1000
+        order = list(cursors.items())
+        while True:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for key, last in order:
+                    pipe.xread({key: last}, count=count)
+                replies = await pipe.execute()
+            found = [
+                (key, reply[0][1])
+                for (key, _), reply in zip(order, replies, strict=True)
+                if reply and reply[0][1]
+            ]
+            left = deadline - time.monotonic()
+            if found or left <= 0:
+                return found
+            await asyncio.sleep(min(CLUSTER_POLL_SECONDS, left))
 
     @unavailable_on_redis_error
     async def ping(self) -> bool:

@@ -115,12 +115,13 @@ class ChannelStore(AgentStore):
     @unavailable_on_redis_error
     async def inbox_read_many(self, cursors: dict[str, str], *, block_ms: int) -> dict[str, str]:
         """One blocking ``XREAD`` over many sessions' inboxes: ``{session id: last id seen}`` in,
-        ``{session id: newest id after it}`` out, for the sessions that got messages."""
+        ``{session id: newest id after it}`` out, for the sessions that got messages (on a cluster,
+        a pipelined poll instead: :meth:`api.store_base.StoreBase._read_streams`)."""
         by_key = {keys.inbox(sid): sid for sid in cursors}
-        reply = await self._redis.xread(
-            {keys.inbox(sid): last for sid, last in cursors.items()}, count=100, block=block_ms
+        found = await self._read_streams(
+            {keys.inbox(sid): last for sid, last in cursors.items()}, count=100, block_ms=block_ms
         )
-        return {by_key[str(stream)]: str(entries[-1][0]) for stream, entries in reply or [] if entries}
+        return {by_key[stream]: str(entries[-1][0]) for stream, entries in found}
 
 
 @unavailable_on_redis_error

@@ -8,6 +8,18 @@ minted per launch, revoked at the end); the leader lease (:class:`api.store_leas
 :mod:`controller.leader` drives); the shard leases and membership (:class:`api.store_shards.ShardLeases`,
 which :mod:`controller.shards` drives); and session removal (:class:`api.store_teardown.SessionTeardown`).
 
+**Fencing is per session** (one hash slot, so it holds on Redis Cluster). ``write_status`` takes
+``fence=(fence_key, token)`` from the lease the caller holds for the session (the leader's, or a
+shard's). The script cannot read ``fence_key`` (another slot), so the guarantee is split in two:
+
+* atomically, in the session's own hash: the field ``fence:<fence_key>`` keeps the highest token
+  that ever wrote the status; a write with a lower token is refused. Once a newer lease holder has
+  written a session, an older one never can again; tokens only grow (``INCR``);
+* just before, a plain ``GET`` of ``fence_key``: a write whose token is no longer the current one
+  is refused even when the newer holder has not written this session yet. That check and the
+  script are two commands, so it narrows the window to one round trip rather than closing it;
+  the lease itself (a holder stops acting before its lease can expire) is the first line.
+
 ``write_status`` validates the status it is given before writing it: a status built around the
 model's validation (``model_copy(update=...)``, ``model_construct``) with a phase or a reason
 outside :class:`api.models.Phase` / :class:`api.models.Reason` is refused, never stored.
@@ -25,7 +37,7 @@ import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
 
 from api import keys
-from api.models import Heartbeat, SessionStatus, utcnow
+from api.models import Heartbeat, Session, SessionStatus, utcnow
 from api.store_base import EventWrites, SessionIndexReads, StoreUnavailable, unavailable_on_redis_error
 from api.store_lease import LeaderLease
 from api.store_shards import ShardLeases
@@ -34,13 +46,16 @@ from api.store_tokens import SessionTokens
 
 StatusWrite = Literal["written", "missing", "refused", "fenced"]
 
-# KEYS: session hash [, fence key]. ARGV: status json, new phase [, fence token].
-# Returns 1 written, 0 missing, -1 refused (finished session), -2 fenced out (stale leader).
+# KEYS: session hash. ARGV: status json, new phase [, fence field, fence token].
+# Returns 1 written, 0 missing, -1 refused (finished session), -2 fenced out (a newer token wrote).
 _STATUS_LUA = """
-if #KEYS > 1 then
-  if redis.call('GET', KEYS[2]) ~= ARGV[3] then return -2 end
-end
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local token = nil
+if #ARGV > 2 then
+  token = tonumber(ARGV[4])
+  local seen = tonumber(redis.call('HGET', KEYS[1], ARGV[3]) or '0')
+  if token < seen then return -2 end
+end
 local cur = redis.call('HGET', KEYS[1], 'status')
 if cur then
   local phase = cjson.decode(cur)['phase']
@@ -48,6 +63,7 @@ if cur then
     return -1
   end
 end
+if token then redis.call('HSET', KEYS[1], ARGV[3], ARGV[4]) end
 redis.call('HSET', KEYS[1], 'status', ARGV[1])
 return 1
 """
@@ -84,17 +100,19 @@ class ControllerStore(
         """Write the controller-owned status (only the controller calls this).
 
         ``fence`` is ``(fence_key, token)``: the write happens only while that key still holds the
-        token, so a controller that lost leadership cannot write after a new leader took over.
+        token and no larger token of that key has written this session (see the module
+        docstring), so a controller that lost its lease cannot write after a newer holder.
         The status is validated first (:meth:`SessionStatus.checked`): an invalid one raises
         ``ValueError`` and nothing is written.
         """
         status = status.checked()
-        key_list = [keys.session(session_id)]
         args: list[Any] = [status.model_dump_json(), status.phase.value]
         if fence is not None:
-            key_list.append(fence[0])
-            args.append(str(fence[1]))
-        code = int(await self._status(keys=key_list, args=args))
+            fence_key, token = fence
+            if await self._redis.get(fence_key) != str(token):
+                return "fenced"
+            args += [keys.session_fence_field(fence_key), str(token)]
+        code = int(await self._status(keys=[keys.session(session_id)], args=args))
         outcomes: dict[int, StatusWrite] = {
             1: "written",
             0: "missing",
@@ -102,6 +120,40 @@ class ControllerStore(
             -2: "fenced",
         }
         return outcomes[code]
+
+    # -- the index ---------------------------------------------------------------------------------
+
+    async def all_sessions(self) -> builtins.list[Session]:
+        """Every session, in id order; index entries whose session is gone are dropped on the way.
+
+        Such entries are what a crash between the index write and the session write leaves (see
+        :mod:`api.store`); readers skip them, the controller's resync (this read) removes them.
+        """
+        ids = await self.all_ids()
+        sessions = await self.get_many(ids)
+        if len(sessions) < len(ids):
+            found = {s.id for s in sessions}
+            await self.drop_from_index([sid for sid in ids if sid not in found])
+        return sessions
+
+    @unavailable_on_redis_error
+    async def drop_from_index(self, session_ids: Sequence[str]) -> int:
+        """Drop ids whose session hash is missing; put back any that a racing create wrote meanwhile.
+
+        ``ZREM`` then ``EXISTS``: a creation adds the id to the index after writing the hash, so
+        whichever of the two runs last, a live session stays indexed (see :mod:`api.store`).
+        """
+        if not session_ids:
+            return 0
+        await self._redis.zrem(keys.INDEX, *session_ids)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for sid in session_ids:
+                pipe.exists(keys.session(sid))
+            alive = await pipe.execute()
+        back = {sid: 0 for sid, live in zip(session_ids, alive, strict=True) if live}
+        if back:
+            await self._redis.zadd(keys.INDEX, back)
+        return len(session_ids) - len(back)
 
     # -- heartbeats -------------------------------------------------------------------------------
 
@@ -173,6 +225,9 @@ class ControllerStore(
 
         Pub/sub is fire-and-forget: it only wakes the loop early, the resync is the truth. Any
         Redis error ends the iteration with :class:`StoreUnavailable`; the caller resubscribes.
+        On Redis Cluster the subscription lives on one node: a classic ``PUBLISH`` on any node is
+        forwarded to every node over the cluster bus, so one node's ``PSUBSCRIBE`` hears all
+        agents; if that node dies the error ends the iteration and the resubscription picks a live one.
         """
         prefix = keys.WAKE_PATTERN[:-1]
         pubsub = self._redis.pubsub(ignore_subscribe_messages=True)

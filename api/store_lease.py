@@ -3,7 +3,8 @@
 The lease is one key (:data:`api.keys.LEADER`) holding ``<holder>/<token>`` with a TTL. Taking it
 also ``INCR``s the fence counter (:data:`api.keys.LEADER_FENCE`) in the same script, so every term
 has a token larger than every earlier one; renew and release act only while the key still holds
-the caller's value, so a holder that lost the lease can neither extend nor drop another's.
+the caller's value, so a holder that lost the lease can neither extend nor drop another's. Both
+keys carry the hash tag ``{leader}``: one slot, so the script runs on Redis Cluster too.
 """
 
 from __future__ import annotations

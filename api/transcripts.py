@@ -87,6 +87,17 @@ class RedisTranscriptStore:
     def _subkeys(self, project_key: str, claude_session_id: str) -> str:
         return keys.transcript_subkeys(self.session_id, _transcript_id(project_key, claude_session_id))
 
+    async def _server_ms(self, pipe: Any, key: str) -> int:
+        """The Redis clock in ms (one clock for every writer): the watched pipeline's server, or on a
+        cluster (whose transaction pipelines refuse keyless commands) the node that holds ``key``."""
+        if isinstance(self._redis, aioredis.RedisCluster):
+            cluster: Any = self._redis
+            node = cluster.get_node_from_key(key)
+            seconds, micros = await cluster.execute_command("TIME", target_nodes=node)
+        else:
+            seconds, micros = await pipe.time()
+        return int(seconds) * 1000 + int(micros) // 1000
+
     # -- the protocol -----------------------------------------------------------------------------
 
     async def append(self, key: TranscriptKey, entries: list[TranscriptEntry]) -> None:
@@ -112,8 +123,7 @@ class RedisTranscriptStore:
                     if is_main and self._fold is not None:
                         raw = await pipe.hget(summaries_key, claude_sid)
                         prev_summary = json.loads(raw) if raw else None
-                    seconds, micros = await pipe.time()
-                    now_ms = int(seconds) * 1000 + int(micros) // 1000
+                    now_ms = await self._server_ms(pipe, uuids_key)
                     pipe.multi()
                     created = [entries_key, uuids_key]
                     created += (

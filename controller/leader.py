@@ -59,7 +59,7 @@ class LeaderTiming:
 
 
 def default_holder_id() -> str:
-    """``host-pid-random``: unique per process, readable in ``GET fs:leader``."""
+    """``host-pid-random``: unique per process, readable in ``GET fs:{leader}``."""
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 

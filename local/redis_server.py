@@ -138,6 +138,7 @@ def start_redis(
     log_file: Path | None = None,
     ready_timeout: float = 10.0,
     die_with_parent: bool = True,
+    extra_args: list[str] | None = None,
 ) -> RedisServer:
     """Start redis-server on loopback and wait until it answers PING.
 
@@ -147,6 +148,7 @@ def start_redis(
     data_dir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     args = redis_args(port=port, data_dir=data_dir, appendonly=appendonly, password=password)
+    args += extra_args or []
     out = open(log_file, "ab") if log_file else subprocess.DEVNULL
     process = subprocess.Popen(
         args,

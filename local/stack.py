@@ -6,7 +6,7 @@ session and process group, so it outlives the ``flyswarm up`` that started it):
 ==========  ====================================  ============================================
 component   what runs                             ready when
 ==========  ====================================  ============================================
-redis       ``redis-server`` (AOF under redis/)   it answers PING
+redis       ``redis-server`` (AOF under redis/)   it answers PING (cluster: ``cluster_state:ok``)
 emulator    ``flyswarm emulator`` (Fly Machines)  ``GET /_admin/health`` answers 200
 model       ``flyswarm model`` (scripted model)   ``GET /_requests`` answers 200
 gateway     ``flyswarm gateway`` (model gateway)  ``GET /readyz`` answers 200
@@ -27,6 +27,7 @@ State lives under one directory (``FLYSWARM_LOCAL_DIR``, default ``./.local``)::
     logs/<component>.log   each component's stdout and stderr
     pids/<component>.pid   the pid of what ``up`` started (the leader of its process group)
     redis/                 Redis data (append-only file): sessions survive restarts
+    redis-cluster/         the same for FLYSWARM_REDIS_MODE=cluster: node-<port>/ (AOF, nodes.conf)
     machines/              the emulator's per-machine work dirs (machine.log inside each)
     sessions/              the agents' per-session work dirs
     secrets/fly-api-token  the local FLY_API_TOKEN the emulator accepts (mode 0600)
@@ -45,6 +46,10 @@ every machine and so on every agent, CLI and tool they spawn).
 Settings (environment; defaults in parentheses):
 
 ``FLYSWARM_LOCAL_DIR`` (``.local``) state directory; ``FLYSWARM_REDIS_PORT`` (6399);
+``FLYSWARM_REDIS_MODE`` (``single``; ``cluster``: a Redis Cluster of 3 masters and 3 replicas on
+``FLYSWARM_REDIS_PORT`` and the five ports after it, run by ``python -m local.redis_cluster``, which
+forms it on first start and restarts a node that dies; every component gets a ``redis+cluster://``
+URL);
 ``FLYSWARM_EMULATOR_PORT`` (4280, the port of Fly's internal Machines API);
 ``FLYSWARM_MODEL_PORT`` (4281); ``FLYSWARM_GATEWAY_PORT`` (8082, the model gateway); ``PORT``
 (8080, the API); ``FLYSWARM_CONTROLLER_PORT`` (9090, the controller's health and metrics);
@@ -75,6 +80,7 @@ from pathlib import Path
 
 import httpx
 
+from local.redis_cluster import cluster_ok, cluster_summary
 from local.redis_server import redis_answers, redis_args
 
 Echo = Callable[[str], None]
@@ -123,12 +129,20 @@ def _env_float(env: Mapping[str, str], name: str, default: float) -> float:
         raise StackError(f"{name}={raw!r} is not a number of seconds") from None
 
 
+def _redis_mode(env: Mapping[str, str]) -> str:
+    mode = (env.get("FLYSWARM_REDIS_MODE") or "single").strip().lower()
+    if mode not in ("single", "cluster"):
+        raise StackError(f"FLYSWARM_REDIS_MODE={mode!r} is not one of: single, cluster")
+    return mode
+
+
 @dataclass(frozen=True)
 class StackConfig:
     """Where the stack keeps its state and which ports it uses (see the module docstring)."""
 
     root: Path
     redis_port: int = 6399
+    redis_mode: str = "single"
     emulator_port: int = 4280
     model_port: int = 4281
     gateway_port: int = 8082
@@ -148,6 +162,7 @@ class StackConfig:
         return cls(
             root=root,
             redis_port=_env_int(env, "FLYSWARM_REDIS_PORT", 6399),
+            redis_mode=_redis_mode(env),
             emulator_port=_env_int(env, "FLYSWARM_EMULATOR_PORT", 4280),
             model_port=_env_int(env, "FLYSWARM_MODEL_PORT", 4281),
             gateway_port=_env_int(env, "FLYSWARM_GATEWAY_PORT", 8082),
@@ -162,6 +177,8 @@ class StackConfig:
 
     @property
     def redis_url(self) -> str:
+        if self.redis_mode == "cluster":
+            return f"redis+cluster://{HOST}:{self.redis_port}"
         return f"redis://{HOST}:{self.redis_port}/0"
 
     @property
@@ -452,16 +469,32 @@ class Stack:
         token = self.fly_token()
         py = cfg.python
         comps: dict[str, Component] = {}
-        comps["redis"] = Component(
-            name="redis",
-            port=cfg.redis_port,
-            argv=tuple(redis_args(port=cfg.redis_port, data_dir=self.root / "redis", appendonly=True)),
-            env=base,
-            url=cfg.redis_url,
-            probe=lambda: redis_answers(cfg.redis_port, timeout=0.5),
-            marker="redis-server",
-            port_variable="FLYSWARM_REDIS_PORT",
-        )
+        if cfg.redis_mode == "cluster":
+            comps["redis"] = Component(
+                name="redis",
+                port=cfg.redis_port,
+                argv=(py, "-m", "local.redis_cluster"),
+                env={
+                    **base,
+                    "FLYSWARM_REDIS_DIR": str(self.root / "redis-cluster"),
+                    "FLYSWARM_REDIS_PORT": str(cfg.redis_port),
+                },
+                url=cfg.redis_url,
+                probe=lambda: cluster_ok(cfg.redis_port),
+                marker="local.redis_cluster",
+                port_variable="FLYSWARM_REDIS_PORT",
+            )
+        else:
+            comps["redis"] = Component(
+                name="redis",
+                port=cfg.redis_port,
+                argv=tuple(redis_args(port=cfg.redis_port, data_dir=self.root / "redis", appendonly=True)),
+                env=base,
+                url=cfg.redis_url,
+                probe=lambda: redis_answers(cfg.redis_port, timeout=0.5),
+                marker="redis-server",
+                port_variable="FLYSWARM_REDIS_PORT",
+            )
         emulator_env = {
             **base,
             "FLYSWARM_EMULATOR_API_TOKEN": token,
@@ -848,6 +881,10 @@ class Stack:
             st = self.state(components[name])
             healthy = healthy and st.running
             echo(f"  {name:<11} {st.label:<10} {st.pid or '-'!s:<8} {st.port:<6} {st.url}")
+        if self.config.redis_mode == "cluster":
+            summary = cluster_summary(self.config.redis_port)
+            echo("")
+            echo(f"Redis:     {summary or '(the cluster does not answer)'}")
         phases = self.sessions_by_phase()
         echo("")
         if phases is None:

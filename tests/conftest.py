@@ -30,6 +30,8 @@ from typing import Any, NoReturn
 import pytest
 import redis.asyncio as aioredis
 
+from api.store_base import redis_client as redis_client_for
+from local.redis_cluster import LocalCluster, start_cluster
 from local.redis_server import RedisServer, start_redis
 
 #: ``own_redis``: a Redis of the test's own that it may kill and restart.
@@ -133,15 +135,66 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         server.stop()
 
 
-@pytest.fixture
-def redis_url(redis_server: RedisServer) -> str:
-    return redis_server.url
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A 3-master Redis Cluster per test session (per xdist worker), started on first use."""
+    cluster = start_cluster(tmp_path_factory.mktemp("redis-cluster"), masters=3)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Run a test on a single node and on a cluster: every Redis test of a module that sets
+    ``REDIS_MODES = ("single", "cluster")``, or one test marked ``@pytest.mark.redis_modes(...)``."""
+    marker = metafunc.definition.get_closest_marker("redis_modes")
+    modes = marker.args if marker is not None else getattr(metafunc.module, "REDIS_MODES", None)
+    if modes and "redis_mode" in metafunc.fixturenames:
+        metafunc.parametrize("redis_mode", modes, indirect=True)
 
 
 @pytest.fixture
-async def redis_client(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
-    await client.flushall()
+def redis_mode(request: pytest.FixtureRequest) -> str:
+    """``single`` (one redis-server) unless the module asks for both (see ``pytest_generate_tests``)."""
+    return str(getattr(request, "param", "single"))
+
+
+@pytest.fixture
+def redis_url(redis_mode: str, request: pytest.FixtureRequest) -> str:
+    """The URL of a clean Redis: ``redis://`` of the single node, or ``redis+cluster://``."""
+    if redis_mode == "cluster":
+        cluster: LocalCluster = request.getfixturevalue("redis_cluster")
+        return cluster.url
+    server: RedisServer = request.getfixturevalue("redis_server")
+    return server.url
+
+
+@pytest.fixture
+async def redis_client(
+    redis_url: str, redis_mode: str, request: pytest.FixtureRequest
+) -> AsyncIterator[aioredis.Redis]:
+    """A raw client on a flushed Redis with no ACL user but ``default`` (a cluster client on a cluster)."""
+    if redis_mode == "cluster":
+        cluster: LocalCluster = request.getfixturevalue("redis_cluster")
+        for node in cluster.nodes:
+            sync = cluster.client(node)
+            try:
+                if node in cluster.masters:
+                    sync.flushall()
+                for user in sync.acl_users():
+                    if user != "default":
+                        sync.acl_deluser(user)
+            finally:
+                sync.close()
+        client: aioredis.Redis = redis_client_for(redis_url)
+    else:
+        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        await client.flushall()
+        # ACL users created by a previous test would otherwise leak between tests.
+        for user in await client.acl_users():
+            if user != "default":
+                await client.acl_deluser(user)
     try:
         yield client
     finally:

@@ -194,6 +194,7 @@ def test_env_example_lists_every_setting_of_every_process() -> None:
     expected |= {
         "FLYSWARM_LOCAL_DIR",
         "FLYSWARM_REDIS_PORT",
+        "FLYSWARM_REDIS_MODE",
         "FLYSWARM_EMULATOR_PORT",
         "FLYSWARM_MODEL_PORT",
         "FLYSWARM_UP_TIMEOUT",

@@ -21,6 +21,9 @@ from api.wire import APPLY_RESULT_HEADER
 from tests.api.app_harness import api_settings
 from tests.store import Store
 
+#: The representative API tests that also run on a Redis Cluster (the store tests cover every call).
+on_both = pytest.mark.redis_modes("single", "cluster")
+
 TOKENS = ["tok-alpha-0123456789", "tok-bravo-9876543210"]
 
 
@@ -62,6 +65,7 @@ def manifest(name: str | None = None, prompt: str = "do it", **spec: Any) -> dic
 # -- the seed README's calls ----------------------------------------------------------------------
 
 
+@on_both
 async def test_seed_readme_curl_calls_answer_as_documented(
     api: httpx.AsyncClient, redis_client: aioredis.Redis
 ) -> None:
@@ -121,6 +125,7 @@ async def test_post_short_form_takes_spec_fields_and_labels(
     assert json.loads(raw["labels"]) == {"team": "ios"}
 
 
+@on_both
 async def test_post_is_idempotent_for_the_same_id_and_spec(
     api: httpx.AsyncClient, redis_client: aioredis.Redis
 ) -> None:
@@ -173,6 +178,7 @@ async def test_post_same_id_as_a_session_being_deleted_is_a_conflict(api: httpx.
 # -- PUT ------------------------------------------------------------------------------------------
 
 
+@on_both
 async def test_put_creates_then_configures_then_reports_unchanged(
     api: httpx.AsyncClient, redis_client: aioredis.Redis
 ) -> None:
@@ -259,6 +265,7 @@ async def test_get_unknown_session_is_404(api: httpx.AsyncClient) -> None:
     assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
 
 
+@on_both
 async def test_list_filters_by_selector_and_phase_and_pages_with_a_cursor(
     api: httpx.AsyncClient, store: Store
 ) -> None:
@@ -289,6 +296,7 @@ async def test_list_filters_by_selector_and_phase_and_pages_with_a_cursor(
     assert seen == ["s0", "s1", "s2", "s3", "s4"] and pages == 3
 
 
+@on_both
 async def test_delete_answers_202_and_sets_the_deletion_timestamp(
     api: httpx.AsyncClient, redis_client: aioredis.Redis
 ) -> None:
@@ -306,6 +314,7 @@ async def test_delete_answers_202_and_sets_the_deletion_timestamp(
 # -- messages -------------------------------------------------------------------------------------
 
 
+@on_both
 async def test_messages_go_to_the_inbox_of_a_chat_session(
     api: httpx.AsyncClient, redis_client: aioredis.Redis
 ) -> None:
@@ -505,6 +514,7 @@ async def test_every_configured_token_is_accepted(authed_app: Any, store: Store)
     assert sorted(await store.all_ids()) == ["tok0", "tok1"]
 
 
+@on_both
 async def test_health_and_readiness_are_open_and_metrics_is_not(
     authed_app: Any, store: Store, redis_url: str
 ) -> None:

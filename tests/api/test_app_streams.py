@@ -94,6 +94,7 @@ async def test_sse_refuses_bad_resume_ids_and_unknown_sessions(api: httpx.AsyncC
 
 
 @pytest.mark.timeout(30)
+@pytest.mark.redis_modes("single", "cluster")  # the fan-out hub on a cluster too
 async def test_sse_follows_new_events_with_keepalives_and_ends_when_the_session_finishes(
     store: Store, redis_url: str
 ) -> None:
@@ -171,6 +172,7 @@ async def recv_json(ws: ClientConnection) -> dict[str, Any]:
 
 
 @pytest.mark.timeout(30)
+@pytest.mark.redis_modes("single", "cluster")  # the fan-out hub on a cluster too
 async def test_websocket_streams_events_out_and_takes_messages_in(
     store: Store, redis_url: str, redis_client: aioredis.Redis
 ) -> None:

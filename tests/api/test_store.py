@@ -14,6 +14,8 @@ from api.store import InvalidCursor, decode_cursor
 from api.store_base import StoreUnavailable
 from tests.store import Store
 
+REDIS_MODES = ("single", "cluster")
+
 
 @pytest.fixture
 async def store(redis_client: aioredis.Redis, redis_url: str) -> Store:

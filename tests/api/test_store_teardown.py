@@ -9,6 +9,8 @@ from api import keys
 from api.models import SessionEvent, SessionSpec
 from tests.store import Store
 
+REDIS_MODES = ("single", "cluster")
+
 
 @pytest.fixture
 async def store(redis_client: aioredis.Redis, redis_url: str) -> Store:

@@ -18,7 +18,12 @@ from tests.controller.world import IMAGE, World
 
 pytestmark = pytest.mark.timeout(90)
 
+#: Convergence on a Redis Cluster too: the machines' agents report as their per-session ACL users
+#: through a cluster client, the controller reads, fences and removes across the three masters.
+on_both = pytest.mark.redis_modes("single", "cluster")
 
+
+@on_both
 async def test_creates_one_machine_per_session_and_reports_running(world: World) -> None:
     await world.start_controller()
     ids = {f"s{i}" for i in range(3)}
@@ -37,6 +42,7 @@ async def test_creates_one_machine_per_session_and_reports_running(world: World)
     await world.assert_invariants(ids)
 
 
+@on_both
 async def test_finished_tasks_succeed_or_fail_and_their_machines_go_away(world: World) -> None:
     await world.start_controller()
     await world.create_session("ok", prompt="finish-after=0.5 result=done")
@@ -53,6 +59,7 @@ async def test_finished_tasks_succeed_or_fail_and_their_machines_go_away(world: 
     assert await world.phase("ok") is Phase.SUCCEEDED
 
 
+@on_both
 async def test_deleted_session_is_finalized_after_its_machine_is_destroyed(world: World) -> None:
     await world.start_controller()
     await world.create_session("gone", mode="chat", idleTimeoutSeconds=0)

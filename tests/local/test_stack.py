@@ -256,3 +256,21 @@ def test_logs_follow_prefixes_lines_and_survives_truncation(tmp_path: Path) -> N
     follower.join(10)
 
     assert lines == ["api        | old 2", "controller | controller up", "api        | fresh"]
+
+
+def test_cluster_mode_runs_the_cluster_launcher_and_gives_every_component_a_cluster_url(
+    tmp_path: Path,
+) -> None:
+    stack = Stack(_config(tmp_path, FLYSWARM_REDIS_MODE="cluster", FLYSWARM_REDIS_PORT="7390"), environ={})
+    components = stack.components()
+    redis = components["redis"]
+    assert redis.argv[1:] == ("-m", "local.redis_cluster")
+    assert redis.env["FLYSWARM_REDIS_PORT"] == "7390"
+    assert redis.env["FLYSWARM_REDIS_DIR"] == str(stack.root / "redis-cluster")
+    for name in ("api", "controller"):
+        assert components[name].env["REDIS_URL"] == "redis+cluster://127.0.0.1:7390"
+
+
+def test_an_unknown_redis_mode_is_refused_naming_the_variable(tmp_path: Path) -> None:
+    with pytest.raises(StackError, match="FLYSWARM_REDIS_MODE='sharded' is not one of: single, cluster"):
+        _config(tmp_path, FLYSWARM_REDIS_MODE="sharded")
