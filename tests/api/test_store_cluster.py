@@ -48,7 +48,9 @@ def chat() -> SessionSpec:
 #: What the cluster test below calls (``from_url``, ``connect`` and ``close`` by the fixtures).
 EXERCISED = {
     "Store": {
-        "acquire_lease", "all_ids", "all_sessions", "append_event", "apply", "clear_launch", "close",
+        "acquire_lease", "acquire_shard", "all_ids", "announce_member", "leave_members",
+        "release_shard", "renew_shards", "shard_holders", "all_sessions", "append_event", "apply",
+        "clear_launch", "close",
         "count", "create_or_get", "drop_from_index", "from_url", "get", "get_heartbeat", "get_launch",
         "get_launches", "get_many", "heartbeat", "heartbeats", "inbox_ack", "inbox_next",
         "inbox_pending", "inbox_pending_many", "last_change_id", "list", "mark_budget_exceeded",
@@ -100,6 +102,19 @@ async def test_every_store_method_runs_on_the_cluster_without_crossslot(
     )
     assert await store.release_lease("me/1")
     await store.record_controller_seen("me", "{}")
+
+    # Shard leases, each in its own slot, and a status write fenced by a shard's token.
+    shard_token, _ = await store.acquire_shard(3, "me", 5_000)
+    assert shard_token >= 1 and (await store.acquire_shard(5, "me", 5_000))[0] >= 1
+    assert await store.renew_shards({3: f"me/{shard_token}"}, 5_000) == {3: True}
+    assert (await store.shard_holders([3, 4]))[3] == f"me/{shard_token}"
+    fenced = await store.write_status(
+        "s2", SessionStatus(phase=Phase.RUNNING), fence=(keys.shard_fence(3), shard_token)
+    )
+    assert fenced == "written"
+    assert await store.release_shard(3, f"me/{shard_token}")
+    assert await store.announce_member("me", 5_000) == ["me"]
+    await store.leave_members("me")
 
     await store.record_launch("s1", "l-1", {"machineId": "m-1"})
     await store.update_launch("s1", {"region": "ams"})
