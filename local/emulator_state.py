@@ -1076,10 +1076,12 @@ class EmulatorState:
         if m.process is None or not m.process.running:
             await self._boot(m)  # resume is not guaranteed on Fly either: cold boot
             return
+        # As on Fly, the snapshot is restored first (the ``starting`` time) and only then do the
+        # machine's processes run again.
+        await self._linger(since, "starting")
         m.process.kill_group(signal.SIGCONT)
         m.frozen = m.hung = False
         await m.process.settle_stop(False)
-        await self._linger(since, "starting")
         self._set_state(m, S.STARTED)
         self._event(m, "start", "started", "flyd", {"resumed": True})
 
