@@ -24,6 +24,7 @@ from api.transcript_types import (
     TranscriptListEntry,
     TranscriptListKey,
     TranscriptSummary,
+    copy_transcript,
 )
 
 if TYPE_CHECKING:
@@ -116,18 +117,7 @@ class ChannelTranscripts:
 
     async def copy_transcript(self, claude_session_id: str, from_project: str, to_project: str) -> int:
         """Copy a main transcript (and its subagent transcripts) to another project key (a cwd change)."""
-        source: TranscriptKey = {"project_key": from_project, "session_id": claude_session_id}
-        entries = await self.load(source)
-        if not entries:
-            return 0
-        await self.append({"project_key": to_project, "session_id": claude_session_id}, entries)
-        for sub in await self.list_subkeys({"project_key": from_project, "session_id": claude_session_id}):
-            sub_entries = await self.load({**source, "subpath": sub})
-            if sub_entries:
-                await self.append(
-                    {"project_key": to_project, "session_id": claude_session_id, "subpath": sub}, sub_entries
-                )
-        return len(entries)
+        return await copy_transcript(self, claude_session_id, from_project, to_project)
 
 
 def _wire_key(key: TranscriptKey) -> dict[str, Any]:

@@ -45,6 +45,7 @@ from api.transcript_types import TranscriptKey as TranscriptKey
 from api.transcript_types import TranscriptListEntry as TranscriptListEntry
 from api.transcript_types import TranscriptListKey as TranscriptListKey
 from api.transcript_types import TranscriptSummary as TranscriptSummary
+from api.transcript_types import copy_transcript
 
 _MAX_CONFLICT_RETRIES = 20
 
@@ -238,20 +239,5 @@ class RedisTranscriptStore:
         return None
 
     async def copy_transcript(self, claude_session_id: str, from_project: str, to_project: str) -> int:
-        """Copy a main transcript (and its subagent transcripts) to another project key.
-
-        The SDK looks a transcript up under the project key of the current cwd; after a cwd change
-        (another work root on the new machine) the agent copies it over so resume finds it.
-        """
-        source: TranscriptKey = {"project_key": from_project, "session_id": claude_session_id}
-        entries = await self.load(source)
-        if not entries:
-            return 0
-        await self.append({"project_key": to_project, "session_id": claude_session_id}, entries)
-        for sub in await self.list_subkeys({"project_key": from_project, "session_id": claude_session_id}):
-            sub_entries = await self.load({**source, "subpath": sub})
-            if sub_entries:
-                await self.append(
-                    {"project_key": to_project, "session_id": claude_session_id, "subpath": sub}, sub_entries
-                )
-        return len(entries)
+        """Copy a main transcript (and its subagent transcripts) to another project key (a cwd change)."""
+        return await copy_transcript(self, claude_session_id, from_project, to_project)
