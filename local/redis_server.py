@@ -10,6 +10,7 @@ restarts of the local stack (AOF under ``.local/``); tests run without persisten
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -42,10 +43,31 @@ def find_redis_server() -> str:
 
 
 def free_port() -> int:
-    """A TCP port on loopback that is free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    """A TCP port on loopback that is free right now, below the kernel's ephemeral range.
+
+    A port the kernel hands out for ``bind(0)`` lies in the range it also uses for the source ports
+    of outgoing connections, so between choosing it and a server binding it, any client socket may
+    take it. Below that range only servers bind; the port is checked free before it is returned.
+    """
+    low = _ephemeral_low()
+    for _ in range(500):
+        port = random.randrange(10_000, max(low, 10_001))
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # a crowded range: any free one
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768  # Linux's default; elsewhere a safe guess
 
 
 def redis_answers(port: int, timeout: float = 0.2) -> bool:
