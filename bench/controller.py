@@ -392,6 +392,19 @@ def api_process(port: int, redis_url: str, work: Path) -> Iterator[subprocess.Po
         yield proc
 
 
+async def post_task_sessions(
+    http: httpx.AsyncClient, ids: list[str], spacing: float, posted: dict[str, float]
+) -> None:
+    """POST one task session per id, ``spacing`` s apart, stamping each in ``posted`` (epoch s)."""
+    for sid in ids:
+        body = {"metadata": {"name": sid}, "spec": {"prompt": "p", "mode": "task"}}
+        posted[sid] = time.time()
+        response = await http.post("/sessions", json=body)
+        if response.status_code != 201:
+            raise RuntimeError(f"POST /sessions: {response.status_code} {response.text}")
+        await asyncio.sleep(spacing)
+
+
 async def bench_reaction(redis_url: str, work: Path, count: int, spacing: float) -> dict[str, Any]:
     """POST /sessions to the API process; the emulator process says when each create arrived."""
     admin = aioredis.Redis.from_url(redis_url, decode_responses=True)
@@ -419,14 +432,9 @@ async def bench_reaction(redis_url: str, work: Path, count: int, spacing: float)
                         await asyncio.sleep(0.05)
                     await asyncio.sleep(0.5)  # let the first resync pass go by
                     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{api_port}") as http:
-                        for i in range(count):
-                            sid = f"react-{i:03d}"
-                            body = {"metadata": {"name": sid}, "spec": {"prompt": "p", "mode": "task"}}
-                            posted[sid] = time.time()
-                            response = await http.post("/sessions", json=body)
-                            if response.status_code != 201:
-                                raise RuntimeError(f"POST /sessions: {response.status_code} {response.text}")
-                            await asyncio.sleep(spacing)
+                        await post_task_sessions(
+                            http, [f"react-{i:03d}" for i in range(count)], spacing, posted
+                        )
                         created: dict[str, float] = {}
                         deadline = time.monotonic() + 60
                         while len(created) < count and time.monotonic() < deadline:

@@ -61,6 +61,7 @@ from bench.controller import (  # noqa: E402
     child_process,
     counting_client,
     one_pass,
+    post_task_sessions,
     seed_converged_sessions,
     settings_for,
 )
@@ -308,14 +309,7 @@ async def post_to_plan(
             assert controller.reconciler.last_pass is not None
             passes = [controller.reconciler.last_pass.seconds]
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{api_port}", timeout=60) as http:
-                for i in range(posts):
-                    sid = f"react-{i:04d}"
-                    body = {"metadata": {"name": sid}, "spec": {"prompt": "p", "mode": "task"}}
-                    posted[sid] = time.time()
-                    response = await http.post("/sessions", json=body)
-                    if response.status_code != 201:
-                        raise RuntimeError(f"POST /sessions: {response.status_code} {response.text}")
-                    await asyncio.sleep(spacing)
+                await post_task_sessions(http, [f"react-{i:04d}" for i in range(posts)], spacing, posted)
                 deadline = time.monotonic() + 120
                 while len(created) < posts and time.monotonic() < deadline:
                     found = (await http.get(f"{fly_url}/_bench/created")).json()

@@ -67,7 +67,7 @@ from controller.observed import ObservedMachine
 from controller.plan import plan, plan_orphans
 from controller.queue import WorkQueue
 from controller.settings import ControllerSettings, PlanSettings
-from controller.snapshot import KeyView, Snapshot, WorldReader
+from controller.snapshot import LIST_PAGE_SIZE, KeyView, Snapshot, WorldReader
 from controller.triggers import CHANGE_BLOCK_MS, follow_change_feed, follow_wakes
 
 _log = get_logger("controller.reconciler")
@@ -101,7 +101,7 @@ class ReconcilerOptions:
 
     change_block_ms: int = CHANGE_BLOCK_MS
     stale_resyncs: float = STALE_RESYNCS
-    list_page_size: int = 1000
+    list_page_size: int = LIST_PAGE_SIZE
     backoff_base_seconds: float = 0.05
     backoff_cap_seconds: float = 60.0
     #: Which trigger loops run (tests of the resync alone turn them off).
