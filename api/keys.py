@@ -161,6 +161,43 @@ def budget_spend(budget: str, period_start: str) -> str:
     return f"{PREFIX}:budget:{budget}:{period_start}"
 
 
+# -- pools ----------------------------------------------------------------------------------------
+# A pool's keys share the hash tag ``{pool:<name>}`` (``:`` never occurs in a session id, so no pool
+# shares a tag with a session): the claim script pops a ready machine and records its claimant in one
+# slot. The session's side of a claim (its launch record) lives in the session's slot and is written
+# after the claim; the controller repairs a crash between the two from the pool's claim record.
+POOLS = f"{PREFIX}:pools"  # zset, score 0: every pool name, for listing and the controller's resync
+
+
+def _pool_tag(name: str) -> str:
+    return f"{PREFIX}:{{pool:{name}}}"
+
+
+def pool(name: str) -> str:
+    """Hash with fields ``meta``, ``spec``, ``status`` (JSON each), like a session's."""
+    return f"{_pool_tag(name)}:pool"
+
+
+def pool_machines(name: str) -> str:
+    """Hash: machine id -> JSON record of one pool machine (state booting/ready/claimed, app, claimant)."""
+    return f"{_pool_tag(name)}:machines"
+
+
+def pool_ready(name: str) -> str:
+    """Set: ids of the pool's machines that are ready to be claimed (the claim script pops one)."""
+    return f"{_pool_tag(name)}:ready"
+
+
+def pool_claims(name: str) -> str:
+    """Hash: session id -> machine id of every claim not yet finished on the session's side."""
+    return f"{_pool_tag(name)}:claims"
+
+
+def pool_key_pattern(name: str) -> str:
+    """The glob that matches every key of one pool (tests check a deletion against it)."""
+    return f"{_pool_tag(name)}:*"
+
+
 # -- pub/sub --------------------------------------------------------------------------------------
 WAKE_PATTERN = f"{PREFIX}:wake:*"
 

@@ -220,6 +220,12 @@ class World:
 
         async def check() -> Session | None:
             session = await self.store.get(session_id)
+            if session is not None and session.status.phase in TERMINAL_PHASES:
+                # Fail now, saying why, rather than after the timeout with nothing to go on.
+                raise AssertionError(
+                    f"{session_id} finished while waiting for it to run: {session.status.phase} "
+                    f"{session.status.reason}: {session.status.message}"
+                )
             if session is None or session.status.phase is not Phase.RUNNING:
                 return None
             machine = self.live_machine(session_id)
