@@ -193,6 +193,29 @@ def pool_claims(name: str) -> str:
     return f"{_pool_tag(name)}:claims"
 
 
+def pool_booted(name: str) -> str:
+    """Hash: slot -> time its agent said it is booted (written by the gateway, read by the controller)."""
+    return f"{_pool_tag(name)}:booted"
+
+
+def pool_slot_token(name: str, slot: str) -> str:
+    """String: SHA-256 (hex) of the token a pool machine's agent waits for its assignment with.
+
+    A *slot* is the id the controller gives a pool machine before creating it (the machine id is
+    not known yet); the token opens only ``/agent/v1/pool/...`` for that slot, nothing of any session.
+    """
+    return f"{_pool_tag(name)}:slot:{slot}:token"
+
+
+def pool_assignment(name: str, slot: str) -> str:
+    """String with TTL: JSON of the session a claimed slot now serves (session id, its token, env).
+
+    Written by the controller at claim time; taken (GETDEL) by the gateway when it hands it to the
+    waiting agent, so the session token crosses Redis once and briefly.
+    """
+    return f"{_pool_tag(name)}:slot:{slot}:assignment"
+
+
 def pool_key_pattern(name: str) -> str:
     """The glob that matches every key of one pool (tests check a deletion against it)."""
     return f"{_pool_tag(name)}:*"
