@@ -111,10 +111,10 @@ async def test_a_killed_master_fails_over_to_its_replica_and_the_invariants_hold
     await world.start_controller()
     before = {f"t{i}" for i in range(4)}
     for sid in sorted(before):
-        await world.create_session(sid, prompt="finish-after=3 result=done")
+        await world.create_session(sid, prompt="finish-after=8 result=done")
     await world.create_session("chat", mode="chat", prompt="heartbeat")
-    for sid in (*sorted(before), "chat"):
-        await world.until_running(sid)
+    # All at once: a task must be seen running before it finishes, even on a loaded machine.
+    await asyncio.gather(*(world.until_running(sid) for sid in (*sorted(before), "chat")))
 
     dead = master_of(cluster, keys.INDEX)
     dead.process.kill()  # kill -9, mid-run: the tasks are still working

@@ -69,12 +69,18 @@ async def test_redis_killed_longer_than_the_heartbeat_ttl_restarts_no_agent_and_
     world = aof_world
     # A TTL with room for a loaded two-core CI machine (agents beat every TTL/3 through the gateway).
     ttl = 4.0
-    await world.start_controller(heartbeat_ttl_seconds=ttl, boot_grace_seconds=3.0)
+    grace = 10.0
+    await world.start_controller(heartbeat_ttl_seconds=ttl, boot_grace_seconds=grace)
     ids = [f"keep{i}" for i in range(3)]
     for sid in ids:
         await world.create_session(sid, mode="chat", idleTimeoutSeconds=0)
-    machines = {sid: (await world.until_running(sid)).status.machineId for sid in ids}
+    running = await asyncio.gather(*(world.until_running(sid) for sid in ids))
+    machines = {s.id: s.status.machineId for s in running}
     starts = {sid: _starts(world, sid) for sid in ids}
+    # Past every boot grace before the outage: afterwards a missing heartbeat must be held "unknown"
+    # by the Redis-outage rule, not merely still inside a grace.
+    started = max(s.status.lastStartAt or s.status.startedAt or utcnow() for s in running)
+    await asyncio.sleep(max(0.0, (started - utcnow()).total_seconds() + grace))
 
     own_redis.kill()
     # Outage: the controller notices it (not ready), and stays away longer than the TTL.

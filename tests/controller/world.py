@@ -63,7 +63,8 @@ def fast_settings(redis_url: str, fly_url: str, **overrides: Any) -> ControllerS
         "fly_api_hostname": fly_url,
         "resync_seconds": 0.3,
         "heartbeat_ttl_seconds": 2.0,
-        "boot_grace_seconds": 5.0,
+        # Room for a Python agent to start on a loaded two-core CI machine (4 test workers at once).
+        "boot_grace_seconds": 10.0,
         "orphan_grace_seconds": 1.0,
         "create_expectation_seconds": 3.0,
         "wedge_seconds": 60.0,
