@@ -57,6 +57,7 @@ from agent.outcome import (
 from agent.publisher import EventPublisher
 from agent.reporter import Reporter
 from agent.settings import AgentSettings, scrub_environment
+from agent.workspace import finish_step, for_session, prepare_step
 from api.logs import configure_logging, get_logger, register_secret
 from api.models import AgentReport, Session
 from api.store_errors import StoreAuthFailed, StorePermissionDenied, StoreUnavailable
@@ -221,7 +222,12 @@ class AgentProcess:
             return None
         with anyio.CancelScope() as scope:
             self.scope = scope
+            workspace = for_session(self.session, self.settings)
+            if workspace is not None and (failed := await prepare_step(workspace, ctx)) is not None:
+                return failed  # a model run on a missing tree would be worth nothing
             result: Outcome = await (mode_mod.run_chat(ctx) if chat else mode_mod.run_task(ctx))
+            if workspace is not None and not chat and not self.stopping.is_set():
+                result = await finish_step(workspace, ctx, result)
             return result
         return None  # cancelled by a signal
 
