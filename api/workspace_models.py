@@ -12,8 +12,9 @@ A URL with credentials in it (``https://user:token@...``) is refused: credential
 inline.
 
 **Files.** ``files`` are small inline files written after the clones (one may land inside a
-repository: a ``CLAUDE.md``, a config); they are inputs, never reported in a diff or pushed. At most :data:`MAX_FILES` files and
-:data:`MAX_FILES_BYTES` bytes of content in all: the spec is stored and read whole.
+repository: a ``CLAUDE.md``, a config); they are inputs, never reported in a diff or pushed.
+At most :data:`MAX_FILES` files and :data:`MAX_FILES_BYTES` bytes of content in all: the spec is
+stored and read whole.
 
 **Paths.** Relative POSIX paths, no ``..`` component, no absolute path, no backslash or control
 character; two sources may not overlap (one inside the other), and no file may sit where a
