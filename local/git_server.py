@@ -30,6 +30,7 @@ StartResponse = Callable[[str, list[tuple[str, str]]], Any]
 
 DEMO_FILES = {
     "README.md": "# demo\n\nA tiny library with a bug: `add` subtracts.\n",
+    ".gitignore": "__pycache__/\n",
     "calc.py": 'def add(a: int, b: int) -> int:\n    """The sum of a and b."""\n    return a - b\n',
     "test_calc.py": "from calc import add\n\n\ndef test_add() -> None:\n    assert add(2, 3) == 5\n",
 }
