@@ -57,7 +57,8 @@ Settings (environment; defaults in parentheses):
 forms it on first start and restarts a node that dies; every component gets a ``redis+cluster://``
 URL);
 ``FLYSWARM_EMULATOR_PORT`` (4280, the port of Fly's internal Machines API);
-``FLYSWARM_MODEL_PORT`` (4281); ``FLYSWARM_GIT_PORT`` (4282, the demo Git host); ``FLYSWARM_GATEWAY_PORT`` (8082, the model gateway); ``PORT``
+``FLYSWARM_MODEL_PORT`` (4281); ``FLYSWARM_GIT_PORT`` (4282, the demo Git host);
+``FLYSWARM_GATEWAY_PORT`` (8082, the model gateway); ``PORT``
 (8080, the API); ``FLYSWARM_CONTROLLER_PORT`` (9090, the controller's health and metrics);
 ``FLY_APP_NAME`` (``flyswarm-agents``); ``FLY_AGENT_IMAGE``
 (``flyswarm-agent``); ``ANTHROPIC_API_KEY`` (unset: scripted model); ``FLYSWARM_UP_TIMEOUT`` (60 s,
