@@ -52,3 +52,5 @@ def test_diff_prints_the_recorded_diff_and_stat_lists_the_files(
     assert shown.stdout == DIFF
     stat = cli("diff", "fixed", "--stat")
     assert stat.stdout.splitlines() == ["M app/calc.py", "A app/new.py"]
+    described = cli("describe", "session", "fixed").stdout
+    assert "  Workspace:            app from 000000000000: 2 changed file(s)" in described
