@@ -195,9 +195,21 @@ class AgentProcess:
 
     async def _run_mode(self, chat: bool) -> Outcome | None:
         debug_log = self._prepare_dirs()
-        # The SDK import takes 1-2 s; off the loop, so heartbeats and signals are served meanwhile.
-        context_mod = await asyncio.to_thread(importlib.import_module, "agent.context")
-        mode_mod = await asyncio.to_thread(importlib.import_module, "agent.chat" if chat else "agent.task")
+        workspace = for_session(self.session, self.settings)
+        # The workspace's git processes run while the SDK is imported (both wait on something else).
+        preparing = asyncio.create_task(prepare_step(workspace, self._emit)) if workspace else None
+        try:
+            # The SDK import takes 1-2 s; off the loop, so heartbeats and signals are served meanwhile.
+            context_mod = await asyncio.to_thread(importlib.import_module, "agent.context")
+            mode_mod = await asyncio.to_thread(
+                importlib.import_module, "agent.chat" if chat else "agent.task"
+            )
+            failed = await preparing if preparing is not None else None
+        finally:
+            if preparing is not None:
+                preparing.cancel()
+        if failed is not None:
+            return failed  # a model run on a missing tree would be worth nothing
         from claude_agent_sdk import fold_session_summary
 
         diagnostics = CliDiagnostics(
@@ -222,9 +234,6 @@ class AgentProcess:
             return None
         with anyio.CancelScope() as scope:
             self.scope = scope
-            workspace = for_session(self.session, self.settings)
-            if workspace is not None and (failed := await prepare_step(workspace, ctx)) is not None:
-                return failed  # a model run on a missing tree would be worth nothing
             result: Outcome = await (mode_mod.run_chat(ctx) if chat else mode_mod.run_task(ctx))
             if workspace is not None and not chat and not self.stopping.is_set():
                 result = await finish_step(workspace, ctx, result)

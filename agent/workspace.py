@@ -34,11 +34,13 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 from agent.outcome import Outcome
+from api.logs import get_logger
 from api.workspace_models import (
     MAX_CHANGED_FILES,
     MAX_DIFF_BYTES,
@@ -57,6 +59,8 @@ if TYPE_CHECKING:
     from agent.context import AgentContext
     from agent.settings import AgentSettings
     from api.models import Session
+
+log = get_logger("agent.workspace")
 
 MARKER = "workspace.json"
 GIT_TIMEOUT_SECONDS = 300.0
@@ -354,16 +358,18 @@ def for_session(session: Session, settings: AgentSettings) -> Workspace | None:
     )
 
 
-async def prepare_step(workspace: Workspace, ctx: AgentContext) -> Outcome | None:
-    """Prepare before the first turn; the failed outcome (``WorkspaceFailed``) when it cannot be."""
+async def prepare_step(workspace: Workspace, emit: Callable[..., None]) -> Outcome | None:
+    """Prepare before the first turn; the failed outcome (``WorkspaceFailed``) when it cannot be.
+
+    ``emit(type, message, **data)`` publishes a lifecycle event."""
     try:
         fresh = await workspace.prepare()
     except (WorkspaceError, OSError) as exc:
         message = workspace.scrub(str(exc))
-        ctx.log.warning("workspace_failed", error=message)
-        ctx.emit("workspace_failed", message, reason="WorkspaceFailed")
+        log.warning("workspace_failed", error=message)
+        emit("workspace_failed", message, reason="WorkspaceFailed")
         return Outcome.error("WorkspaceFailed", message)
-    ctx.emit(
+    emit(
         "workspace_prepared",
         "prepared" if fresh else "kept from an earlier attempt",
         commits=workspace.commits,

@@ -70,19 +70,25 @@ def git(repo: Path, *args: str) -> str:
     return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True).stdout
 
 
-async def run_to_end(rig: AgentRig, session_id: str) -> Session:
-    agent = await rig.start_session(session_id)
-    await agent.wait()
-    session = await rig.store.get(session_id)
-    assert session is not None and session.agent is not None, agent.log()
-    return session
+async def run_to_end(rig: AgentRig, *session_ids: str) -> list[Session]:
+    """Run the sessions' agents side by side (one machine each) until they exit."""
+    agents = [await rig.start_session(sid, machine=f"m-{sid}") for sid in session_ids]
+    sessions = []
+    for sid, agent in zip(session_ids, agents, strict=True):
+        await agent.wait()
+        session = await rig.store.get(sid)
+        assert session is not None and session.agent is not None, agent.log()
+        sessions.append(session)
+    return sessions
 
 
 async def test_a_private_repo_is_cloned_edited_diffed_and_pushed_without_the_credential_on_the_machine(
     rig: AgentRig, repos: tuple[GitServer, Path, str]
 ) -> None:
     server, root, sha = repos
-    work = rig.work_dir("ws1")
+    work = rig.work_dir("ws1", machine="m-ws1")
+    bare = root / "served" / "demo.git"
+    git(bare, "branch", "taken", "main")  # someone's branch: a session may not push over it
     lib_sha = git(root / "lib.git", "rev-parse", "HEAD").strip()
     await rig.create(
         "ws1",
@@ -96,7 +102,19 @@ async def test_a_private_repo_is_cloned_edited_diffed_and_pushed_without_the_cre
         },
         output={"push": {"branch": "flyswarm/fix-add", "commitMessage": "Fix add"}},
     )
-    session = await run_to_end(rig, "ws1")
+    # A second session wants to push to the existing branch: refused, its diff kept.
+    await rig.create(
+        "ws2",
+        prompt=edit_prompt(rig.work_dir("ws2", machine="m-ws2"), "calc.py"),
+        workspace={"git": [{"url": f"{server.url}/demo.git", "secret": "demo-private"}]},
+        output={"push": {"branch": "taken"}},
+    )
+    session, second = await run_to_end(rig, "ws1", "ws2")
+    again = second.agent
+    assert again is not None and (again.state, again.reason) == ("error", "WorkspaceFailed")
+    assert "already exists" in (again.message or "")
+    assert again.workspace is not None and again.workspace.sources[0].changedFiles  # the diff is kept
+    assert git(bare, "rev-parse", "refs/heads/taken").strip() == sha
     report = session.agent
     assert report is not None and report.state == "done", report
     assert report.workspace is not None
@@ -113,7 +131,6 @@ async def test_a_private_repo_is_cloned_edited_diffed_and_pushed_without_the_cre
     assert (work / "notes/run.sh").stat().st_mode & 0o777 == 0o755
     # The push landed on a new branch of the bare repository: one commit on main, that edit.
     assert app.push is not None and app.push.error is None and app.push.commit
-    bare = root / "served" / "demo.git"
     assert git(bare, "rev-parse", "refs/heads/flyswarm/fix-add").strip() == app.push.commit
     assert git(bare, "rev-parse", "refs/heads/flyswarm/fix-add~1").strip() == sha
     assert git(bare, "log", "-1", "--format=%s", "flyswarm/fix-add").strip() == "Fix add"
@@ -133,18 +150,6 @@ async def test_a_private_repo_is_cloned_edited_diffed_and_pushed_without_the_cre
     for text in seen:
         assert CREDENTIAL not in text and CREDENTIAL.split(":")[1] not in text
     assert "workspace_prepared" in [e.event.type for e in events]
-    # A second session may not push to the branch that now exists.
-    await rig.create(
-        "ws2",
-        prompt=edit_prompt(rig.work_dir("ws2"), "calc.py"),
-        workspace={"git": [{"url": f"{server.url}/demo.git", "secret": "demo-private"}]},
-        output={"push": {"branch": "flyswarm/fix-add"}},
-    )
-    again = (await run_to_end(rig, "ws2")).agent
-    assert again is not None and (again.state, again.reason) == ("error", "WorkspaceFailed")
-    assert "already exists" in (again.message or "")
-    assert again.workspace is not None and again.workspace.sources[0].changedFiles  # the diff is kept
-    assert git(bare, "rev-parse", "refs/heads/flyswarm/fix-add").strip() == app.push.commit
 
 
 async def test_an_unknown_ref_or_an_unreachable_repo_fails_the_session_with_gits_message_before_any_turn(
