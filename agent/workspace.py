@@ -116,10 +116,11 @@ class Workspace:
             "GIT_ASKPASS": "/bin/false",
         }
         if source is not None and source.proxied:
-            # Given to this git process alone: the token never lands in .git/config or a URL.
+            # Given to this git process alone, and only for the control plane's URL: the token never
+            # lands in .git/config or a URL, nor goes to a remote the model may have configured.
             env.update(
                 GIT_CONFIG_COUNT="1",
-                GIT_CONFIG_KEY_0="http.extraHeader",
+                GIT_CONFIG_KEY_0=f"http.{self.control_url}/.extraHeader",
                 GIT_CONFIG_VALUE_0=f"Authorization: Bearer {self._token}",
             )
         if index_file is not None:
@@ -317,7 +318,8 @@ class Workspace:
         if tree is None:
             return PushResult(branch=branch, message="no changes: nothing was pushed")
         ref = f"refs/heads/{branch}"
-        listed = await self._checked(index, source, dest, "ls-remote", "origin", ref)
+        remote = self.remote_url(index, source)  # named, not "origin": the model may have changed that
+        listed = await self._checked(index, source, dest, "ls-remote", remote, ref)
         if listed.out.strip():
             raise WorkspaceError(
                 f"output.push: branch {branch!r} already exists on {source.url}; flyswarm pushes only to a "
@@ -325,7 +327,7 @@ class Workspace:
             )
         made = await self._checked(index, source, dest, "commit-tree", tree, "-p", commit, "-m", message)
         new_commit = made.out.decode().strip()
-        await self._checked(index, source, dest, "push", "-q", "origin", f"{new_commit}:{ref}")
+        await self._checked(index, source, dest, "push", "-q", remote, f"{new_commit}:{ref}")
         return PushResult(branch=branch, commit=new_commit, url=source.url)
 
 
