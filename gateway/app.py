@@ -2,7 +2,8 @@
 
 A plain ASGI app (no framework: every proxied byte passes through two awaits, nothing more). For
 ``POST /v1/messages`` and ``POST /v1/messages/count_tokens`` (the only endpoints the bundled CLI
-calls; anything else is an Anthropic-shaped 404) it:
+calls; ``/agent/v1/...`` is the agent channel (:mod:`gateway.channel`), ``/git/<i>/...`` the
+git proxy (:mod:`gateway.git`); anything else is an Anthropic-shaped 404) it:
 
 1. **authenticates** the session token the agent sends as ``x-api-key`` (what the CLI sends with
    ``ANTHROPIC_API_KEY``) or ``Authorization: Bearer`` (``ANTHROPIC_AUTH_TOKEN``): the token names

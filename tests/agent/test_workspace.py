@@ -19,7 +19,7 @@ import pytest
 
 from agent.workspace import MARKER, Workspace
 from api.models import Session
-from api.workspace_models import WorkspaceSpec
+from api.workspace_models import MAX_DIFF_BYTES, TRUNCATION_MARKER, WorkspaceSpec
 from local.git_server import DEMO_FILES, GitServer, make_bare_repo, start_in_thread
 from local.model import ModelServer
 from local.redis_server import RedisServer
@@ -204,3 +204,10 @@ async def test_a_prepared_workspace_is_kept_on_restart_and_a_half_done_one_is_re
     (work / "lib.txt").write_text("changed\n")
     report = await prepared.results(push=False)  # a.txt is the spec's input, not a change
     assert [(f.path, f.status) for f in report.sources[0].changedFiles] == [("lib.txt", "modified")]
+    # A diff over the cap is cut, and says so.
+    (work / "big.txt").write_text("line of text\n" * 40_000)
+    (work / "lib.txt").unlink()
+    big = (await prepared.results(push=False)).sources[0]
+    assert [(f.path, f.status) for f in big.changedFiles] == [("big.txt", "added"), ("lib.txt", "deleted")]
+    assert big.diffTruncated and big.diffBytes > MAX_DIFF_BYTES
+    assert big.diff.endswith(TRUNCATION_MARKER.format(limit=MAX_DIFF_BYTES, total=big.diffBytes))
