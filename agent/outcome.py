@@ -16,6 +16,7 @@ reason                 when
 ``AgentError``         a bug or an unexpected failure in the agent itself
 ``Signal``             SIGTERM / SIGINT (state ``interrupted``)
 ``SpecInvalid``        the stored spec does not validate (start-up)
+``WorkspaceFailed``    a clone or file of ``spec.workspace``, or the push, failed (agent/workspace.py)
 =====================  ========================================================================
 """
 

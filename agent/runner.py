@@ -57,6 +57,7 @@ from agent.outcome import (
 from agent.publisher import EventPublisher
 from agent.reporter import Reporter
 from agent.settings import AgentSettings, scrub_environment
+from agent.workspace import finish_step, for_session, prepare_step
 from api.logs import configure_logging, get_logger, register_secret
 from api.models import AgentReport, Session
 from api.store_errors import StoreAuthFailed, StorePermissionDenied, StoreUnavailable
@@ -194,9 +195,21 @@ class AgentProcess:
 
     async def _run_mode(self, chat: bool) -> Outcome | None:
         debug_log = self._prepare_dirs()
-        # The SDK import takes 1-2 s; off the loop, so heartbeats and signals are served meanwhile.
-        context_mod = await asyncio.to_thread(importlib.import_module, "agent.context")
-        mode_mod = await asyncio.to_thread(importlib.import_module, "agent.chat" if chat else "agent.task")
+        workspace = for_session(self.session, self.settings)
+        # The workspace's git processes run while the SDK is imported (both wait on something else).
+        preparing = asyncio.create_task(prepare_step(workspace, self._emit)) if workspace else None
+        try:
+            # The SDK import takes 1-2 s; off the loop, so heartbeats and signals are served meanwhile.
+            context_mod = await asyncio.to_thread(importlib.import_module, "agent.context")
+            mode_mod = await asyncio.to_thread(
+                importlib.import_module, "agent.chat" if chat else "agent.task"
+            )
+            failed = await preparing if preparing is not None else None
+        finally:
+            if preparing is not None:
+                preparing.cancel()
+        if failed is not None:
+            return failed  # a model run on a missing tree would be worth nothing
         from claude_agent_sdk import fold_session_summary
 
         diagnostics = CliDiagnostics(
@@ -222,6 +235,8 @@ class AgentProcess:
         with anyio.CancelScope() as scope:
             self.scope = scope
             result: Outcome = await (mode_mod.run_chat(ctx) if chat else mode_mod.run_task(ctx))
+            if workspace is not None and not chat and not self.stopping.is_set():
+                result = await finish_step(workspace, ctx, result)
             return result
         return None  # cancelled by a signal
 

@@ -22,6 +22,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from api.reasons import Reason as Reason  # re-exported: the API models include the reasons
+from api.workspace_models import OutputSpec, WorkspaceReport, WorkspaceSpec
 
 API_VERSION: Literal["flyswarm.dev/v1"] = "flyswarm.dev/v1"
 KIND: Literal["Session"] = "Session"
@@ -195,6 +196,8 @@ class SessionSpec(_Input):
     systemPrompt: str | None = Field(default=None, max_length=100_000)
     allowedTools: list[str] = Field(default_factory=lambda: list(DEFAULT_TOOLS), max_length=64)
     machine: MachineSpec = Field(default_factory=MachineSpec)
+    workspace: WorkspaceSpec | None = None  # api/workspace_models.py
+    output: OutputSpec | None = None
 
     @field_validator("allowedTools")
     @classmethod
@@ -208,6 +211,12 @@ class SessionSpec(_Input):
     def _mode_rules(self) -> SessionSpec:
         if self.mode == "task" and not (self.prompt and self.prompt.strip()):
             raise ValueError("prompt: a task session needs a non-empty prompt")
+        push = self.output.push if self.output else None
+        if push is not None:
+            if self.mode != "task":
+                raise ValueError("output.push: only a task session pushes its changes")
+            if push.source >= len(self.workspace.git if self.workspace else []):
+                raise ValueError(f"output.push.source: no spec.workspace.git[{push.source}] to push from")
         return self
 
     def canonical_json(self) -> str:
@@ -323,6 +332,7 @@ class AgentReport(BaseModel):
     reason: str | None = None
     message: str | None = None
     stderrTail: str | None = None
+    workspace: WorkspaceReport | None = None  # task sessions with spec.workspace.git
     updatedAt: datetime | None = None
 
 

@@ -40,6 +40,7 @@ class Reason(StrEnum):
     CLI_UNAVAILABLE = "CliUnavailable"
     SIGNAL = "Signal"
     SPEC_INVALID = "SpecInvalid"
+    WORKSPACE_FAILED = "WorkspaceFailed"  # a clone, a file or a push of spec.workspace failed
     # failure causes (restartable)
     HEARTBEAT_LOST = "HeartbeatLost"
     MACHINE_LOST = "MachineLost"

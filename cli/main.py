@@ -375,6 +375,31 @@ def send(name: str, message: str | None, message_file: Any) -> None:
     click.echo(f"session/{sid} message {reply.get('id', 'sent')} queued")
 
 
+# -- diff -------------------------------------------------------------------------------------------
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("name")
+@click.option("--stat", is_flag=True, help="List the changed files (A/M/D path) instead of the diff.")
+def diff(name: str, stat: bool) -> None:
+    """Print a task session's changes: the unified diff of its workspace against the starting commit."""
+    from api.workspace_models import WorkspaceReport
+
+    sid = session_id(name)
+    with _client() as client:
+        item = client.get(sid)
+    raw = (item.get("agent") or {}).get("workspace")
+    if not raw:
+        fail(f"session/{sid} has no workspace changes recorded (no spec.workspace.git, or not finished yet)")
+    report = WorkspaceReport.model_validate(raw)
+    if stat:
+        for source in report.sources:
+            for changed in source.changedFiles:
+                click.echo(f"{changed.status[0].upper()} {changed.path}")
+        return
+    click.echo(report.unified_diff(), nl=False)
+
+
 # -- delete -----------------------------------------------------------------------------------------
 
 

@@ -310,6 +310,11 @@ def describe(
             tokens = ", ".join(f"{k}={v}" for k, v in sorted(usage.items()) if isinstance(v, (int, float)))
             _kv(lines, "Usage", tokens or json.dumps(usage, sort_keys=True), 2)
         _kv(lines, "Claude session", agent.get("claudeSessionId"), 2)
+        for source in (agent.get("workspace") or {}).get("sources") or []:
+            changed = len(source.get("changedFiles") or [])
+            pushed = (source.get("push") or {}).get("commit")
+            summary = f"{source.get('path')} from {str(source.get('commit'))[:12]}: {changed} changed file(s)"
+            _kv(lines, "Workspace", summary + (f", pushed {pushed[:12]}" if pushed else ""), 2)
         if agent.get("reason"):
             _kv(lines, "Reason", agent.get("reason"), 2)
         if agent.get("message"):

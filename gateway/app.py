@@ -2,7 +2,8 @@
 
 A plain ASGI app (no framework: every proxied byte passes through two awaits, nothing more). For
 ``POST /v1/messages`` and ``POST /v1/messages/count_tokens`` (the only endpoints the bundled CLI
-calls; anything else is an Anthropic-shaped 404) it:
+calls; ``/agent/v1/...`` is the agent channel (:mod:`gateway.channel`), ``/git/<i>/...`` the
+git proxy (:mod:`gateway.git`); anything else is an Anthropic-shaped 404) it:
 
 1. **authenticates** the session token the agent sends as ``x-api-key`` (what the CLI sends with
    ``ANTHROPIC_API_KEY``) or ``Authorization: Bearer`` (``ANTHROPIC_AUTH_TOKEN``): the token names
@@ -45,6 +46,7 @@ from api.store_gateway import GatewayStore, MeteredUsage
 from gateway.budgets import Budget
 from gateway.channel import AgentChannel
 from gateway.errors import GatewayError
+from gateway.git import GitProxy
 from gateway.metering import JsonMeter, StreamMeter
 from gateway.metrics import GatewayMetrics
 from gateway.pricing import PriceTable
@@ -110,6 +112,7 @@ class Gateway:
         self._upstream_key = key.get_secret_value().encode() if key is not None else None
         self._metrics_tokens = [t.get_secret_value().encode() for t in settings.api_tokens]
         self.channel = AgentChannel(settings)  # the agents' way to their own state: /agent/v1/...
+        self.git = GitProxy(settings)  # the agents' way to their declared repositories: /git/<i>/...
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -124,9 +127,11 @@ class Gateway:
             self.settings.upstream_url, connect_timeout=self.settings.connect_timeout_seconds
         )
         await self.channel.startup()
+        await self.git.startup()
 
     async def shutdown(self) -> None:
         await self.channel.shutdown()
+        await self.git.shutdown()
         if self.upstream is not None:
             await self.upstream.aclose()
         if self.store is not None and self._owns_store:
@@ -146,6 +151,9 @@ class Gateway:
             await self._proxy(scope, receive, send)
         elif path.startswith("/agent/"):
             await self.channel(scope, receive, send)
+        elif path.startswith("/git/"):
+            assert self.store is not None
+            await self.git(scope, receive, send, self.store)
         elif path in ("/healthz", "/health") and method in ("GET", "HEAD"):
             await _reply(send, 200, b'{"ok":true}', b"application/json")
         elif path == "/readyz" and method == "GET":

@@ -116,6 +116,14 @@ class GatewaySettings(BaseSettings):
             "matching a label selector may spend per (UTC) period."
         ),
     )
+    git_secrets: Annotated[dict[str, SecretStr], NoDecode] = Field(
+        default_factory=dict,
+        validation_alias="FLYSWARM_GATEWAY_GIT_SECRETS",
+        description=(
+            'JSON: secret name -> "user:password" (or a bare token, sent as `x-access-token:<token>`): '
+            "the credentials the git proxy adds for a `spec.workspace.git[].secret` (a secret)."
+        ),
+    )
     metrics_label: str | None = Field(
         default=None,
         validation_alias="FLYSWARM_GATEWAY_METRICS_LABEL",
@@ -132,7 +140,7 @@ class GatewaySettings(BaseSettings):
         description="Force JSON (true) or console (false) logs; default: JSON unless stderr is a TTY.",
     )
 
-    @field_validator("prices", "budgets", mode="before")
+    @field_validator("prices", "budgets", "git_secrets", mode="before")
     @classmethod
     def _json(cls, value: Any) -> Any:
         if isinstance(value, str):

@@ -12,7 +12,12 @@ model       ``flyswarm model`` (scripted model)   ``GET /_requests`` answers 200
 gateway     ``flyswarm gateway`` (model gateway)  ``GET /readyz`` answers 200
 api         ``flyswarm api``                      ``GET /readyz`` answers 200
 controller  ``flyswarm controller``               ``GET /readyz`` (health port) answers 200
+git         ``python -m local.git_server --demo``  its port accepts connections
 ==========  ====================================  ============================================
+
+The ``git`` component serves, over git's smart-HTTP protocol, the bare repositories under
+``git/`` - first of all ``demo.git``, created on first start - as a Git host would: the
+repository ``manifests/examples/fix-bug.yaml`` clones (through the gateway's git proxy) and fixes.
 
 The agents' ``ANTHROPIC_BASE_URL`` is the gateway, which alone holds an Anthropic key: the agent
 app's secrets carry no key at all (each machine gets its session's token from the controller).
@@ -31,6 +36,7 @@ State lives under one directory (``FLYSWARM_LOCAL_DIR``, default ``./.local``)::
     machines/              the emulator's per-machine work dirs (machine.log inside each)
     sessions/              the agents' per-session work dirs
     secrets/fly-api-token  the local FLY_API_TOKEN the emulator accepts (mode 0600)
+    git/                   the local Git host's bare repositories (demo.git)
 
 ``up`` is idempotent: a component counts as running only when its recorded pid is alive *and*
 its port answers; anything else is (re)started, so killing any one component by hand and running
@@ -51,7 +57,8 @@ Settings (environment; defaults in parentheses):
 forms it on first start and restarts a node that dies; every component gets a ``redis+cluster://``
 URL);
 ``FLYSWARM_EMULATOR_PORT`` (4280, the port of Fly's internal Machines API);
-``FLYSWARM_MODEL_PORT`` (4281); ``FLYSWARM_GATEWAY_PORT`` (8082, the model gateway); ``PORT``
+``FLYSWARM_MODEL_PORT`` (4281); ``FLYSWARM_GIT_PORT`` (4282, the demo Git host);
+``FLYSWARM_GATEWAY_PORT`` (8082, the model gateway); ``PORT``
 (8080, the API); ``FLYSWARM_CONTROLLER_PORT`` (9090, the controller's health and metrics);
 ``FLY_APP_NAME`` (``flyswarm-agents``); ``FLY_AGENT_IMAGE``
 (``flyswarm-agent``); ``ANTHROPIC_API_KEY`` (unset: scripted model); ``FLYSWARM_UP_TIMEOUT`` (60 s,
@@ -97,9 +104,9 @@ _CREDENTIAL_ENV = (
     "API_TOKENS",
 )
 # The order components start in; down goes the other way.
-ORDER = ("redis", "emulator", "model", "gateway", "api", "controller")
+ORDER = ("redis", "emulator", "model", "gateway", "api", "controller", "git")
 # Components of one stage start together; a stage starts when the previous one is ready.
-STAGES = (("redis",), ("emulator", "model"), ("gateway", "api", "controller"))
+STAGES = (("redis",), ("emulator", "model", "git"), ("gateway", "api", "controller"))
 
 
 class StackError(RuntimeError):
@@ -145,6 +152,7 @@ class StackConfig:
     redis_mode: str = "single"
     emulator_port: int = 4280
     model_port: int = 4281
+    git_port: int = 4282
     gateway_port: int = 8082
     api_port: int = 8080
     controller_port: int = 9090
@@ -165,6 +173,7 @@ class StackConfig:
             redis_mode=_redis_mode(env),
             emulator_port=_env_int(env, "FLYSWARM_EMULATOR_PORT", 4280),
             model_port=_env_int(env, "FLYSWARM_MODEL_PORT", 4281),
+            git_port=_env_int(env, "FLYSWARM_GIT_PORT", 4282),
             gateway_port=_env_int(env, "FLYSWARM_GATEWAY_PORT", 8082),
             api_port=_env_int(env, "PORT", 8080),
             controller_port=_env_int(env, "FLYSWARM_CONTROLLER_PORT", 9090),
@@ -587,6 +596,17 @@ class Stack:
             probe=lambda: _http_ok(f"{cfg.controller_url}/readyz"),
             marker="cli controller",
             port_variable="FLYSWARM_CONTROLLER_PORT",
+        )
+        git_argv = ("--root", str(self.root / "git"), "--host", HOST, "--port", str(cfg.git_port), "--demo")
+        comps["git"] = Component(
+            name="git",
+            port=cfg.git_port,
+            argv=(py, "-m", "local.git_server", *git_argv),
+            env=base,
+            url=f"http://{HOST}:{cfg.git_port}/demo.git",
+            probe=lambda: _port_open(cfg.git_port),
+            marker="local.git_server",
+            port_variable="FLYSWARM_GIT_PORT",
         )
         return comps
 

@@ -286,7 +286,7 @@ def test_workflow_deploys_staging_on_main_and_production_on_tags_after_lint_and_
 def test_every_example_validates_against_the_session_schema() -> None:
     documents = load([str(EXAMPLES)])
 
-    assert len(documents) == 12
+    assert len(documents) == 13
     for doc in documents:
         assert Session.model_validate(doc.resource).id == doc.name
 
@@ -305,6 +305,16 @@ def test_examples_cover_a_task_a_sleeping_chat_and_a_labelled_batch_of_ten() -> 
     labels = [Session.model_validate(d.resource).metadata.labels for d in batch]
     assert all(label.get("batch") == "word-count" for label in labels)
     assert len({d.name for d in batch}) == 10
+
+
+def test_the_fix_bug_example_clones_the_local_demo_repository_the_stack_serves() -> None:
+    from local.stack import StackConfig
+
+    (doc,) = load([str(EXAMPLES / "fix-bug.yaml")])
+    spec = Session.model_validate(doc.resource).spec
+    assert spec.workspace is not None and spec.mode == "task"
+    port = StackConfig.from_env({}).git_port
+    assert [s.url for s in spec.workspace.git] == [f"http://127.0.0.1:{port}/demo.git"]
 
 
 FAKE_FLYCTL = r"""#!/usr/bin/env bash

@@ -93,6 +93,7 @@ def stack(tmp_path: Path) -> Iterator[LocalStack]:
         "FLYSWARM_GATEWAY_PORT": free_port(),
         "PORT": free_port(),
         "FLYSWARM_CONTROLLER_PORT": free_port(),
+        "FLYSWARM_GIT_PORT": free_port(),
     }
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FLYSWARM_", "FLY_", "ANTHROPIC_"))}
     env.pop("API_TOKENS", None)
@@ -140,6 +141,10 @@ def test_up_apply_wait_describe_heal_and_down_leave_nothing_behind(stack: LocalS
     # The path: apply, wait, describe.
     applied = stack.flyswarm("apply", "-f", str(EXAMPLES / "task.yaml"))
     assert applied.stdout.strip() == "session/hello-task created", applied.stderr
+    # The workspace example alongside: the stack's demo Git host, cloned, fixed, diffed.
+    git_port = stack.env["FLYSWARM_GIT_PORT"]
+    fix_bug = (EXAMPLES / "fix-bug.yaml").read_text().replace("127.0.0.1:4282", f"127.0.0.1:{git_port}")
+    assert stack.flyswarm("apply", "-f", "-", input=fix_bug).returncode == 0
     waited = stack.flyswarm("wait", "hello-task", "--for=phase=Succeeded", "--timeout", "240s", timeout=300)
     assert waited.returncode == 0, (
         waited.stdout + waited.stderr + (stack.root / "logs" / "controller.log").read_text()
@@ -150,6 +155,11 @@ def test_up_apply_wait_describe_heal_and_down_leave_nothing_behind(stack: LocalS
     assert described.returncode == 0, described.stderr
     assert "Phase:                Succeeded" in described.stdout
     assert "Result:" in described.stdout and result_text in described.stdout
+
+    fixed = stack.flyswarm("wait", "fix-bug", "--for=phase=Succeeded", "--timeout", "240s", timeout=300)
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    diff = stack.flyswarm("diff", "fix-bug")
+    assert "-    return a - b\n+    return a + b\n" in diff.stdout, diff.stdout + diff.stderr
 
     # The machine is gone from the emulator once the session finished.
     deadline = time.monotonic() + 60
@@ -189,7 +199,7 @@ def test_up_apply_wait_describe_heal_and_down_leave_nothing_behind(stack: LocalS
     while (status := stack.flyswarm("status")).returncode != 0:
         assert time.monotonic() < deadline, status.stdout
         time.sleep(0.5)
-    assert "Sessions:  1 (Succeeded 1)" in status.stdout
+    assert "Sessions:  2 (Succeeded 2)" in status.stdout
 
     # The chat example's pattern with a short idle timeout: it sleeps, a message wakes it, and the
     # conversation resumes (the scripted model's echo scenario lists every user prompt it was sent).
