@@ -165,6 +165,7 @@ async def test_every_validation_rule_is_a_422_naming_the_field_and_writes_nothin
     assert len(await feed(redis_client)) == 1
 
 
+@pytest.mark.redis_modes("single", "cluster")
 async def test_list_filters_by_label_selector_and_pages_with_a_cursor(api: httpx.AsyncClient) -> None:
     for i in range(5):
         labels = {"team": "ci" if i % 2 == 0 else "web", "tier": "free" if i == 0 else "paid"}
