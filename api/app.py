@@ -16,7 +16,7 @@ Routes
     ``DELETE /sessions/{id}`` (202; the controller finalizes), ``POST /sessions/{id}/messages`` (202;
     chat sessions only, 409 for task, finished or deleting sessions), ``GET /sessions/{id}/events``
     (SSE), ``WS /sessions/{id}/ws``, ``GET /health``, ``GET /readyz``, ``GET /metrics``,
-    ``GET /openapi.json``.
+    ``GET /openapi.json``. Pools (``/pools``, warm agent machines): :mod:`api.pool_routes`.
 
 Auth
     Bearer tokens from ``API_TOKENS``; ``/health`` and ``/readyz`` are always open, ``/metrics``
@@ -69,6 +69,8 @@ from api.logs import get_logger, register_secret
 from api.metrics import ApiMetrics
 from api.middleware import OPEN_PATHS, EdgeMiddleware
 from api.models import Phase, generate_session_id
+from api.pool_routes import pool_router
+from api.pool_wire import pool_openapi_schemas
 from api.selector import SelectorError, parse_selector
 from api.settings import ApiSettings
 from api.sse import SseFollow, sse_error_frame
@@ -531,7 +533,7 @@ def _install_openapi(app: FastAPI) -> None:
             title=app.title, version=app.version, summary=app.summary, description=__doc__, routes=app.routes
         )
         components = schema.setdefault("components", {})
-        for name, body in openapi_schemas().items():
+        for name, body in {**openapi_schemas(), **pool_openapi_schemas()}.items():
             components.setdefault("schemas", {}).setdefault(name, body)
         components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
         schema["security"] = [{"bearer": []}]
@@ -596,6 +598,7 @@ def create_app(settings: ApiSettings, store: ApiStore | None = None) -> FastAPI:
     )
     app.state.ctx = ctx
     app.include_router(router)
+    app.include_router(pool_router)
     app.add_exception_handler(ApiError, _on_api_error)
     app.add_exception_handler(StoreUnavailable, _on_store_unavailable)
     app.add_exception_handler(RequestValidationError, _on_validation_error)

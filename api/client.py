@@ -25,6 +25,7 @@ once, in order, across reconnects.
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 import time
@@ -165,6 +166,11 @@ class ApplyResult:
 
     action: str
     session: dict[str, Any]
+
+    @property
+    def resource(self) -> dict[str, Any]:
+        """The stored resource, whatever its kind (``session`` is its older name)."""
+        return self.session
 
 
 @dataclass(frozen=True)
@@ -333,17 +339,22 @@ class FlyswarmClient:
         return self._json(self._request("POST", "/sessions", json_body=dict(resource)))
 
     def apply(self, resource: Mapping[str, Any]) -> ApplyResult:
-        """Create or update one session, as ``kubectl apply`` does.
+        """Create or update one resource, as ``kubectl apply`` does (a ``kind: Pool`` goes to ``/pools``).
 
-        With ``metadata.name`` it is a ``PUT`` (declarative: create, or update labels and spec);
-        without, a ``POST`` that lets the server generate the id. The result says what happened:
+        For a session: with ``metadata.name`` it is a ``PUT`` (declarative: create, or update labels
+        and spec); without, a ``POST`` that lets the server generate the id. The result says what happened:
         ``created``, ``configured`` (labels or spec changed) or ``unchanged``, as the server reports
         it in the ``Flyswarm-Apply-Result`` header.
         """
         name = (resource.get("metadata") or {}).get("name")
+        if resource.get("kind") == "Pool":
+            return self.apply_pool(resource)
         if not name:
             return ApplyResult("created", self.create(resource))
-        response = self._request("PUT", f"/sessions/{_sid(name)}", json_body=dict(resource))
+        return self._put(f"/sessions/{_sid(name)}", resource)
+
+    def _put(self, path: str, resource: Mapping[str, Any]) -> ApplyResult:
+        response = self._request("PUT", path, json_body=dict(resource))
         action = response.headers.get(APPLY_RESULT_HEADER, "").strip().lower()
         if action not in ("created", "configured", "unchanged"):
             action = "created" if response.status_code == 201 else "configured"
@@ -354,6 +365,35 @@ class FlyswarmClient:
         if not response.content:
             return None
         return self._json(response)
+
+    # -- pools ------------------------------------------------------------------------------------
+
+    def get_pool(self, name: str) -> dict[str, Any]:
+        return self._json(self._request("GET", f"/pools/{_sid(name)}"))
+
+    def list_pools(
+        self, *, selector: str | None = None, page_size: int = 500
+    ) -> builtins.list[dict[str, Any]]:
+        """Every pool matching the selector (follows the cursor to the end)."""
+        pools: builtins.list[dict[str, Any]] = []
+        cursor: str | None = None
+        while True:
+            params = {"labelSelector": selector, "limit": page_size, "cursor": cursor}
+            body = self._json(self._request("GET", "/pools", params=params))
+            pools.extend(item for item in body.get("items") or [] if isinstance(item, dict))
+            cursor = body.get("cursor") or None
+            if not cursor:
+                return pools
+
+    def apply_pool(self, resource: Mapping[str, Any]) -> ApplyResult:
+        """Create or update one pool (``PUT /pools/{metadata.name}``; a pool is always named)."""
+        name = (resource.get("metadata") or {}).get("name")
+        if not name:
+            raise ClientError("a Pool needs metadata.name")
+        return self._put(f"/pools/{_sid(name)}", resource)
+
+    def delete_pool(self, name: str) -> dict[str, Any]:
+        return self._json(self._request("DELETE", f"/pools/{_sid(name)}"))
 
     def send(self, session_id: str, text: str) -> dict[str, Any]:
         return self._json(

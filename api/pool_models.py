@@ -21,7 +21,7 @@ import re
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from api.models import API_VERSION, Condition, Guest, MachineSpec, Metadata, Session, validate_labels
 
@@ -49,8 +49,12 @@ class PoolTemplate(_Input):
     @field_validator("region")
     @classmethod
     def _region(cls, value: str) -> str:
-        # One rule for regions: the Session's own validator.
-        MachineSpec(region=value)
+        # One rule for regions: the Session's own validator, its reason reported on this field
+        # (a nested ValidationError would name ``template.region.region``).
+        try:
+            MachineSpec(region=value)
+        except ValidationError as exc:
+            raise ValueError(str(exc.errors()[0]["msg"]).removeprefix("Value error, ")) from None
         return value
 
 

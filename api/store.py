@@ -34,8 +34,6 @@ slots, so they are separate commands:
 
 from __future__ import annotations
 
-import base64
-import binascii
 import builtins
 import json
 import uuid
@@ -45,6 +43,9 @@ from typing import Any, Literal
 import redis.asyncio as aioredis
 
 from api import keys
+from api.cursor import InvalidCursor as InvalidCursor
+from api.cursor import decode_cursor as decode_cursor
+from api.cursor import encode_cursor as encode_cursor
 from api.models import (
     InboxMessage,
     Metadata,
@@ -64,30 +65,11 @@ from api.store_base import (
     session_from_hash,
     unavailable_on_redis_error,
 )
-
-
-class InvalidCursor(ValueError):
-    """A pagination cursor that this store did not hand out."""
-
+from api.store_pool_records import PoolRecords
 
 ApplyResult = Literal[
     "created", "configured", "unchanged", "exists", "deleting", "missing", "mode_conflict", "finished"
 ]
-
-
-def encode_cursor(last_id: str) -> str:
-    return base64.urlsafe_b64encode(f"v1:{last_id}".encode()).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> str:
-    try:
-        padded = cursor + "=" * (-len(cursor) % 4)
-        raw = base64.urlsafe_b64decode(padded.encode()).decode()
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        raise InvalidCursor("cursor is not one this server handed out") from None
-    if not raw.startswith("v1:") or len(raw) > 80:
-        raise InvalidCursor("cursor is not one this server handed out")
-    return raw[3:]
 
 
 # KEYS: session hash. ARGV: meta, labels, spec, status, mode.
@@ -170,8 +152,9 @@ class ListPage:
     cursor: str | None
 
 
-class ApiStore(SessionIndexReads):
-    """What the API does with sessions: create, apply, get, list, delete, message, read events."""
+class ApiStore(SessionIndexReads, PoolRecords):
+    """What the API does with sessions: create, apply, get, list, delete, message, read events;
+    and with pools (:class:`api.store_pool_records.PoolRecords`)."""
 
     def __init__(self, redis: aioredis.Redis, **kwargs: Any) -> None:
         super().__init__(redis, **kwargs)

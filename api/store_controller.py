@@ -71,11 +71,12 @@ return 1
 
 @dataclass(frozen=True)
 class Change:
-    """One entry of the change feed."""
+    """One entry of the change feed: a session's (``session_id``) or a pool's (``pool``, and no session)."""
 
     entry_id: str
     session_id: str
     kind: str
+    pool: str | None = None
 
 
 class ControllerStore(
@@ -216,7 +217,10 @@ class ControllerStore(
         else:
             reply = await self._blocking.xread({keys.CHANGES: after_id}, count=count, block=block_ms)
             entries = reply[0][1] if reply else []
-        return [Change(entry_id=str(eid), session_id=f["id"], kind=f["kind"]) for eid, f in entries]
+        return [
+            Change(entry_id=str(eid), session_id=f.get("id", ""), kind=f["kind"], pool=f.get("pool"))
+            for eid, f in entries
+        ]
 
     # -- wake channel -----------------------------------------------------------------------------
 

@@ -2,12 +2,12 @@
 
 User verbs talk to the API over HTTP (:mod:`api.client`; ``FLYSWARM_URL``, ``FLYSWARM_TOKEN``)::
 
-    apply -f FILE|DIR|-         create or update sessions from manifests
-    get sessions | get session ID
-    describe session ID
+    apply -f FILE|DIR|-         create or update sessions and pools from manifests
+    get sessions | get session ID | get pools | get pool NAME
+    describe session ID | describe pool NAME
     logs ID [-f]                the session's events (SSE, resumed with Last-Event-ID)
     send ID MESSAGE             a chat message
-    delete ID... | -f FILE      [--wait]
+    delete ID... | delete pool NAME... | -f FILE      [--wait]
     wait ID --for=phase=Succeeded [--timeout 300s]
 
 Process verbs run one component in the foreground (``api``, ``gateway``, ``controller``, ``agent``,
@@ -69,11 +69,17 @@ def session_id(arg: str) -> str:
     return arg
 
 
-def _check_resource(resource: str) -> None:
+def _check_resource(resource: str) -> str:
+    """``session`` or ``pool``, from any word ``get``/``describe`` take for them."""
+    from cli.pools import is_pool_resource
+
+    if is_pool_resource(resource):
+        return "pool"
     if resource.lower() not in SESSION_RESOURCES:
         raise click.BadParameter(
-            f"unknown resource type {resource!r} (flyswarm knows: session)", param_hint="TYPE"
+            f"unknown resource type {resource!r} (flyswarm knows: session, pool)", param_hint="TYPE"
         )
+    return "session"
 
 
 def parse_duration(text: str) -> float:
@@ -169,11 +175,11 @@ def main() -> None:
     "-o", "--output", type=click.Choice(["name", "json", "yaml"]), default=None, help="Print the results."
 )
 def apply(filenames: tuple[str, ...], dry_run: bool, output: str | None) -> None:
-    """Create or update sessions from manifests (kind: Session).
+    """Create or update sessions and pools from manifests (kind: Session, kind: Pool).
 
-    Every document is validated locally first; nothing is sent unless all are valid.
-    Documents with metadata.name are applied with PUT (create or update); documents without a
-    name are created with POST and get a generated id.
+    Every document is validated locally first; nothing is sent unless all are valid. A file may
+    mix kinds. Documents with metadata.name are applied with PUT (create or update); sessions
+    without a name are created with POST and get a generated id (a pool must be named).
     """
     from cli.manifests import ManifestError, load
 
@@ -186,7 +192,7 @@ def apply(filenames: tuple[str, ...], dry_run: bool, output: str | None) -> None
         sys.exit(1)
     if dry_run:
         for doc in documents:
-            click.echo(f"session/{doc.name or '<generated>'} valid (dry run)")
+            click.echo(f"{doc.label} valid (dry run)")
         return
     from api.client import ApiError
 
@@ -194,21 +200,23 @@ def apply(filenames: tuple[str, ...], dry_run: bool, output: str | None) -> None
     failed = 0
     with _client() as client:
         for doc in documents:
-            label = f"session/{doc.name}" if doc.name else f"{doc.source}: document {doc.index}"
+            label = doc.label if doc.name else f"{doc.source}: document {doc.index}"
             try:
                 result = client.apply(doc.resource)
             except ApiError as exc:
                 failed += 1
                 click.echo(f"error: {label}: {exc}", err=True)
                 continue
-            results.append(_public(result.session))
-            name = (result.session.get("metadata") or {}).get("name") or doc.name
+            results.append(_public(result.resource))
+            name = (result.resource.get("metadata") or {}).get("name") or doc.name
             if output is None:
-                click.echo(f"session/{name} {result.action}")
+                click.echo(f"{doc.kind.lower()}/{name} {result.action}")
             elif output == "name":
-                click.echo(f"session/{name}")
+                click.echo(f"{doc.kind.lower()}/{name}")
     if output in ("json", "yaml"):
-        payload: Any = results[0] if len(results) == 1 else {"kind": "SessionList", "items": results}
+        kinds = {doc.kind for doc in documents}
+        list_kind = "SessionList" if kinds == {"Session"} else "List"
+        payload: Any = results[0] if len(results) == 1 else {"kind": list_kind, "items": results}
         click.echo(_dump(payload, output))
     if failed:
         sys.exit(1)
@@ -224,10 +232,14 @@ def apply(filenames: tuple[str, ...], dry_run: bool, output: str | None) -> None
 @click.option("--phase", help="Only sessions in this phase (Pending, Running, Succeeded, ...).")
 @click.option("-o", "--output", type=click.Choice(OUTPUTS), default="table", show_default=True)
 def get(resource: str, name: str | None, selector: str | None, phase: str | None, output: str) -> None:
-    """List sessions, or show one: `get sessions`, `get session ID`."""
+    """List sessions or pools, or show one: `get sessions`, `get session ID`, `get pools`, `get pool NAME`."""
     from cli import render
 
-    _check_resource(resource)
+    if _check_resource(resource) == "pool":
+        if phase is not None:
+            raise click.BadParameter("pools have no phase", param_hint="--phase")
+        _get_pools(name, selector, output)
+        return
     if phase is not None:
         phase = _phase_name(phase)
     with _client() as client:
@@ -248,6 +260,31 @@ def get(resource: str, name: str | None, selector: str | None, phase: str | None
         click.echo(render.sessions_table(items, wide=output == "wide"))
 
 
+def _pool_name(arg: str) -> str:
+    """Accept ``NAME``, ``pool/NAME`` and ``pools/NAME``."""
+    for prefix in ("pool/", "pools/"):
+        if arg.startswith(prefix):
+            return arg[len(prefix) :]
+    return arg
+
+
+def _get_pools(name: str | None, selector: str | None, output: str) -> None:
+    from cli.pools import pools_table
+
+    with _client() as client:
+        items = [client.get_pool(_pool_name(name))] if name else client.list_pools(selector=selector)
+    if output in ("json", "yaml"):
+        payload: Any = (
+            items[0] if name else {"apiVersion": "flyswarm.dev/v1", "kind": "PoolList", "items": items}
+        )
+        click.echo(_dump(payload, output))
+    elif output == "name":
+        for item in items:
+            click.echo(f"pool/{(item.get('metadata') or {}).get('name', '')}")
+    else:
+        click.echo(pools_table(items, wide=output == "wide"))
+
+
 # -- describe ---------------------------------------------------------------------------------------
 
 
@@ -258,10 +295,15 @@ def get(resource: str, name: str | None, selector: str | None, phase: str | None
     "--events", "event_count", default=20, show_default=True, help="How many recent events to show."
 )
 def describe(resource: str, name: str, event_count: int) -> None:
-    """Show a session in detail: spec, status, conditions, the agent's report and recent events."""
+    """Show a session (spec, status, conditions, the agent's report, recent events) or a pool."""
     from cli import render
 
-    _check_resource(resource)
+    if _check_resource(resource) == "pool":
+        from cli.pools import describe_pool
+
+        with _client() as client:
+            click.echo(describe_pool(client.get_pool(_pool_name(name))))
+        return
     sid = session_id(name)
     with _client() as client:
         item = client.get(sid)
@@ -403,21 +445,41 @@ def diff(name: str, stat: bool) -> None:
 # -- delete -----------------------------------------------------------------------------------------
 
 
+def _delete_targets(names: tuple[str, ...]) -> list[tuple[str, str]]:
+    """``(kind, name)`` of each argument: ``ID``, ``session/ID``, ``pool/NAME``, or ``pool NAME...``
+    (a leading resource word, as kubectl takes it, applies to every name after it)."""
+    from cli.pools import is_pool_resource
+
+    if len(names) > 1 and (is_pool_resource(names[0]) or names[0].lower() in SESSION_RESOURCES):
+        kind = "pool" if is_pool_resource(names[0]) else "session"
+        strip = _pool_name if kind == "pool" else session_id
+        return [(kind, strip(n)) for n in names[1:]]
+    return [
+        ("pool", _pool_name(n)) if n.startswith(("pool/", "pools/")) else ("session", session_id(n))
+        for n in names
+    ]
+
+
 @main.command(context_settings=CONTEXT)
 @click.argument("names", nargs=-1)
 @click.option(
-    "-f", "--filename", "filenames", multiple=True, help="Delete the sessions named in these manifests."
+    "-f",
+    "--filename",
+    "filenames",
+    multiple=True,
+    help="Delete the sessions and pools named in these manifests.",
 )
-@click.option("--wait", "wait_", is_flag=True, help="Wait until the sessions are gone (machines destroyed).")
+@click.option("--wait", "wait_", is_flag=True, help="Wait until they are gone (machines destroyed).")
 @click.option("--timeout", default="120s", show_default=True, help="How long --wait waits.")
-@click.option("--ignore-not-found", is_flag=True, help="Succeed for sessions that do not exist.")
+@click.option("--ignore-not-found", is_flag=True, help="Succeed for names that do not exist.")
 def delete(
     names: tuple[str, ...], filenames: tuple[str, ...], wait_: bool, timeout: str, ignore_not_found: bool
 ) -> None:
-    """Delete sessions: the controller destroys their machines, then the records go."""
+    """Delete sessions (`delete ID...`) or pools (`delete pool NAME...`): the controller destroys
+    their machines, then the records go."""
     from api.client import NotFound
 
-    targets = [session_id(n) for n in names]
+    targets = _delete_targets(names)
     if filenames:
         from cli.manifests import ManifestError, load
 
@@ -428,34 +490,35 @@ def delete(
         unnamed = [f"{d.source}: document {d.index}" for d in documents if not d.name]
         if unnamed:
             fail("cannot delete documents without metadata.name: " + ", ".join(unnamed))
-        targets += [d.name for d in documents if d.name]
+        targets += [(d.kind.lower(), d.name) for d in documents if d.name]
     if not targets:
-        raise click.UsageError("give session names or -f FILE")
+        raise click.UsageError("give session names, pool NAME..., or -f FILE")
     deadline = time.monotonic() + parse_duration(timeout)
     missing = 0
     with _client() as client:
+        calls = {"session": (client.delete, client.get), "pool": (client.delete_pool, client.get_pool)}
         pending = []
-        for sid in dict.fromkeys(targets):
+        for kind, name in dict.fromkeys(targets):
             try:
-                client.delete(sid)
+                calls[kind][0](name)
             except NotFound:
                 if not ignore_not_found:
-                    click.echo(f"error: session/{sid} not found", err=True)
+                    click.echo(f"error: {kind}/{name} not found", err=True)
                     missing += 1
                 continue
-            pending.append(sid)
+            pending.append((kind, name))
             if not wait_:
-                click.echo(f"session/{sid} deleted")
+                click.echo(f"{kind}/{name} deleted")
         if wait_:
-            for sid in pending:
+            for kind, name in pending:
                 while True:
                     try:
-                        client.get(sid)
+                        calls[kind][1](name)
                     except NotFound:
-                        click.echo(f"session/{sid} deleted")
+                        click.echo(f"{kind}/{name} deleted")
                         break
                     if time.monotonic() > deadline:
-                        fail(f"timed out waiting for session/{sid} to be deleted")
+                        fail(f"timed out waiting for {kind}/{name} to be deleted")
                     time.sleep(0.5)
     if missing:
         sys.exit(1)
@@ -713,6 +776,8 @@ def demo(path: str | None, timeout: str) -> None:
         documents = load([_examples_dir(path)])
     except ManifestError as exc:
         fail("invalid example manifests\n" + "\n".join(f"  {p}" for p in exc.problems))
+    # Sessions only: the example pool would boot a whole pool of machines on this one computer.
+    documents = [d for d in documents if d.kind == "Session"]
     tasks = [d for d in documents if d.resource.get("spec", {}).get("mode", "task") == "task" and d.name]
     target = next((d for d in tasks if d.source.endswith("task.yaml")), tasks[0] if tasks else None)
     if target is None or target.name is None:

@@ -1,15 +1,16 @@
-"""Session manifests: reading ``-f FILE|DIR|-`` and validating every document before any call.
+"""Manifests: reading ``-f FILE|DIR|-`` and validating every document (Session or Pool) before any call.
 
 A manifest is YAML (one or many documents separated by ``---``) or JSON (one object, a list of
 objects, or a ``kind: List`` with ``items``). A directory means every ``*.yaml``, ``*.yml`` and
 ``*.json`` file directly in it, in name order (like ``kubectl apply -f DIR``, not recursive).
 
-Validation uses the API's own models (:class:`api.models.Session`), so a manifest the CLI accepts
-is one the server accepts too, and every problem is reported at once with its place:
-``FILE: document N: FIELD: REASON``. Server-owned parts (``status``, ``agent``, and the server-set
-metadata ``uid``, ``generation``, ``createdAt``, ``deletionTimestamp``) are dropped, as
-``kubectl apply`` ignores them, so the output of ``flyswarm get session X -o yaml`` can be applied
-again.
+One file may mix kinds; each document is checked by its ``kind`` against the API's own model
+(:class:`api.models.Session`, :class:`api.pool_models.Pool`), so a manifest the CLI accepts is one
+the server accepts too (a Pool must be named; a Session's name may be generated), and every
+problem is reported at once with its place: ``FILE: document N: FIELD: REASON``. Server-owned
+parts (``status``, ``agent``, and the server-set metadata ``uid``, ``generation``, ``createdAt``,
+``deletionTimestamp``) are dropped, as ``kubectl apply`` ignores them, so the output of
+``flyswarm get session X -o yaml`` (or ``get pool X``) can be applied again.
 """
 
 from __future__ import annotations
@@ -25,10 +26,13 @@ import yaml
 from pydantic import ValidationError
 
 from api.models import API_VERSION, KIND, Session, field_path
+from api.pool_models import POOL_KIND, Pool
 
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
 SERVER_METADATA = ("uid", "generation", "createdAt", "deletionTimestamp")
 SERVER_PARTS = ("status", "agent", "usage")
+#: The kinds a manifest may declare, and the model each is validated with.
+MODELS: dict[str, type[Session] | type[Pool]] = {KIND: Session, POOL_KIND: Pool}
 # Fields the API adds to its answers for the orchestrator-compatible short form.
 CONVENIENCE_FIELDS = ("session_id", "machine_id", "created_at", "state")
 # Stands in for a missing metadata.name while validating (the server generates the real id).
@@ -59,11 +63,21 @@ class ManifestError(Exception):
 
 @dataclass(frozen=True)
 class Document:
-    """One validated Session document, ready to send (server-owned parts removed)."""
+    """One validated document, ready to send (server-owned parts removed)."""
 
     source: str
     index: int
     resource: dict[str, Any]
+
+    @property
+    def kind(self) -> str:
+        """``Session`` or ``Pool``."""
+        return str(self.resource.get("kind", KIND))
+
+    @property
+    def label(self) -> str:
+        """``session/NAME`` or ``pool/NAME`` (``<generated>`` for an unnamed session), as apply prints it."""
+        return f"{self.kind.lower()}/{self.name or '<generated>'}"
 
     @property
     def name(self) -> str | None:
@@ -135,14 +149,16 @@ def clean(document: dict[str, Any]) -> dict[str, Any]:
 
 
 def validate(document: Any, source: str, index: int) -> tuple[dict[str, Any] | None, list[Problem]]:
-    """Check one document against :class:`api.models.Session`; returns the cleaned resource or problems."""
+    """Check one document against the model of its kind; returns the cleaned resource or problems."""
     if not isinstance(document, dict):
         kind = type(document).__name__
-        return None, [Problem(source, index, "", f"a document must be a mapping (a Session), not a {kind}")]
+        reason = f"a document must be a mapping (a Session or a Pool), not a {kind}"
+        return None, [Problem(source, index, "", reason)]
     problems: list[Problem] = []
-    if document.get("kind") != KIND:
+    model = MODELS.get(str(document.get("kind")))
+    if model is None:
         found = document.get("kind")
-        reason = "required (must be Session)" if found is None else f"must be Session, not {found!r}"
+        reason = "required (Session or Pool)" if found is None else f"must be Session or Pool, not {found!r}"
         problems.append(Problem(source, index, "kind", reason))
     if document.get("apiVersion") != API_VERSION:
         found = document.get("apiVersion")
@@ -161,9 +177,12 @@ def validate(document: Any, source: str, index: int) -> tuple[dict[str, Any] | N
     candidate = dict(resource)
     if not metadata.get("name"):
         metadata.pop("name", None)
+        if model is Pool:
+            return None, [Problem(source, index, "metadata.name", "required (a Pool is named)")]
         candidate["metadata"] = {**metadata, "name": _PLACEHOLDER_NAME}
+    assert model is not None
     try:
-        Session.model_validate(candidate)
+        model.model_validate(candidate)
     except ValidationError as exc:
         for error in exc.errors(include_url=False, include_input=False):
             loc = [p for p in error.get("loc", ()) if isinstance(p, (int, str))]
@@ -213,17 +232,18 @@ def load(targets: Sequence[str], stdin: IO[str] | None = None) -> list[Document]
                     continue
                 doc = Document(source, index, resource)
                 if doc.name is not None:
-                    if doc.name in seen:
+                    # A session and a pool may share a name; two of one kind may not.
+                    if doc.label in seen:
                         problems.append(
                             Problem(
                                 source,
                                 index,
                                 "metadata.name",
-                                f"{doc.name!r} is also declared in {seen[doc.name]}",
+                                f"{doc.name!r} is also declared in {seen[doc.label]}",
                             )
                         )
                         continue
-                    seen[doc.name] = f"{source} document {index}"
+                    seen[doc.label] = f"{source} document {index}"
                 documents.append(doc)
     if problems:
         raise ManifestError(problems)

@@ -49,7 +49,8 @@ async def follow_change_feed(
             continue
         for change in changes:
             last = change.entry_id
-            wake(change.session_id)
+            if change.session_id:  # pool entries ({"pool": name}) name no session
+                wake(change.session_id)
 
 
 async def follow_wakes(store: ControllerStore, wake: Callable[[str], None]) -> None:

@@ -76,6 +76,7 @@ def test_only_the_fly_client_imports_httpx_in_the_controller() -> None:
 
 STORE_MODULES = {
     "api.store",
+    "api.store_pool_records",
     "api.store_agent",
     "api.store_controller",
     "api.store_teardown",

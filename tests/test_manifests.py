@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 import yaml
 
-from api.models import Session
+from api.models import Guest, Session
+from api.pool_models import Pool, fits
 from cli.manifests import load
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -283,12 +284,27 @@ def test_workflow_deploys_staging_on_main_and_production_on_tags_after_lint_and_
 # -- example sessions -------------------------------------------------------------------------------
 
 
-def test_every_example_validates_against_the_session_schema() -> None:
+def test_every_example_validates_against_the_schema_of_its_kind() -> None:
     documents = load([str(EXAMPLES)])
 
-    assert len(documents) == 13
+    assert [d.kind for d in documents].count("Session") == 13
     for doc in documents:
-        assert Session.model_validate(doc.resource).id == doc.name
+        model = Pool if doc.kind == "Pool" else Session
+        assert model.model_validate(doc.resource).metadata.name == doc.name
+
+
+def test_the_example_pool_keeps_twenty_suspended_machines_for_ci_sessions_in_fra() -> None:
+    (doc,) = load([str(EXAMPLES / "pool.yaml")])
+    pool = Pool.model_validate(doc.resource)
+    spec = pool.spec
+
+    assert (spec.mode, spec.size, spec.template.region) == ("suspended", 20, "fra")
+    assert spec.template.guest == Guest(cpuKind="shared", cpus=1, memoryMb=1024)
+    assert spec.selector is not None and spec.selector.matchLabels == {"team": "ci"}
+    ci_session = {**load([str(EXAMPLES / "task.yaml")])[0].resource}
+    ci_session["metadata"] = {**ci_session["metadata"], "labels": {"team": "ci"}}
+    assert fits(spec, Session.model_validate(ci_session))
+    assert not fits(spec, Session.model_validate(load([str(EXAMPLES / "task.yaml")])[0].resource))
 
 
 def test_examples_cover_a_task_a_sleeping_chat_and_a_labelled_batch_of_ten() -> None:

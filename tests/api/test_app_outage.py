@@ -47,6 +47,9 @@ async def test_api_answers_503_while_redis_is_down_and_recovers_when_it_returns(
             assert "Traceback" not in down.text
             posted = await client.post("/sessions", json={"prompt": "p"})
             assert posted.status_code == 503
+            pool = {"kind": "Pool", "metadata": {"name": "warm"}, "spec": {"size": 1}}
+            pool_down = await client.put("/pools/warm", json=pool)
+            assert pool_down.status_code == 503 and pool_down.json()["error"]["code"] == "unavailable"
             ready = await client.get("/readyz")
             assert ready.status_code == 503 and ready.json()["error"]["code"] == "unavailable"
             assert (await client.get("/health")).status_code == 200
@@ -57,7 +60,8 @@ async def test_api_answers_503_while_redis_is_down_and_recovers_when_it_returns(
             assert (await client.get("/readyz")).status_code == 200
             again = await client.post("/sessions", json={"prompt": "after", "session_id": "after-outage"})
             assert again.status_code == 201
+            assert (await client.put("/pools/warm", json=pool)).status_code == 201
             metrics = (await client.get("/metrics")).text
-            assert "flyswarm_api_store_unavailable_total 2.0" in metrics
+            assert "flyswarm_api_store_unavailable_total 3.0" in metrics
     finally:
         await app.state.ctx.store.close()

@@ -48,6 +48,8 @@ def chat() -> SessionSpec:
 #: What the cluster test below calls (``from_url``, ``connect`` and ``close`` by the fixtures).
 EXERCISED = {
     "Store": {
+        # pools (the API's): exercised on the cluster by tests/api/test_pools.py
+        "apply_pool", "create_pool", "get_pool", "list_pools", "mark_pool_deleted", "new_pool",
         "acquire_lease", "acquire_shard", "all_ids", "announce_member", "leave_members",
         "release_shard", "renew_shards", "shard_holders", "all_sessions", "append_event", "apply",
         "clear_launch", "close",

@@ -73,9 +73,10 @@ def stop_api(api: LiveApi) -> None:
         api.process.wait(10)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def live_api(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveApi]:
-    # A short keep-alive makes followed streams notice a finished session quickly.
+    # One per test process (every CLI module shares it; each test flushes Redis). A short
+    # keep-alive makes followed streams notice a finished session quickly.
     api = serve_api(tmp_path_factory.mktemp("api"), redis_server.url, FLYSWARM_SSE_KEEPALIVE_SECONDS="0.5")
     try:
         yield api

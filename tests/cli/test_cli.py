@@ -81,7 +81,7 @@ def test_apply_takes_a_directory_of_multi_document_yaml(cli: Cli, api_url: str) 
 
     assert result.exit_code == 0, result.stderr
     lines = result.stdout.strip().splitlines()
-    assert len(lines) == 12
+    assert len(lines) == 13 and "pool/ci-fra created" in lines  # examples/pool.yaml
     assert all(line.endswith(" created") for line in lines)
     expected = sorted(["hello-task", "coach-demo", *[f"batch-{i:02d}" for i in range(1, 11)]])
     assert _session_names(api_url) == expected
@@ -139,7 +139,7 @@ def test_invalid_manifest_names_file_document_field_and_reason_and_sends_nothing
     assert f"{path}: document 2: metadata.name: must be a DNS label" in err
     assert f"{path}: document 2: spec.maxTurns: Input should be greater than or equal to 1" in err
     assert f"{path}: document 2: spec.colour: unknown field" in err
-    assert f"{path}: document 3: kind: must be Session, not 'Pod'" in err
+    assert f"{path}: document 3: kind: must be Session or Pool, not 'Pod'" in err
     assert _session_names(api_url) == []
 
 
