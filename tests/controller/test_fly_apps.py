@@ -36,14 +36,17 @@ CREATE_LIMIT = Limit(rate=1.0, burst=3).scaled(0.9)
 # -- settings and the choice of app (pure, injected clock) ------------------------------------------
 
 
-def test_the_apps_setting_is_a_validated_list_and_the_single_app_means_a_list_of_one() -> None:
+def test_the_apps_setting_is_a_validated_list_and_the_single_app_means_a_list_of_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     assert parse_app_list(" app-a, app-b ,") == ("app-a", "app-b")
     assert ControllerSettings(fly_app_name="solo").agent_apps == ("solo",)
-    both = ControllerSettings(_env_file=None, **{"FLYSWARM_FLY_APPS": "app-a,app-b"})  # type: ignore[arg-type]
-    assert both.agent_apps == ("app-a", "app-b")
+    monkeypatch.setenv("FLYSWARM_FLY_APPS", "app-a,app-b")
+    assert ControllerSettings().agent_apps == ("app-a", "app-b")
     for bad, why in (("app-a,App_B", "not a Fly app name"), ("app-a,app-a", "listed twice")):
+        monkeypatch.setenv("FLYSWARM_FLY_APPS", bad)
         with pytest.raises(ValidationError) as caught:
-            ControllerSettings(_env_file=None, **{"FLYSWARM_FLY_APPS": bad})  # type: ignore[arg-type]
+            ControllerSettings()
         assert "FLYSWARM_FLY_APPS" in str(caught.value) and why in str(caught.value)
 
 
