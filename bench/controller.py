@@ -53,6 +53,7 @@ from api.models import Phase, SessionSpec  # noqa: E402
 from api.store import ApiStore  # noqa: E402
 from api.store_agent import AgentStore  # noqa: E402
 from api.store_controller import ControllerStore  # noqa: E402
+from bench.channel import start_gateway  # noqa: E402
 from controller.executor import SoleAuthority, observed_from_fly  # noqa: E402
 from controller.fly import FlyClient, FlyClientConfig  # noqa: E402
 from controller.machine_config import MachineConfigBuilder  # noqa: E402
@@ -318,6 +319,15 @@ async def one_pass(reconciler: Reconciler) -> Any:
 # -- (b) 100 sessions to Running under Fly's rate limits --------------------------------------------
 
 
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 @contextlib.asynccontextmanager
 async def running_controller(settings: ControllerSettings, **kwargs: Any) -> AsyncIterator[Controller]:
     controller = Controller(settings, serve_health=False, **kwargs)
@@ -335,9 +345,19 @@ async def bench_time_to_running(redis_url: str, work: Path, count: int, apps: in
     admin = aioredis.Redis.from_url(redis_url, decode_responses=True)
     await admin.flushall()
     app_names = [APP] + [f"{APP}-{i + 1}" for i in range(1, apps)]
-    with emulator_process(port, work, "--rate-limits"):
+    # The agents reach their sessions' state through the gateway's agent channel (no Redis on machines).
+    gateway_port = free_port()
+    gateway = start_gateway(redis_url, gateway_port)
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(_stop, gateway)
+        cleanup.enter_context(emulator_process(port, work, "--rate-limits"))
         fly_url = f"http://127.0.0.1:{port}"
-        settings = settings_for(redis_url, fly_url, fly_apps=",".join(app_names))
+        settings = settings_for(
+            redis_url,
+            fly_url,
+            fly_apps=",".join(app_names),
+            agent_gateway_url=f"http://127.0.0.1:{gateway_port}",
+        )
         store = ApiStore.from_url(redis_url)
         try:
             async with running_controller(settings) as controller:
