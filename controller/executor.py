@@ -16,7 +16,8 @@
   expectation (:mod:`controller.expectations`), so a lagging list never causes a second create.
 * **Create pacing.** Creates are admitted at Fly's per-app create rate (:class:`CreatePacer`): a
   session whose turn is later is requeued for exactly then instead of holding a worker. With N
-  replicas each runs at 1/N of it (:meth:`CreatePacer.set_share`).
+  replicas each runs at 1/N of it (:meth:`CreatePacer.set_share`). With several agent apps each
+  slot names its app (:mod:`controller.fly_apps`), recorded in the launch record before the call.
 * **Destroy budget.** At most ``max_destroys_per_pass`` destroys per resync pass; the rest wait.
 
 One action is one Fly call: the executor never looks at a machine to choose another verb, and

@@ -6,8 +6,10 @@
   session, heartbeat, launch record and inbox state, pipelined). Never a call per session.
   The apps listed are the configured ones plus any app a live launch record still names
   (:mod:`controller.fly_apps`): the first read learns those from the launch records before it
-  lists, later reads from the previous read (settings do not change under a running process, so no
-  new such app can appear). A removed app that Fly no longer knows (404) holds nothing.
+  lists, later reads from the previous read (settings do not change under a running process, so
+  such an app can only newly appear with a shard this replica just took; its sessions' machines
+  are then read back by id, at the app their launch record names, until the next read lists it).
+  A removed app that Fly no longer knows (404) holds nothing.
 * :meth:`WorldReader.read_session` reads one session's whole input (four small reads, together).
 
 It also keeps what the reader learnt about its sources, which the plan needs to tell "unknown"
