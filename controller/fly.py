@@ -234,8 +234,9 @@ class FlyClient:
         self._clock = clock
         self._sleep = sleep
         self._rng = rng or random.Random()
-        #: machine id -> (its app, monotonic time we learnt it)
+        #: machine id -> (its app, monotonic time we learnt it); and how many machines per app
         self._homes: dict[str, tuple[str, float]] = {}
+        self._per_app: dict[str, int] = {}
         headers = {"User-Agent": config.user_agent}
         token = config.api_token
         if token:
@@ -586,9 +587,9 @@ class FlyClient:
                 deadline=deadline,
             )
         except NotFound:
-            self._homes.pop(machine_id, None)
+            self._forget(machine_id)
             return False
-        self._homes.pop(machine_id, None)
+        self._forget(machine_id)
         return True
 
     async def signal_machine(
@@ -891,7 +892,17 @@ class FlyClient:
 
     def remember(self, machine_id: str, app: str) -> None:
         """``machine_id`` lives in ``app`` (seen in its list, created there, or read from a launch record)."""
+        before = self._homes.get(machine_id)
         self._homes[machine_id] = (app, self._clock())
+        if before is None or before[0] != app:
+            if before is not None:
+                self._per_app[before[0]] -= 1
+            self._per_app[app] = self._per_app.get(app, 0) + 1
+
+    def _forget(self, machine_id: str) -> None:
+        before = self._homes.pop(machine_id, None)
+        if before is not None:
+            self._per_app[before[0]] -= 1
 
     def app_of(self, machine_id: str) -> str | None:
         """The app we know ``machine_id`` lives in, or None."""
@@ -900,10 +911,7 @@ class FlyClient:
 
     def machine_counts(self) -> dict[str, int]:
         """How many machines we know per app (the spreading's load figure)."""
-        counts = dict.fromkeys(self.config.apps, 0)
-        for app, _learnt in self._homes.values():
-            counts[app] = counts.get(app, 0) + 1
-        return counts
+        return {**dict.fromkeys(self.config.apps, 0), **self._per_app}
 
     def retain_listed(self, app: str, machine_ids: Iterable[str], listed_from: float) -> None:
         """A whole list of ``app`` (started at monotonic ``listed_from``) showed ``machine_ids``:
@@ -915,12 +923,12 @@ class FlyClient:
             if home == app and mid not in keep and learnt < listed_from
         ]
         for mid in stale:
-            del self._homes[mid]
+            self._forget(mid)
 
     def known_apps(self) -> tuple[str, ...]:
         """The configured apps, the default app, then any other app a machine was seen in."""
         apps = list(self.config.apps)
-        for app in (self.config.app_name, *(home for home, _ in self._homes.values())):
+        for app in (self.config.app_name, *(app for app, count in self._per_app.items() if count > 0)):
             if app not in apps:
                 apps.append(app)
         return tuple(apps)
