@@ -12,7 +12,9 @@ Three measurements, each against a real redis-server and the Fly Machines emulat
     beside the lower bound those limits allow: create is 1 req/s with a burst of 3 per app, so the
     100th create cannot happen before (100 - 3) / 1 s = 97 s. The machines run
     ``local/heartbeat_agent.py`` (a real minimal agent that only heartbeats), so the figure measures
-    the controller, not the Claude CLI.
+    the controller, not the Claude CLI. Run once per agent-app count (``--apps 1,2``): creates are
+    limited per app, so N apps lower the bound to (100 - 3N) / N s; the split of the creates over
+    the apps and the emulator's 429 count are printed beside it.
 (c) **Delay from ``POST /sessions`` to the Fly create call**, p50 / p99, over 100 sessions posted
     20 ms apart to the real API app; Fly's rate limits and our client's token buckets are off for
     this one, so the figure is the controller's reaction time (change feed -> worker -> plan ->
@@ -51,6 +53,7 @@ from api.models import Phase, SessionSpec  # noqa: E402
 from api.store import ApiStore  # noqa: E402
 from api.store_agent import AgentStore  # noqa: E402
 from api.store_controller import ControllerStore  # noqa: E402
+from bench.channel import start_gateway  # noqa: E402
 from controller.executor import SoleAuthority, observed_from_fly  # noqa: E402
 from controller.fly import FlyClient, FlyClientConfig  # noqa: E402
 from controller.machine_config import MachineConfigBuilder  # noqa: E402
@@ -316,6 +319,15 @@ async def one_pass(reconciler: Reconciler) -> Any:
 # -- (b) 100 sessions to Running under Fly's rate limits --------------------------------------------
 
 
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 @contextlib.asynccontextmanager
 async def running_controller(settings: ControllerSettings, **kwargs: Any) -> AsyncIterator[Controller]:
     controller = Controller(settings, serve_health=False, **kwargs)
@@ -328,13 +340,24 @@ async def running_controller(settings: ControllerSettings, **kwargs: Any) -> Asy
         await asyncio.wait_for(task, 60)
 
 
-async def bench_time_to_running(redis_url: str, work: Path, count: int) -> dict[str, Any]:
+async def bench_time_to_running(redis_url: str, work: Path, count: int, apps: int = 1) -> dict[str, Any]:
     port = free_port()
     admin = aioredis.Redis.from_url(redis_url, decode_responses=True)
     await admin.flushall()
-    with emulator_process(port, work, "--rate-limits"):
+    app_names = [APP] + [f"{APP}-{i + 1}" for i in range(1, apps)]
+    # The agents reach their sessions' state through the gateway's agent channel (no Redis on machines).
+    gateway_port = free_port()
+    gateway = start_gateway(redis_url, gateway_port)
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(_stop, gateway)
+        cleanup.enter_context(emulator_process(port, work, "--rate-limits"))
         fly_url = f"http://127.0.0.1:{port}"
-        settings = settings_for(redis_url, fly_url)
+        settings = settings_for(
+            redis_url,
+            fly_url,
+            fly_apps=",".join(app_names),
+            agent_gateway_url=f"http://127.0.0.1:{gateway_port}",
+        )
         store = ApiStore.from_url(redis_url)
         try:
             async with running_controller(settings) as controller:
@@ -359,13 +382,15 @@ async def bench_time_to_running(redis_url: str, work: Path, count: int) -> dict[
                 total = max(running_at.values()) - t0
                 stats = httpx.get(f"{fly_url}/_admin/stats", timeout=10).json()
                 per_session = sorted(running_at[s] - submitted[s] for s in running_at)
-                creates_at = [
-                    r["t"] for r in stats["recent"] if r["op"] == "Machines_create" and r["status"] == 200
-                ]
+                created = [r for r in stats["recent"] if r["op"] == "Machines_create" and r["status"] == 200]
+                creates_at = [r["t"] for r in created]
+                per_app = {app: sum(1 for r in created if r["scope"] == app) for app in app_names}
                 return {
                     "count": count,
+                    "apps": apps,
+                    "per_app": per_app,
                     "seconds": total,
-                    "lower_bound_s": (count - FLY_CREATE_BURST) / FLY_CREATE_RATE,
+                    "lower_bound_s": (count - FLY_CREATE_BURST * apps) / (FLY_CREATE_RATE * apps),
                     "p50_s": statistics.median(per_session),
                     "rate_limited_429": stats["rate_limited"],
                     "last_create_s": max(creates_at) - t0_wall if creates_at else float("nan"),
@@ -487,19 +512,22 @@ async def run(args: argparse.Namespace) -> None:
                 "    machines run local/heartbeat_agent.py (heartbeats only): "
                 "this measures the controller, not the CLI"
             )
-            r = await bench_time_to_running(redis.url, work, args.create)
-            print(
-                f"    all Running after {r['seconds']:.1f} s; lower bound from Fly's create limit "
-                f"(1/s, burst 3): {r['lower_bound_s']:.0f} s; ratio {r['seconds'] / r['lower_bound_s']:.2f}"
-            )
-            print(
-                f"    last create answered at {r['last_create_s']:.1f} s (our client paces creates at 90 % "
-                f"of Fly's rate: {(args.create - FLY_CREATE_BURST) / (0.9 * FLY_CREATE_RATE):.0f} s at best)"
-            )
-            print(
-                f"    p50 time to Running per session {r['p50_s']:.1f} s; creates {r['creates']:.0f}; "
-                f"429s from the emulator {r['rate_limited_429']}"
-            )
+            for apps in args.apps:
+                r = await bench_time_to_running(redis.url, work, args.create, apps)
+                best = (args.create - FLY_CREATE_BURST * apps) / (0.9 * FLY_CREATE_RATE * apps)
+                print(
+                    f"  {apps} agent app(s): all Running after {r['seconds']:.1f} s; lower bound from Fly's "
+                    f"create limit (1/s, burst 3, per app): {r['lower_bound_s']:.0f} s; "
+                    f"ratio {r['seconds'] / r['lower_bound_s']:.2f}"
+                )
+                print(
+                    f"    last create answered at {r['last_create_s']:.1f} s (our client paces creates at "
+                    f"90 % of Fly's rate: {best:.0f} s at best)"
+                )
+                print(
+                    f"    p50 time to Running per session {r['p50_s']:.1f} s; creates {r['creates']:.0f} "
+                    f"per app {r['per_app']}; 429s from the emulator {r['rate_limited_429']}"
+                )
         if "c" in args.parts:
             print(
                 f"\n(c) delay from POST /sessions to the Fly create call ({args.react} sessions, 20 ms apart)"
@@ -528,8 +556,10 @@ def main() -> None:
     parser.add_argument("--sizes", default="1000,10000", help="session counts for (a)")
     parser.add_argument("--create", type=int, default=100, help="sessions for (b)")
     parser.add_argument("--react", type=int, default=100, help="sessions for (c)")
+    parser.add_argument("--apps", default="1,2", help="agent-app counts for (b), one run each")
     args = parser.parse_args()
     args.sizes = [int(x) for x in args.sizes.split(",") if x]
+    args.apps = [int(x) for x in args.apps.split(",") if x]
     asyncio.run(run(args))
 
 

@@ -16,7 +16,8 @@
   expectation (:mod:`controller.expectations`), so a lagging list never causes a second create.
 * **Create pacing.** Creates are admitted at Fly's per-app create rate (:class:`CreatePacer`): a
   session whose turn is later is requeued for exactly then instead of holding a worker. With N
-  replicas each runs at 1/N of it (:meth:`CreatePacer.set_share`).
+  replicas each runs at 1/N of it (:meth:`CreatePacer.set_share`). With several agent apps each
+  slot names its app (:mod:`controller.fly_apps`), recorded in the launch record before the call.
 * **Destroy budget.** At most ``max_destroys_per_pass`` destroys per resync pass; the rest wait.
 
 One action is one Fly call: the executor never looks at a machine to choose another verb, and
@@ -35,7 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -65,12 +66,13 @@ from controller.actions import (
 )
 from controller.expectations import Expectations
 from controller.fly import FLY_ACTION_LIMIT, FlyClient
+from controller.fly_apps import AppSpreader, CreateSlot
 from controller.fly_types import Machine, MachineConfig
 from controller.machine_config import machine_name
 from controller.machine_state import GONE
 from controller.metrics import ControllerMetrics
 from controller.observed import MANAGED_VALUE, TAG_LAUNCH, TAG_MANAGED, ObservedMachine, parse_tags
-from controller.ratelimit import Limit, TokenBucket
+from controller.ratelimit import Limit
 
 _log = get_logger("controller.executor")
 
@@ -142,6 +144,10 @@ class ExecutorSettings:
 class CreatePacer:
     """Hands out create slots at Fly's per-app create rate, so workers never sleep on a create token.
 
+    With several agent apps each has its own bucket and a slot names its app
+    (:class:`controller.fly_apps.AppSpreader`: soonest token, then least loaded), so N apps admit
+    N creates per second.
+
     Fly allows 1 create per second per app (burst 3). With a hundred sessions waiting, a worker that
     called create would sit in the client's token bucket for up to a minute, and the rest of the
     fleet (restarts, wakes) would wait behind it. Instead each session takes a *slot* in a token
@@ -152,38 +158,50 @@ class CreatePacer:
 
     _TOLERANCE = 0.05
 
-    def __init__(self, limit: Limit | None, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        limit: Limit | None,
+        *,
+        apps: Sequence[str] = ("agents",),
+        load: Callable[[], Mapping[str, int]] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._clock = clock
-        self._limit = limit
-        self._bucket = TokenBucket(limit, clock()) if limit is not None else None
-        self._slots: dict[str, float] = {}
+        self.spreader = AppSpreader(apps, limit, load=load, clock=clock)
+        self._slots: dict[str, tuple[float, str]] = {}
 
     def set_share(self, share: float) -> None:
-        """Admit creates at ``share`` of the rate (N replicas share one app's create budget)."""
-        if self._bucket is not None and self._limit is not None:
-            self._bucket.limit = self._limit.shared(share)
+        """Admit creates at ``share`` of the rate (N replicas share each app's create budget)."""
+        self.spreader.set_share(share)
 
     def admit(self, session_id: str) -> float:
         """0 when ``session_id`` may send its create now, else the seconds until its slot."""
-        if self._bucket is None:
-            return 0.0
+        return self.slot(session_id).wait
+
+    def slot(self, session_id: str, allowed: Sequence[str] | None = None) -> CreateSlot:
+        """``session_id``'s create slot: its app, and 0 or the seconds until it is due. A slot due
+        now must be followed by :meth:`settled` once the create is answered."""
         now = self._clock()
-        slot = self._slots.get(session_id)
-        if slot is not None:
-            if now + self._TOLERANCE >= slot:
+        held = self._slots.get(session_id)
+        if held is not None:
+            due, app = held
+            if now + self._TOLERANCE >= due:
                 del self._slots[session_id]
-                return 0.0
-            return slot - now
+                return CreateSlot(app=app, wait=0.0)
+            return CreateSlot(app=app, wait=due - now)
         self._expire(now)
-        wait = self._bucket.reserve(now) or 0.0
-        if wait <= self._TOLERANCE:
-            return 0.0
-        self._slots[session_id] = now + wait
-        return wait
+        slot = self.spreader.reserve(allowed)
+        if slot.wait <= self._TOLERANCE:
+            return CreateSlot(app=slot.app, wait=0.0)
+        self._slots[session_id] = (now + slot.wait, slot.app)
+        return slot
+
+    def settled(self, app: str) -> None:
+        self.spreader.settled(app)
 
     def _expire(self, now: float) -> None:
-        for key in [k for k, due in self._slots.items() if due < now - 60.0]:
-            del self._slots[key]
+        for key in [k for k, (due, _app) in self._slots.items() if due < now - 60.0]:
+            self.spreader.settled(self._slots.pop(key)[1])
 
     def __len__(self) -> int:
         return len(self._slots)
@@ -257,7 +275,9 @@ class Executor:
         self.destroy_budget = destroy_budget or DestroyBudget(self.settings.max_destroys_per_pass)
         fly_config = fly.config
         self.create_pacer = CreatePacer(
-            FLY_ACTION_LIMIT.scaled(fly_config.rate_margin) if fly_config.rate_limits else None
+            FLY_ACTION_LIMIT.scaled(fly_config.rate_margin) if fly_config.rate_limits else None,
+            apps=fly_config.apps,
+            load=fly.machine_counts,
         )
         self._now = clock
 
@@ -356,10 +376,16 @@ class Executor:
 
     async def _create(self, action: CreateMachine, session: Session, log: Any) -> Outcome:
         log = log.bind(launch_id=action.launch_id, region=action.region)
-        wait = self.create_pacer.admit(action.session_id)
-        if wait > 0:
+        slot = self.create_pacer.slot(action.session_id)
+        if slot.wait > 0:
             # Not our turn yet under Fly's create limit: come back when the slot is due.
-            return Requeue(wait)
+            return Requeue(slot.wait)
+        try:
+            return await self._create_in(slot.app, action, session, log.bind(app=slot.app))
+        finally:
+            self.create_pacer.settled(slot.app)
+
+    async def _create_in(self, app: str, action: CreateMachine, session: Session, log: Any) -> Outcome:
         # A fresh gateway token per launch: the previous machine's stops working at once.
         token = await self.store.mint_session_token(action.session_id)
         try:
@@ -374,7 +400,10 @@ class Executor:
         requested_at = self._now()
         # The record goes to Redis *before* the call: if we die after Fly created the machine, the
         # next controller finds it by this launch id instead of creating another one.
-        await self.store.record_launch(action.session_id, action.launch_id, {"region": action.region})
+        # The app too: later calls (and the lookup after an ambiguous create) address that app.
+        await self.store.record_launch(
+            action.session_id, action.launch_id, {"region": action.region, "app": app}
+        )
         self.expectations.launch_requested(action.session_id, action.launch_id, requested_at)
         try:
             machine = await self.fly.create_machine(
@@ -384,10 +413,11 @@ class Executor:
                 name=machine_name(action.session_id, action.launch_id),
                 region=action.region,
                 deadline=self._deadline(),
+                app=app,
             )
         except fly_errors.AmbiguousCreate as err:
             log.warning("machine_create_ambiguous", error=err.message)
-            return await self._find_launch(action, log)
+            return await self._find_launch(app, action, log)
         except fly_errors.FlyError as err:
             # The client raises AmbiguousCreate whenever the request may have reached Fly; any other
             # error means nothing was created, so the expectation is withdrawn and the plan may
@@ -409,14 +439,14 @@ class Executor:
             raise
         return await self._adopt(action, machine, log, looked_up=False)
 
-    async def _find_launch(self, action: CreateMachine, log: Any) -> Outcome:
+    async def _find_launch(self, app: str, action: CreateMachine, log: Any) -> Outcome:
         """After an ambiguous create: find the machine by its launch tag; never create blindly."""
         tags = {TAG_MANAGED: MANAGED_VALUE, TAG_LAUNCH: action.launch_id}
         for attempt in range(_LOOKUP_ATTEMPTS):
             if attempt:
                 await asyncio.sleep(_LOOKUP_PAUSE_SECONDS)
             try:
-                page = await self.fly.list_machines(metadata=tags, deadline=self._deadline())
+                page = await self.fly.list_machines(metadata=tags, deadline=self._deadline(), app=app)
             except fly_errors.FlyError as err:
                 if not err.transient:
                     raise

@@ -34,6 +34,11 @@ against it. Where Fly's own clients use forms the spec omits, we stay with the s
 - wait sends several states as repeated ``state`` parameters (each one valid against the enum;
   the comma form the description also allows would not validate).
 
+Several agent apps (``FlyClientConfig.apps``, see :mod:`controller.fly_apps`): ``list`` and
+``create`` name their app and take that app's bucket; every other call goes to the app of its
+machine, which the client remembers from creates and lists (and finds by asking each app once when
+it has not seen the machine).
+
 The token goes only into the ``Authorization`` header. It never appears in a log line, a repr
 or an exception message (error texts are scrubbed of it before they are stored).
 """
@@ -108,6 +113,8 @@ _log = get_logger("controller.fly")
 class FlyClientConfig:
     """Everything the client needs; the controller's settings build one of these."""
 
+    #: The app of machines whose app nothing else tells (the single-app setting; launch records
+    #: written before apps were recorded); also the default of list and create.
     app_name: str
     api_token: str = field(repr=False)
     base_url: str = DEFAULT_BASE_URL
@@ -126,6 +133,12 @@ class FlyClientConfig:
     #: Metrics hook: ``on_response(action, status, seconds)``; must not raise or block.
     on_response: OnResponse | None = field(default=None, compare=False)
     user_agent: str = "flyswarm"
+    #: The agent apps creates are spread over (``controller.fly_apps``); empty means ``(app_name,)``.
+    apps: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.apps:
+            object.__setattr__(self, "apps", (self.app_name,))
 
     @classmethod
     def from_env(
@@ -195,7 +208,13 @@ class MachinePage:
 
 
 class FlyClient:
-    """Async client for the Fly Machines API of one app.
+    """Async client for the Fly Machines API of the agent apps.
+
+    ``list_machines`` and ``create_machine`` take the ``app`` they address (default
+    ``config.app_name``). Every call on one machine goes to the machine's own app: the client
+    remembers the app of each machine it created or listed (:meth:`app_of`, :meth:`remember`);
+    for a machine it has not seen (a controller that just started) it asks each known app once
+    (:meth:`locate`), so a machine is never taken for gone because it was looked for in the wrong app.
 
     Use as ``async with FlyClient(config) as fly:`` or call :meth:`aclose`. ``transport`` lets
     tests run it in-process against the emulator (``httpx.ASGITransport``); ``clock``, ``sleep``
@@ -215,7 +234,9 @@ class FlyClient:
         self._clock = clock
         self._sleep = sleep
         self._rng = rng or random.Random()
-        self._app_path = f"/v1/apps/{quote(config.app_name, safe='')}"
+        #: machine id -> (its app, monotonic time we learnt it); and how many machines per app
+        self._homes: dict[str, tuple[str, float]] = {}
+        self._per_app: dict[str, int] = {}
         headers = {"User-Agent": config.user_agent}
         token = config.api_token
         if token:
@@ -250,7 +271,7 @@ class FlyClient:
             self._limiter.set_limit(op.bucket, limit)
 
     def __repr__(self) -> str:
-        return f"FlyClient(app={self.config.app_name!r}, base_url={self.config.base_url!r})"
+        return f"FlyClient(apps={self.config.apps!r}, base_url={self.config.base_url!r})"
 
     async def __aenter__(self) -> FlyClient:
         return self
@@ -275,11 +296,13 @@ class FlyClient:
         limit: int | None = None,
         cursor: str | None = None,
         deadline: float | None = None,
+        app: str | None = None,
     ) -> MachinePage:
-        """One page of machines. ``metadata`` filters are AND-ed exact matches.
+        """One page of machines of ``app``. ``metadata`` filters are AND-ed exact matches.
 
         Without ``limit`` Fly answers every machine at once and ``next_cursor`` is None.
         """
+        app = app or self.config.app_name
         params: list[tuple[str, str]] = []
         if include_deleted:
             params.append(("include_deleted", "true"))
@@ -301,9 +324,13 @@ class FlyClient:
             if limit is None:
                 raise ValueError("a cursor requires a limit")
             params.append(("cursor", cursor))
-        response = await self._call(_LIST, "GET", self._machines_path(), params=params, deadline=deadline)
+        response = await self._call(
+            _LIST, "GET", self._machines_path(), params=params, deadline=deadline, app=app
+        )
         body = _json(response, _LIST)
         machines = [Machine.model_validate(item) for item in body or []]
+        for machine in machines:
+            self.remember(machine.id, app)
         return MachinePage(machines, response.headers.get("fly-next-cursor") or None)
 
     async def iter_machines(
@@ -318,6 +345,7 @@ class FlyClient:
         page_size: int = 100,
         deadline: float | None = None,
         on_page: Callable[[], object] | None = None,
+        app: str | None = None,
     ) -> AsyncIterator[Machine]:
         """Every matching machine, following ``fly-next-cursor`` page by page.
 
@@ -338,6 +366,7 @@ class FlyClient:
                 limit=page_size,
                 cursor=cursor,
                 deadline=deadline,
+                app=app,
             )
             if on_page is not None:
                 on_page()
@@ -360,6 +389,7 @@ class FlyClient:
         states: Sequence[str] | None = None,
         page_size: int = 100,
         deadline: float | None = None,
+        app: str | None = None,
     ) -> list[Machine]:
         """:meth:`iter_machines` collected into a list (machines seen twice across pages kept once)."""
         found: dict[str, Machine] = {}
@@ -372,6 +402,7 @@ class FlyClient:
             states=states,
             page_size=page_size,
             deadline=deadline,
+            app=app,
         ):
             found[machine.id] = machine
         return list(found.values())
@@ -386,11 +417,13 @@ class FlyClient:
         skip_service_registration: bool | None = None,
         lease_ttl: int | None = None,
         deadline: float | None = None,
+        app: str | None = None,
     ) -> Machine:
-        """Create a machine. NOT idempotent: see :class:`AmbiguousCreate`.
+        """Create a machine in ``app``. NOT idempotent: see :class:`AmbiguousCreate`.
 
         With ``lease_ttl`` the machine comes back leased to us and ``Machine.nonce`` is set.
         """
+        app = app or self.config.app_name
         request = CreateMachineRequest(
             config=config,
             name=name,
@@ -406,8 +439,13 @@ class FlyClient:
             json=request.to_api(),
             deadline=deadline,
             create_metadata=dict(config.metadata or {}),
+            app=app,
         )
-        return Machine.model_validate(_json(response, _CREATE, create_metadata=dict(config.metadata or {})))
+        machine = Machine.model_validate(
+            _json(response, _CREATE, create_metadata=dict(config.metadata or {}))
+        )
+        self.remember(machine.id, app)
+        return machine
 
     async def get_machine(
         self,
@@ -549,7 +587,9 @@ class FlyClient:
                 deadline=deadline,
             )
         except NotFound:
+            self._forget(machine_id)
             return False
+        self._forget(machine_id)
         return True
 
     async def signal_machine(
@@ -848,14 +888,88 @@ class FlyClient:
             # The lease expires on its own within ttl; nothing else to do.
             _log.warning("fly_lease_release_failed", machine_id=machine_id, error=str(err))
 
+    # --- which app a machine lives in ------------------------------------------------------
+
+    def remember(self, machine_id: str, app: str) -> None:
+        """``machine_id`` lives in ``app`` (seen in its list, created there, or read from a launch record)."""
+        before = self._homes.get(machine_id)
+        self._homes[machine_id] = (app, self._clock())
+        if before is None or before[0] != app:
+            if before is not None:
+                self._per_app[before[0]] -= 1
+            self._per_app[app] = self._per_app.get(app, 0) + 1
+
+    def _forget(self, machine_id: str) -> None:
+        before = self._homes.pop(machine_id, None)
+        if before is not None:
+            self._per_app[before[0]] -= 1
+
+    def app_of(self, machine_id: str) -> str | None:
+        """The app we know ``machine_id`` lives in, or None."""
+        home = self._homes.get(machine_id)
+        return home[0] if home is not None else None
+
+    def machine_counts(self) -> dict[str, int]:
+        """How many machines we know per app (the spreading's load figure)."""
+        return {**dict.fromkeys(self.config.apps, 0), **self._per_app}
+
+    def retain_listed(self, app: str, machine_ids: Iterable[str], listed_from: float) -> None:
+        """A whole list of ``app`` (started at monotonic ``listed_from``) showed ``machine_ids``:
+        forget the other machines of that app learnt before the list began (destroyed by others)."""
+        keep = set(machine_ids)
+        stale = [
+            mid
+            for mid, (home, learnt) in self._homes.items()
+            if home == app and mid not in keep and learnt < listed_from
+        ]
+        for mid in stale:
+            self._forget(mid)
+
+    def known_apps(self) -> tuple[str, ...]:
+        """The configured apps, the default app, then any other app a machine was seen in."""
+        apps = list(self.config.apps)
+        for app in (self.config.app_name, *(app for app, count in self._per_app.items() if count > 0)):
+            if app not in apps:
+                apps.append(app)
+        return tuple(apps)
+
+    async def locate(self, machine_id: str, *, deadline: float | None = None) -> str | None:
+        """Find the app of a machine we have not seen, by asking each known app (None: in none)."""
+        for app in self.known_apps():
+            try:
+                await self._call(
+                    _GET,
+                    "GET",
+                    self._machine_path(machine_id),
+                    machine_id=machine_id,
+                    deadline=deadline,
+                    app=app,
+                )
+            except NotFound:
+                continue
+            self.remember(machine_id, app)
+            return app
+        return None
+
+    async def _home_of(self, machine_id: str, deadline: float | None) -> str:
+        home = self._homes.get(machine_id)
+        if home is not None:
+            return home[0]
+        if len(self.known_apps()) == 1:
+            return self.config.app_name
+        # Not found anywhere: address the default app, whose 404 tells the caller it is gone.
+        return await self.locate(machine_id, deadline=deadline) or self.config.app_name
+
     # --- the one request path ---------------------------------------------------------------
 
-    def _machines_path(self) -> str:
-        return f"{self._app_path}/machines"
+    @staticmethod
+    def _machines_path() -> str:
+        return "/machines"
 
-    def _machine_path(self, machine_id: str, *rest: str) -> str:
+    @staticmethod
+    def _machine_path(machine_id: str, *rest: str) -> str:
         parts = [quote(machine_id, safe="")] + [quote(p, safe="") for p in rest]
-        return f"{self._app_path}/machines/" + "/".join(parts)
+        return "/machines/" + "/".join(parts)
 
     async def _call(
         self,
@@ -871,16 +985,23 @@ class FlyClient:
         read_timeout: float | None = None,
         passthrough: frozenset[int] = frozenset(),
         create_metadata: dict[str, str] | None = None,
+        app: str | None = None,
     ) -> httpx.Response:
         """Send one logical call: rate limit, timeouts, error mapping, bounded retries.
 
+        ``path`` is relative to the app (``/machines...``). The app is ``app``, else the machine's
+        own (:meth:`_home_of`), else ``config.app_name``.
         ``passthrough`` statuses are raised at once instead of retried (``wait`` handles its 408s).
         ``create_metadata`` marks a create: once it may have reached Fly it is never re-sent.
         """
         is_create = create_metadata is not None
         budget = self.config.call_deadline if deadline is None else deadline
         deadline_at = self._clock() + budget
-        scope = machine_id if op.per_machine and machine_id else self.config.app_name
+        if app is None:
+            app = await self._home_of(machine_id, budget) if machine_id else self.config.app_name
+        path = f"/v1/apps/{quote(app, safe='')}{path}"
+        # Creates and lists are limited per app, everything else per machine.
+        scope = machine_id if op.per_machine and machine_id else app
         headers = {"fly-machine-lease-nonce": nonce} if nonce else {}
         query = httpx.QueryParams(list(params))
         attempt = 0

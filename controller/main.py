@@ -127,6 +127,7 @@ def fly_client_for(settings: ControllerSettings, metrics: ControllerMetrics, **o
     token = settings.fly_api_token.get_secret_value() if settings.fly_api_token is not None else ""
     config = FlyClientConfig(
         app_name=settings.fly_app_name,
+        apps=settings.agent_apps,
         api_token=token,
         base_url=normalize_base_url(settings.fly_api_hostname),
         call_deadline=settings.call_timeout_seconds,
@@ -269,7 +270,7 @@ class Controller:
         _log.info(
             "controller_starting",
             controller_id=self.settings.controller_id,
-            fly_app=self.settings.fly_app_name,
+            fly_apps=",".join(self.settings.agent_apps),
             fly_api=normalize_base_url(self.settings.fly_api_hostname),
             resync_seconds=self.settings.resync_seconds,
             concurrency=self.settings.concurrency,
@@ -343,7 +344,11 @@ class Controller:
             if not self.shards.is_leader():
                 try:
                     await self.fly.list_machines(
-                        metadata={TAG_MANAGED: MANAGED_VALUE}, summary=True, limit=1, deadline=5.0
+                        metadata={TAG_MANAGED: MANAGED_VALUE},
+                        summary=True,
+                        limit=1,
+                        deadline=5.0,
+                        app=self.fly.config.apps[0],
                     )
                     self._fly_probe_ok = True
                 except FlyError as err:

@@ -84,6 +84,12 @@ class ControllerMetrics:
             ["state"],
             registry=r,
         )
+        self.fly_app_machines = Gauge(
+            "flyswarm_controller_fly_app_machines",
+            "Machines of ours per agent app at the last resync (creates spread over the apps).",
+            ["app"],
+            registry=r,
+        )
         self.leader = Gauge(
             "flyswarm_controller_leader", "1 while this controller holds the leader lease.", registry=r
         )

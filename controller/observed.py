@@ -54,10 +54,12 @@ class LaunchRecord:
     launch_id: str
     requested_at: datetime
     machine_id: str | None = None
+    #: The agent app the machine was created in (None: recorded before apps were, the default app).
+    app: str | None = None
 
     @classmethod
     def from_store(cls, raw: Mapping[str, str]) -> LaunchRecord | None:
-        """Parse the hash written by ``record_launch`` (``launchId``, ``requestedAt``, ``machineId``).
+        """Parse the hash ``record_launch`` writes (``launchId``, ``requestedAt``, ``machineId``, ``app``).
 
         Returns None for an empty or unreadable record: an unreadable expectation must not block
         creates forever, and the duplicate rule cleans up if a create did slip through.
@@ -70,7 +72,12 @@ class LaunchRecord:
             requested_at = datetime.fromisoformat(requested)
         except ValueError:
             return None
-        return cls(launch_id=launch_id, requested_at=requested_at, machine_id=raw.get("machineId") or None)
+        return cls(
+            launch_id=launch_id,
+            requested_at=requested_at,
+            machine_id=raw.get("machineId") or None,
+            app=raw.get("app") or None,
+        )
 
 
 @dataclass(frozen=True)

@@ -21,10 +21,11 @@ import os
 import socket
 from dataclasses import dataclass
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from api.settings import DEFAULT_REDIS_URL  # the port `make up` gives its Redis
+from controller.fly_apps import parse_app_list
 
 # Defaults are named so the plan's value type and the settings agree without repeating numbers.
 DEFAULT_FLY_APP_NAME = "flyswarm-agents"
@@ -83,7 +84,19 @@ class ControllerSettings(BaseSettings):
     fly_app_name: str = Field(
         default=DEFAULT_FLY_APP_NAME,
         validation_alias="FLY_APP_NAME",
-        description="Fly app that holds the agent machines.",
+        description=(
+            "Fly app that holds the agent machines (a list of one when `FLYSWARM_FLY_APPS` is empty); "
+            "also the app of machines launched before apps were recorded."
+        ),
+    )
+    fly_apps: str = Field(
+        default="",
+        validation_alias="FLYSWARM_FLY_APPS",
+        description=(
+            "Comma-separated agent apps creates are spread over (`app-a,app-b`); Fly limits creates "
+            "per app (1/s, burst 3), so N apps give N creates/s. Empty: `FLY_APP_NAME` alone. Each "
+            "app must exist on Fly (`manifests/deploy.sh` creates them)."
+        ),
     )
     fly_agent_image: str = Field(
         default=DEFAULT_FLY_AGENT_IMAGE,
@@ -235,6 +248,22 @@ class ControllerSettings(BaseSettings):
         validation_alias="LOG_LEVEL",
         description="Log level: debug, info, warning or error.",
     )
+
+    @field_validator("fly_apps")
+    @classmethod
+    def _valid_apps(cls, value: str) -> str:
+        return ",".join(parse_app_list(value))
+
+    @field_validator("fly_app_name")
+    @classmethod
+    def _valid_app(cls, value: str) -> str:
+        parse_app_list([value])
+        return value
+
+    @property
+    def agent_apps(self) -> tuple[str, ...]:
+        """The agent apps creates go to: ``FLYSWARM_FLY_APPS``, or ``FLY_APP_NAME`` alone."""
+        return parse_app_list(self.fly_apps) or (self.fly_app_name,)
 
     def plan_settings(self) -> PlanSettings:
         """The subset the pure plan needs."""

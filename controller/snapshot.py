@@ -1,9 +1,15 @@
 """Reading the world: the whole of it once per resync, one session of it when that is enough.
 
-* :meth:`WorldReader.read` makes a :class:`Snapshot`: ONE paginated Fly ``list`` (metadata filter
-  ``flyswarm_managed=true``, ``summary=true`` while summaries carry metadata, through
-  :meth:`FlyClient.iter_machines` and its page cap) and ONE batched Redis read (every session,
-  heartbeat, launch record and inbox state, pipelined). Never a call per session.
+* :meth:`WorldReader.read` makes a :class:`Snapshot`: ONE paginated Fly ``list`` per agent app
+  (metadata filter ``flyswarm_managed=true``, ``summary=true`` while summaries carry metadata,
+  through :meth:`FlyClient.iter_machines` and its page cap) and ONE batched Redis read (every
+  session, heartbeat, launch record and inbox state, pipelined). Never a call per session.
+  The apps listed are the configured ones plus any app a live launch record still names
+  (:mod:`controller.fly_apps`): the first read learns those from the launch records before it
+  lists, later reads from the previous read (settings do not change under a running process, so
+  such an app can only newly appear with a shard this replica just took; its sessions' machines
+  are then read back by id, at the app their launch record names, until the next read lists it).
+  A removed app that Fly no longer knows (404) holds nothing.
 * :meth:`WorldReader.read_session` reads one session's whole input (four small reads, together).
 
 It also keeps what the reader learnt about its sources, which the plan needs to tell "unknown"
@@ -18,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -115,6 +121,8 @@ class WorldReader:
         # A new reader has not watched heartbeats arrive: its view of them begins now.
         self._redis_recovered_at: datetime | None = clock()
         self._redis_lost = False
+        #: Apps named by the launch records of the last read (None: not read yet).
+        self._launch_apps: set[str] | None = None
 
     # -- the whole world ----------------------------------------------------------------------------
 
@@ -132,8 +140,14 @@ class WorldReader:
         # Fly first: a session always exists before its machine is created and is removed only
         # after its machines are gone, so every listed machine's session is in the later read.
         listed_from = self._now()
+        if self._launch_apps is None:
+            try:
+                self._launch_apps = await self._apps_in_launches(owns)
+            except StoreUnavailable:
+                self.redis_down()
+                raise
         try:
-            machines, pages = await self._list_machines()
+            machines, pages = await self._list_machines(self._apps_to_list())
         except fly_errors.FlyError:
             self.fly_ok = False
             raise
@@ -155,6 +169,7 @@ class WorldReader:
         for what in ("sessions", "heartbeats", "launches", "inbox"):
             self.metrics.redis_reads.labels(what=what).inc()
         launches = {sid: rec for sid, raw in raw_launches.items() if (rec := LaunchRecord.from_store(raw))}
+        self._launch_apps = self._note_launch_apps(launches.values())
         failures = {sid: f for sid, raw in raw_launches.items() if (f := CreateFailure.from_store(raw))}
         known, mine = frozenset(all_ids), {s.id for s in sessions}
         if owns is not None:
@@ -178,8 +193,53 @@ class WorldReader:
         )
         return snapshot, pages
 
-    async def _list_machines(self) -> tuple[list[Any], int]:
-        """Every machine of ours, in as few pages as Fly allows.
+    # -- the agent apps -----------------------------------------------------------------------------
+
+    async def _apps_in_launches(self, owns: Callable[[str], bool] | None) -> set[str]:
+        """The apps the launch records name (before the first list: see the module docstring)."""
+        ids = await self.store.all_ids()
+        wanted = [sid for sid in ids if owns(sid)] if owns is not None else ids
+        raws = await self.store.get_launches(wanted)
+        return self._note_launch_apps(r for raw in raws.values() if (r := LaunchRecord.from_store(raw)))
+
+    def _note_launch_apps(self, launches: Iterable[LaunchRecord]) -> set[str]:
+        """The apps ``launches`` name; and the app of each recorded machine, for the client's calls."""
+        apps: set[str] = set()
+        default = self.fly.config.app_name
+        for launch in launches:
+            app = launch.app or default
+            apps.add(app)
+            if launch.machine_id and self.fly.app_of(launch.machine_id) is None:
+                self.fly.remember(launch.machine_id, app)
+        return apps
+
+    def _apps_to_list(self) -> list[str]:
+        configured = list(self.fly.config.apps)
+        retired = sorted((self._launch_apps or set()) - set(configured))
+        return configured + retired
+
+    async def _list_machines(self, apps: list[str]) -> tuple[list[Any], int]:
+        """Every machine of ours in ``apps``; an app no longer configured that Fly does not know
+        (deleted with its machines) holds none."""
+        machines: list[Any] = []
+        pages = 0
+        for app in apps:
+            started = time.monotonic()
+            try:
+                found, app_pages = await self._list_app(app)
+            except fly_errors.NotFound:
+                if app in self.fly.config.apps:
+                    raise
+                _log.info("fly_retired_app_gone", app=app)
+                continue
+            self.fly.retain_listed(app, (m.id for m in found), started)
+            machines.extend(found)
+            pages += app_pages
+            self.metrics.fly_app_machines.labels(app=app).set(len(found))
+        return machines, pages
+
+    async def _list_app(self, app: str) -> tuple[list[Any], int]:
+        """Every machine of ours in one app, in as few pages as Fly allows.
 
         ``summary=true`` is cheaper, but only useful if it still carries ``config.metadata`` (our
         identity tags); when a summary comes back without them, we switch to full listings.
@@ -198,6 +258,7 @@ class WorldReader:
                     page_size=self.page_size,
                     deadline=self.call_timeout_seconds,
                     on_page=pages_seen.tick,
+                    app=app,
                 )
             }
             pages += pages_seen.count

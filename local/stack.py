@@ -60,7 +60,9 @@ URL);
 ``FLYSWARM_MODEL_PORT`` (4281); ``FLYSWARM_GIT_PORT`` (4282, the demo Git host);
 ``FLYSWARM_GATEWAY_PORT`` (8082, the model gateway); ``PORT``
 (8080, the API); ``FLYSWARM_CONTROLLER_PORT`` (9090, the controller's health and metrics);
-``FLY_APP_NAME`` (``flyswarm-agents``); ``FLY_AGENT_IMAGE``
+``FLY_APP_NAME`` (``flyswarm-agents``); ``FLYSWARM_FLY_APPS`` (unset: ``FLY_APP_NAME`` alone; e.g.
+``flyswarm-agents,flyswarm-agents-b`` spreads creates over two emulated apps, each with its own
+create limit when the emulator's rate limits are on); ``FLY_AGENT_IMAGE``
 (``flyswarm-agent``); ``ANTHROPIC_API_KEY`` (unset: scripted model); ``FLYSWARM_UP_TIMEOUT`` (60 s,
 how long ``up`` waits for readiness); ``FLYSWARM_DOWN_TIMEOUT`` (15 s, SIGTERM→SIGKILL grace).
 Every other variable in the environment of ``up`` passes through to the components (for example
@@ -87,6 +89,7 @@ from pathlib import Path
 
 import httpx
 
+from controller.fly_apps import parse_app_list
 from local.redis_cluster import cluster_ok, cluster_summary
 from local.redis_server import redis_answers, redis_args
 
@@ -143,6 +146,13 @@ def _redis_mode(env: Mapping[str, str]) -> str:
     return mode
 
 
+def _fly_apps(env: Mapping[str, str]) -> tuple[str, ...]:
+    try:
+        return parse_app_list(env.get("FLYSWARM_FLY_APPS") or "")
+    except ValueError as err:
+        raise StackError(f"FLYSWARM_FLY_APPS: {err}") from None
+
+
 @dataclass(frozen=True)
 class StackConfig:
     """Where the stack keeps its state and which ports it uses (see the module docstring)."""
@@ -157,6 +167,8 @@ class StackConfig:
     api_port: int = 8080
     controller_port: int = 9090
     app_name: str = "flyswarm-agents"
+    #: The agent apps creates spread over (``FLYSWARM_FLY_APPS``); empty: ``app_name`` alone.
+    fly_apps: tuple[str, ...] = ()
     agent_image: str = "flyswarm-agent"
     anthropic_api_key: str | None = field(default=None, repr=False)
     ready_timeout: float = 60.0
@@ -178,11 +190,16 @@ class StackConfig:
             api_port=_env_int(env, "PORT", 8080),
             controller_port=_env_int(env, "FLYSWARM_CONTROLLER_PORT", 9090),
             app_name=env.get("FLY_APP_NAME") or "flyswarm-agents",
+            fly_apps=_fly_apps(env),
             agent_image=env.get("FLY_AGENT_IMAGE") or "flyswarm-agent",
             anthropic_api_key=env.get("ANTHROPIC_API_KEY") or None,
             ready_timeout=_env_float(env, "FLYSWARM_UP_TIMEOUT", 60.0),
             stop_timeout=_env_float(env, "FLYSWARM_DOWN_TIMEOUT", 15.0),
         )
+
+    @property
+    def agent_apps(self) -> tuple[str, ...]:
+        return self.fly_apps or (self.app_name,)
 
     @property
     def redis_url(self) -> str:
@@ -507,7 +524,7 @@ class Stack:
         emulator_env = {
             **base,
             "FLYSWARM_EMULATOR_API_TOKEN": token,
-            "FLYSWARM_EMULATOR_SECRETS": json.dumps({cfg.app_name: self.agent_secrets()}),
+            "FLYSWARM_EMULATOR_SECRETS": json.dumps(dict.fromkeys(cfg.agent_apps, self.agent_secrets())),
         }
         comps["emulator"] = Component(
             name="emulator",
@@ -586,6 +603,7 @@ class Stack:
                 "FLY_API_HOSTNAME": cfg.emulator_url,
                 "FLY_API_TOKEN": token,
                 "FLY_APP_NAME": cfg.app_name,
+                "FLYSWARM_FLY_APPS": ",".join(cfg.agent_apps),
                 "FLY_AGENT_IMAGE": cfg.agent_image,
                 "FLYSWARM_CONTROLLER_HOST": HOST,
                 "FLYSWARM_CONTROLLER_PORT": str(cfg.controller_port),
@@ -689,11 +707,12 @@ class Stack:
         headers = {"authorization": f"Bearer {token}"}
         desired = self.agent_secrets()
         with httpx.Client(base_url=cfg.emulator_url, headers=headers, timeout=5.0) as http:
-            http.put(f"/_admin/secrets/{cfg.app_name}", json=desired).raise_for_status()
-            names = http.get(f"/_admin/secrets/{cfg.app_name}").json().get("names", [])
-            for name in names:
-                if name not in desired:
-                    http.delete(f"/_admin/secrets/{cfg.app_name}/{name}").raise_for_status()
+            for app in cfg.agent_apps:
+                http.put(f"/_admin/secrets/{app}", json=desired).raise_for_status()
+                names = http.get(f"/_admin/secrets/{app}").json().get("names", [])
+                for name in names:
+                    if name not in desired:
+                        http.delete(f"/_admin/secrets/{app}/{name}").raise_for_status()
 
     def up(self, echo: Echo = print) -> dict[str, ComponentState]:
         """Start whatever is not running; wait until everything is ready; print where things are."""
@@ -876,17 +895,20 @@ class Stack:
 
     def machines_by_state(self) -> Counter[str] | None:
         token = self.fly_token()
-        try:
-            response = httpx.get(
-                f"{self.config.emulator_url}/v1/apps/{self.config.app_name}/machines",
-                headers={"authorization": f"Bearer {token}"},
-                timeout=5.0,
-            )
-        except httpx.HTTPError:
-            return None
-        if response.status_code != 200:
-            return None
-        return Counter(str(m.get("state", "?")) for m in response.json() if isinstance(m, dict))
+        states: Counter[str] = Counter()
+        for app in self.config.agent_apps:
+            try:
+                response = httpx.get(
+                    f"{self.config.emulator_url}/v1/apps/{app}/machines",
+                    headers={"authorization": f"Bearer {token}"},
+                    timeout=5.0,
+                )
+            except httpx.HTTPError:
+                return None
+            if response.status_code != 200:
+                return None
+            states.update(str(m.get("state", "?")) for m in response.json() if isinstance(m, dict))
+        return states
 
     def status(self, echo: Echo = print) -> bool:
         """Print each component, sessions by phase and machines by state; True when all are up."""

@@ -13,7 +13,10 @@
 #
 # Required environment: FLY_API_TOKEN (flyctl's token), REDIS_URL, API_TOKENS, ANTHROPIC_API_KEY.
 # Optional: FLYSWARM_CONTROLLER_APP, FLYSWARM_AGENT_APP (default flyswarm[-staging],
-# flyswarm-agents[-staging]), FLY_ORG (personal), FLYSWARM_IMAGE_LABEL (git commit), FLYSWARM_HA
+# flyswarm-agents[-staging]), FLYSWARM_AGENT_APPS (several agent apps, comma-separated: Fly limits
+# creates per app, so N apps create N machines/s; every one is created, the image is pushed to the
+# first and pulled from there by all, the controller gets FLYSWARM_FLY_APPS; default: the one
+# FLYSWARM_AGENT_APP), FLY_ORG (personal), FLYSWARM_IMAGE_LABEL (git commit), FLYSWARM_HA
 # (false for staging, true for production), FLYSWARM_CONTROLLER_FLY_API_TOKEN (the token the
 # controller itself uses; default FLY_API_TOKEN — prefer `flyctl tokens create deploy -a <agent app>`),
 # FLYCTL (path of flyctl), DRY_RUN=1 (print the commands, run nothing).
@@ -56,6 +59,25 @@ cd "$(dirname "$0")/.."
 
 controller_app=${FLYSWARM_CONTROLLER_APP:-flyswarm${suffix}}
 agent_app=${FLYSWARM_AGENT_APP:-flyswarm-agents${suffix}}
+# Several agent apps spread machine creates (Fly limits them per app); the first holds the image.
+IFS=',' read -r -a agent_apps <<<"${FLYSWARM_AGENT_APPS:-$agent_app}"
+apps_clean=()
+for app in "${agent_apps[@]}"; do
+  app=${app//[[:space:]]/}
+  [[ -n "$app" ]] || continue
+  if ! [[ "$app" =~ ^[a-z0-9][a-z0-9-]{0,62}$ ]]; then
+    echo "deploy.sh: FLYSWARM_AGENT_APPS: '$app' is not a Fly app name (lowercase letters, digits, dashes)" >&2
+    exit 1
+  fi
+  apps_clean+=("$app")
+done
+agent_apps=("${apps_clean[@]}")
+if ((${#agent_apps[@]} == 0)); then
+  echo "deploy.sh: FLYSWARM_AGENT_APPS names no app" >&2
+  exit 1
+fi
+agent_app=${agent_apps[0]}
+agent_apps_csv=$(IFS=','; echo "${agent_apps[*]}")
 org=${FLY_ORG:-personal}
 ha=${FLYSWARM_HA:-$ha_default}
 label=${FLYSWARM_IMAGE_LABEL:-$(git rev-parse --short=12 HEAD 2>/dev/null || date -u +%Y%m%d%H%M%S)}
@@ -124,15 +146,19 @@ for name in ANTHROPIC_API_KEY REDIS_URL API_TOKENS; do
 done
 check_secret_value FLYSWARM_CONTROLLER_FLY_API_TOKEN "$controller_token"
 
-echo "== flyswarm $environment: control plane $controller_app, agents $agent_app, image $image"
+echo "== flyswarm $environment: control plane $controller_app, agents $agent_apps_csv, image $image"
 
-ensure_app "$agent_app"
+for app in "${agent_apps[@]}"; do
+  ensure_app "$app"
+done
 ensure_app "$controller_app"
 
 # The key of an older deploy must not stay where every agent (and every tool it runs) can read it.
-if [[ "$dry_run" == 1 ]] || "$flyctl" secrets list --app "$agent_app" 2>/dev/null | grep -q '^ANTHROPIC_API_KEY\b'; then
-  run "$flyctl" secrets unset ANTHROPIC_API_KEY --app "$agent_app"
-fi
+for app in "${agent_apps[@]}"; do
+  if [[ "$dry_run" == 1 ]] || "$flyctl" secrets list --app "$app" 2>/dev/null | grep -q '^ANTHROPIC_API_KEY\b'; then
+    run "$flyctl" secrets unset ANTHROPIC_API_KEY --app "$app"
+  fi
+done
 controller_secrets=(
   FLY_API_TOKEN=controller_token REDIS_URL=REDIS_URL API_TOKENS=API_TOKENS ANTHROPIC_API_KEY=ANTHROPIC_API_KEY
 )
@@ -144,7 +170,7 @@ run "$flyctl" deploy . --config manifests/fly.agent.toml --app "$agent_app" \
 
 run "$flyctl" deploy . --config manifests/fly.controller.toml --app "$controller_app" \
   --remote-only --ha="$ha" \
-  --env "FLY_APP_NAME=$agent_app" --env "FLY_AGENT_IMAGE=$image" \
+  --env "FLY_APP_NAME=$agent_app" --env "FLYSWARM_FLY_APPS=$agent_apps_csv" --env "FLY_AGENT_IMAGE=$image" \
   --env "FLYSWARM_AGENT_GATEWAY_URL=http://gateway.process.${controller_app}.internal:8082"
 
 echo "== deployed: https://${controller_app}.fly.dev"

@@ -434,3 +434,22 @@ def test_deploy_refuses_a_secret_that_flyctl_import_would_alter(tmp_path: Path) 
     assert "API_TOKENS contains" in out.stderr
     assert "token-with-#-hash" not in out.stdout + out.stderr
     assert not (state / "secrets").exists() and not (state / "argv").exists()
+
+
+def test_deploy_creates_every_agent_app_and_points_the_controller_at_all_of_them(tmp_path: Path) -> None:
+    state = tmp_path / "fly"
+    (state / "secrets").mkdir(parents=True)
+    (state / "secrets" / "agents-b").write_text("ANTHROPIC_API_KEY=sk-ant-old\n")
+    out, state = _run_deploy(tmp_path, existing_state=True, FLYSWARM_AGENT_APPS="agents-a, agents-b")
+
+    assert out.returncode == 0, out.stderr
+    assert sorted(p.name for p in (state / "apps").iterdir()) == ["agents-a", "agents-b", "flyswarm-staging"]
+    assert (state / "secrets" / "agents-b").read_text() == ""  # no agent app keeps an old key
+    deploys = [line for line in (state / "argv").read_text().splitlines() if line.startswith("deploy ")]
+    assert "--app agents-a" in deploys[0]  # the image is pushed once, to the first app
+    assert "FLY_AGENT_IMAGE=registry.fly.io/agents-a:staging-abc123" in deploys[1]
+    assert "FLY_APP_NAME=agents-a" in deploys[1] and "FLYSWARM_FLY_APPS=agents-a,agents-b" in deploys[1]
+
+    (tmp_path / "bad").mkdir()
+    refused, _ = _run_deploy(tmp_path / "bad", FLYSWARM_AGENT_APPS="agents-a,Agents_B")
+    assert refused.returncode == 1 and "Agents_B" in refused.stderr

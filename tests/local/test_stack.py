@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -69,6 +70,20 @@ def test_defaults_are_the_documented_ones(tmp_path: Path) -> None:
         "flyswarm-agent",
         True,
     )
+
+
+def test_two_agent_apps_reach_the_controller_and_both_emulated_apps_get_the_agent_secrets(
+    tmp_path: Path,
+) -> None:
+    assert _config(tmp_path).agent_apps == ("flyswarm-agents",)
+    stack = Stack(_config(tmp_path, FLYSWARM_FLY_APPS="flyswarm-agents,flyswarm-agents-b"), environ={})
+    components = stack.components()
+
+    assert components["controller"].env["FLYSWARM_FLY_APPS"] == "flyswarm-agents,flyswarm-agents-b"
+    secrets = json.loads(components["emulator"].env["FLYSWARM_EMULATOR_SECRETS"])
+    assert secrets == {app: stack.agent_secrets() for app in ("flyswarm-agents", "flyswarm-agents-b")}
+    with pytest.raises(StackError, match="FLYSWARM_FLY_APPS: 'Agents' is not a Fly app name"):
+        _config(tmp_path, FLYSWARM_FLY_APPS="Agents")
 
 
 def test_a_bad_port_names_its_variable(tmp_path: Path) -> None:
