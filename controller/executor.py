@@ -49,7 +49,9 @@ from controller import fly_errors
 from controller.actions import (
     Action,
     CreateMachine,
+    CreateVolume,
     DestroyMachine,
+    DestroyVolume,
     Done,
     Outcome,
     Permanent,
@@ -66,11 +68,13 @@ from controller.actions import (
 from controller.expectations import Expectations
 from controller.fly import FLY_ACTION_LIMIT, FlyClient
 from controller.fly_types import Machine, MachineConfig
+from controller.fly_volumes import FlyVolumes
 from controller.machine_config import machine_name
 from controller.machine_state import GONE
 from controller.metrics import ControllerMetrics
 from controller.observed import MANAGED_VALUE, TAG_LAUNCH, TAG_MANAGED, ObservedMachine, parse_tags
 from controller.ratelimit import Limit, TokenBucket
+from controller.volume_executor import VolumeExecutor
 
 _log = get_logger("controller.executor")
 
@@ -123,6 +127,7 @@ class ConfigBuilder(Protocol):
         launch_id: str,
         region: str,
         session_token: str,
+        volume_id: str | None = None,
     ) -> MachineConfig: ...
 
 
@@ -260,6 +265,7 @@ class Executor:
             FLY_ACTION_LIMIT.scaled(fly_config.rate_margin) if fly_config.rate_limits else None
         )
         self._now = clock
+        self.volumes = VolumeExecutor(store=store, volumes=FlyVolumes(fly), clock=clock)
 
     # -- entry point ------------------------------------------------------------------------------
 
@@ -318,6 +324,8 @@ class Executor:
             return await self._restart(action, log)
         if isinstance(action, DestroyMachine):
             return await self._destroy(action, log)
+        if isinstance(action, CreateVolume | DestroyVolume):
+            return await self.volumes.apply(action, log=log, deadline=self._deadline())
         return Permanent(f"unknown action {type(action).__name__}")
 
     # -- store actions ----------------------------------------------------------------------------
@@ -368,6 +376,7 @@ class Executor:
                 launch_id=action.launch_id,
                 region=action.region,
                 session_token=token.value,
+                **({"volume_id": action.volume_id} if action.volume_id else {}),
             )
         except ValueError as err:
             return Permanent(f"machine config refused: {err}")
@@ -396,6 +405,8 @@ class Executor:
             # The failure replaces the launch record, so the next plan says why in the status.
             await self.store.record_create_failure(action.session_id, reason, str(err))
             self.expectations.launch_cancelled(action.session_id, action.launch_id)
+            if action.volume_id and _volume_unknown(err, action.volume_id):
+                await self.volumes.volume_lost(action.session_id, action.volume_id, err.message, log)
             if isinstance(err, fly_errors.Capacity):
                 log.warning("machine_create_no_capacity", error=err.message)
             elif not err.transient:
@@ -550,3 +561,9 @@ _PAST = {"start": "machine_started", "stop": "machine_stopped", "suspend": "mach
 
 def _with_tags(machine: ObservedMachine, session_id: str, launch_id: str) -> ObservedMachine:
     return replace(machine, managed=True, session_id=session_id, launch_id=launch_id)
+
+
+def _volume_unknown(err: fly_errors.FlyError, volume_id: str) -> bool:
+    """Fly's answer to a create whose mount names a volume it does not have (400/404 "not found")."""
+    text = err.message.lower()
+    return err.status in (400, 404) and "not found" in text and volume_id.lower() in text

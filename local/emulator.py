@@ -500,7 +500,7 @@ VOLUME = VOLUMES + "/{volume_id}"
 
 
 async def list_volumes(request: Request, state: EmulatorState) -> Response:
-    return JSONResponse(state.volumes.list(request.path_params["app_name"]))
+    return JSONResponse(state.volumes.list_volumes(request.path_params["app_name"]))
 
 
 async def create_volume(request: Request, state: EmulatorState) -> Response:

@@ -144,7 +144,7 @@ class VolumeRegistry:
         self.volumes[vid] = volume
         return self.view(volume)
 
-    def list(self, app: str) -> list[dict[str, Any]]:
+    def list_volumes(self, app: str) -> list[dict[str, Any]]:
         found = sorted((v for v in self.volumes.values() if v.app == app), key=lambda v: v.created_at)
         return [self.view(v) for v in found]
 
