@@ -243,7 +243,11 @@ class VolumeRegistry:
         blocks = volume.size_gb * (1 << 30) // block_size
         used = _bytes_used(volume.path)
         free = max(blocks - used // block_size, 0)
+        holder = self.attached(volume.id) if volume.state == "created" else None
+        # Absent rather than null when unattached: the spec's Volume has no nullable fields.
+        attached = {"attached_machine_id": holder, "attached_alloc_id": holder} if holder else {}
         return {
+            **attached,
             "id": volume.id,
             "name": volume.name,
             "state": volume.state,
@@ -254,8 +258,6 @@ class VolumeRegistry:
             "fstype": volume.fstype,
             "type": "local",
             "created_at": _rfc3339(volume.created_at),
-            "attached_machine_id": self.attached(volume.id) if volume.state == "created" else None,
-            "attached_alloc_id": None,
             "auto_backup_enabled": volume.auto_backup_enabled,
             "snapshot_retention": volume.snapshot_retention,
             "host_status": "ok",
