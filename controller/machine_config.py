@@ -20,7 +20,7 @@ What a machine gets, and why:
 - **auto_destroy** for task sessions: a finished task's machine removes itself.
 - **stop_config** SIGTERM with the stop grace, so the agent flushes events and its transcript.
 - **mounts** (``spec.persistence``): the session's volume at :data:`VOLUME_MOUNT_PATH`, and
-  ``FLYSWARM_WORK_ROOT`` pointing there, so the agent's work dir (and its home, with the CLI's
+  ``FLYSWARM_VOLUME_ROOT`` pointing there (the agent's work root; it wins over ``FLYSWARM_WORK_ROOT``), so the agent's work dir (and its home, with the CLI's
   local state) lives on the volume and survives stops and replacements.
 """
 
@@ -109,7 +109,8 @@ def machine_config_for(
     }
     if volume_id is not None:
         config["mounts"] = [{"volume": volume_id, "path": VOLUME_MOUNT_PATH}]
-        config["env"]["FLYSWARM_WORK_ROOT"] = VOLUME_MOUNT_PATH
+        # Not FLYSWARM_WORK_ROOT: an app secret of that name would win over the machine's env.
+        config["env"]["FLYSWARM_VOLUME_ROOT"] = VOLUME_MOUNT_PATH
     body = {
         "name": machine_name(session.id, launch_id),
         "region": region or spec.machine.region or settings.default_region,

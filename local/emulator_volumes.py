@@ -19,7 +19,7 @@ What the official OpenAPI document (``Volumes_*``) and the reference notes give,
   resources to create new machine with existing volume`` (the text the reference lists).
 * The volume's files live in ``<work_root>/volumes/<id>/``. There is no chroot, so a machine's
   process cannot see that directory at the mount path: the emulator rewrites every environment value
-  that is the mount path or starts with it (``FLYSWARM_WORK_ROOT=/data`` →
+  that is the mount path or starts with it (``FLYSWARM_VOLUME_ROOT=/data`` →
   ``<work_root>/volumes/<id>``), which is how a process finds a path on Fly too (it is told it).
 
 Snapshots are not served: flyswarm does not use them (a lost host is answered with a new, empty

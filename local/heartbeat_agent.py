@@ -15,7 +15,7 @@ What it does is scripted by the session itself, so a test drives it through the 
   report (a crash), or stops heartbeating while the process lives on (a hang);
 * every inbox message is a command with the same words (``done``, ``error``, ``crash``, ``hang``,
   ``exit:<code>``); any other text is a chat turn: acknowledged at once, the agent goes idle; when
-  ``FLYSWARM_WORK_ROOT`` is set, the turn is also appended as ``<machine id> <text>`` to
+  ``FLYSWARM_VOLUME_ROOT`` (else ``FLYSWARM_WORK_ROOT``) is set, the turn is also appended as ``<machine id> <text>`` to
   ``notes.txt`` in the session's work dir (``<root>/<session>/work``, as the real agent's cwd), so
   tests see which machines wrote into one persistent work dir;
 * SIGTERM (a stop, a suspend, a destroy) writes an ``interrupted`` report and exits 0, as the real
@@ -207,7 +207,7 @@ async def amain(env: dict[str, str]) -> int:
     token = token_handoff.receive() or env.get(token_handoff.TOKEN_ENV, "")
     store = AgentChannel(env["FLYSWARM_CONTROL_URL"], token, session_id)
     agent = HeartbeatAgent(store, session_id, machine_id, interval, ttl)
-    agent.work_root = env.get("FLYSWARM_WORK_ROOT") or None
+    agent.work_root = env.get("FLYSWARM_VOLUME_ROOT") or env.get("FLYSWARM_WORK_ROOT") or None
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, agent.terminate)
     loop.add_signal_handler(signal.SIGINT, agent.terminate)
