@@ -20,8 +20,9 @@ What a machine gets, and why:
 - **auto_destroy** for task sessions: a finished task's machine removes itself.
 - **stop_config** SIGTERM with the stop grace, so the agent flushes events and its transcript.
 - **mounts** (``spec.persistence``): the session's volume at :data:`VOLUME_MOUNT_PATH`, and
-  ``FLYSWARM_VOLUME_ROOT`` pointing there (the agent's work root; it wins over ``FLYSWARM_WORK_ROOT``), so the agent's work dir (and its home, with the CLI's
-  local state) lives on the volume and survives stops and replacements.
+  ``FLYSWARM_VOLUME_ROOT`` pointing there (the agent's work root; it wins over
+  ``FLYSWARM_WORK_ROOT``), so the agent's work dir and home live on the volume and survive stops
+  and replacements.
 """
 
 from __future__ import annotations

@@ -15,9 +15,9 @@ What it does is scripted by the session itself, so a test drives it through the 
   report (a crash), or stops heartbeating while the process lives on (a hang);
 * every inbox message is a command with the same words (``done``, ``error``, ``crash``, ``hang``,
   ``exit:<code>``); any other text is a chat turn: acknowledged at once, the agent goes idle; when
-  ``FLYSWARM_VOLUME_ROOT`` (else ``FLYSWARM_WORK_ROOT``) is set, the turn is also appended as ``<machine id> <text>`` to
-  ``notes.txt`` in the session's work dir (``<root>/<session>/work``, as the real agent's cwd), so
-  tests see which machines wrote into one persistent work dir;
+  ``FLYSWARM_VOLUME_ROOT`` (else ``FLYSWARM_WORK_ROOT``) is set, the turn is also appended as
+  ``<machine id> <text>`` to ``notes.txt`` in the session's work dir (``<root>/<session>/work``, as
+  the real agent's cwd), so tests see which machines wrote into one persistent work dir;
 * SIGTERM (a stop, a suspend, a destroy) writes an ``interrupted`` report and exits 0, as the real
   agent flushes and exits within the stop timeout.
 
