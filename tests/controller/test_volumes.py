@@ -18,6 +18,8 @@ from controller.volume_plan import volume_name
 from tests.controller.world import APP, World
 
 pytestmark = pytest.mark.timeout(90)
+#: A loaded two-core machine can take seconds to boot a heartbeat agent: no restart for slowness.
+SLOW_BOOT = {"boot_grace_seconds": 20.0}
 
 
 def _notes(world: World, volume_id: str, session_id: str) -> list[tuple[str, str]]:
@@ -37,7 +39,7 @@ async def _noted(world: World, volume_id: str, session_id: str, text: str) -> li
 
 
 async def test_chat_files_survive_sleep_and_replacement_and_go_with_the_session(world: World) -> None:
-    await world.start_controller()
+    await world.start_controller(**SLOW_BOOT)
     await world.create_session("notes", mode="chat", idleTimeoutSeconds=1, persistence={"sizeGb": 2})
     session = await world.until_running("notes")
 
@@ -82,7 +84,7 @@ async def test_chat_files_survive_sleep_and_replacement_and_go_with_the_session(
 
 async def test_volume_failures_are_reported_and_orphan_volumes_destroyed(world: World) -> None:
     await world.set_faults(capacity_regions=["fra"])
-    await world.start_controller()
+    await world.start_controller(**SLOW_BOOT)
     await world.create_session("cap", mode="chat", persistence={"sizeGb": 1})
 
     async def refused() -> bool:
