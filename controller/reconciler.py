@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import secrets
 import time
@@ -183,6 +184,7 @@ class Reconciler:
             tasks.append(asyncio.create_task(feed, name="reconciler-changes"))
         if self.options.wake_pubsub:
             tasks.append(asyncio.create_task(follow_wakes(self.store, self.wake), name="reconciler-wake"))
+        tasks.append(asyncio.create_task(self._volume_sweep_loop(), name="reconciler-volumes"))
         self._workers = [
             asyncio.create_task(self._worker(i), name=f"reconciler-worker-{i}")
             for i in range(self.settings.concurrency)
@@ -352,12 +354,21 @@ class Reconciler:
             if isinstance(outcome, Done):
                 applied += 1
                 self._actions_since_pass += 1
-        volumes = await self.volume_sweeper.sweep(
-            self._now(),
-            lambda action: self.executor.apply(action, log=log.bind(orphan=True), app_wide=True),
-            log,
-        )
-        return applied + volumes
+        return applied
+
+    async def _volume_sweep_loop(self) -> None:
+        """Orphan volumes (controller/volume_sweep.py), by the leader, beside the resync: a slow
+        volume list must never hold up the pass the machines depend on."""
+        while True:
+            await asyncio.sleep(self.volume_sweeper.interval_seconds)
+            if not self.authority.is_leader_for(None) or self.last_pass is None or not self.last_pass.ok:
+                continue  # not ours, or the world is unknown: never destroy on missing data
+            log = _log.bind(reconcile_id=new_reconcile_id())
+            try:
+                apply = functools.partial(self.executor.apply, log=log.bind(orphan=True), app_wide=True)
+                await self.volume_sweeper.sweep(self._now(), apply, log)
+            except Exception as err:  # a bug here must not stop the reconciler
+                log.exception("volume_sweep_crashed", error=type(err).__name__)
 
     async def _mark_seen(self) -> None:
         record = json.dumps({"at": self._now().isoformat(), "leader": self.authority.is_leader_for(None)})

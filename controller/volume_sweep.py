@@ -1,11 +1,12 @@
-"""Orphan volumes: the leader's resync destroys volumes of ours that no session owns (rule 9).
+"""Orphan volumes: the leader destroys volumes of ours that no session owns (rule 9).
 
-One ``Volumes_list`` per sweep, at most every ``interval`` seconds (volumes change rarely, and the
-list spends a token of Fly's per-app bucket). The decisions are :mod:`controller.volume_plan`'s;
-this module adds the care the machine orphans get: every candidate's session is read afresh
-before its volume is destroyed (unknown, never dead: a Redis error ends the sweep), a twin is
-destroyed only if the session's record names another volume, and the destroys go through the
-executor (leader authority, one Fly call each).
+The reconciler runs a sweep every ``interval`` seconds in its own task, beside the resync, while
+it holds the leader lease and its last pass succeeded: one ``Volumes_list`` per sweep (volumes
+change rarely, and the list spends a token of Fly's per-app bucket). The decisions are
+:mod:`controller.volume_plan`'s; this module adds the care the machine orphans get: the session ids
+are read from Redis *after* the list (a session created meanwhile is known; a Redis error ends the
+sweep: unknown, never dead), a twin is destroyed only if the session's record names another volume,
+and the destroys go through the executor (leader authority, one Fly call each).
 """
 
 from __future__ import annotations
