@@ -93,3 +93,18 @@ def test_orphans_and_twins_after_the_grace_and_never_an_attached_or_foreign_volu
     assert twins_to_destroy("live", crowded["live"], None) == []  # no record: the next create adopts one
     _, alone = plan_orphan_volumes([vol("v5", volume_name("live"))], {"live"}, T0, 10.0)
     assert alone == {}
+
+
+def test_persistence_is_bounded_and_bad_sizes_name_the_field() -> None:
+    import pydantic
+
+    from api.models import MAX_PERSISTENCE_GB, SessionSpec
+
+    assert SessionSpec.model_validate({"mode": "chat", "persistence": {}}).persistence is not None
+    for size in (0, MAX_PERSISTENCE_GB + 1, "big"):
+        try:
+            SessionSpec.model_validate({"mode": "chat", "persistence": {"sizeGb": size}})
+        except pydantic.ValidationError as err:
+            assert err.errors()[0]["loc"] == ("persistence", "sizeGb")
+        else:
+            raise AssertionError(f"sizeGb={size!r} accepted")
