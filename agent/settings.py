@@ -49,9 +49,14 @@ class AgentSettings(BaseSettings):
     heartbeat_ttl_seconds: int = Field(default=30, ge=1)
     """Heartbeat key TTL: the controller treats a missing heartbeat as a dead agent."""
 
-    work_root: Path = Path(tempfile.gettempdir()) / "flyswarm"
+    work_root: Path = Field(
+        default=Path(tempfile.gettempdir()) / "flyswarm",
+        validation_alias=AliasChoices("FLYSWARM_VOLUME_ROOT", "FLYSWARM_WORK_ROOT"),
+    )
     """Per-session dirs live below: ``<root>/<session>/work`` (the cwd) and ``<root>/<session>/home``.
-    Keep it the same on every machine of a deployment: the SDK keys transcripts by the cwd."""
+    Keep it the same on every machine of a deployment: the SDK keys transcripts by the cwd. A session
+    with ``spec.persistence`` gets ``FLYSWARM_VOLUME_ROOT`` (its volume's mount) from the controller,
+    which wins over a deployment-wide ``FLYSWARM_WORK_ROOT`` (an app secret would win over config)."""
 
     stderr_tail_lines: int = Field(default=40, ge=1, le=1000)
     """How many lines of the CLI's diagnostics (stderr and its debug log's errors) a report keeps."""

@@ -73,6 +73,11 @@ def launch(session_id: str) -> str:
     return f"{_tag(session_id)}:launch"
 
 
+def volume(session_id: str) -> str:
+    """Hash: the session's Fly volume (id, name, region, size) once created (controller/volumes.py)."""
+    return f"{_tag(session_id)}:volume"
+
+
 def transcript_prefix(session_id: str) -> str:
     """Prefix of the keys of the SDK transcript store (see api/transcripts.py)."""
     return f"{_tag(session_id)}:tr:"
@@ -140,6 +145,7 @@ def session_fixed_keys(session_id: str) -> tuple[str, ...]:
         inbox_acked(session_id),
         launch(session_id),
         session_token(session_id),
+        volume(session_id),
     )
 
 

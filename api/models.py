@@ -128,6 +128,10 @@ class Phase(StrEnum):
 TERMINAL_PHASES = frozenset({Phase.SUCCEEDED, Phase.FAILED})
 
 
+#: Largest persistent work dir a session may ask for (Fly volumes go to 500 GB; a chat needs far less).
+MAX_PERSISTENCE_GB = 50
+
+
 class _Input(BaseModel):
     """Base for user-supplied parts: unknown fields are errors, names are camelCase as in YAML."""
 
@@ -180,6 +184,13 @@ class MachineSpec(_Input):
         return value
 
 
+class Persistence(_Input):
+    """A work dir that survives sleep and replacement: a Fly volume of ``sizeGb`` for the session's
+    lifetime (README "Persistence": host pinning, costs, what happens when the host is lost)."""
+
+    sizeGb: int = Field(default=1, ge=1, le=MAX_PERSISTENCE_GB)
+
+
 class SessionSpec(_Input):
     """What the user wants. Changing it bumps ``metadata.generation``."""
 
@@ -198,6 +209,7 @@ class SessionSpec(_Input):
     machine: MachineSpec = Field(default_factory=MachineSpec)
     workspace: WorkspaceSpec | None = None  # api/workspace_models.py
     output: OutputSpec | None = None
+    persistence: Persistence | None = None
 
     @field_validator("allowedTools")
     @classmethod

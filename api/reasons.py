@@ -54,6 +54,10 @@ class Reason(StrEnum):
     # machine housekeeping
     DUPLICATE_MACHINE = "DuplicateMachine"
     ORPHAN_MACHINE = "OrphanMachine"
+    # volumes (spec.persistence)
+    VOLUME_CREATE_FAILED = "VolumeCreateFailed"  # Fly refused the session's volume (capacity, quota)
+    VOLUME_LOST = "VolumeLost"  # the session's volume is gone (host lost): a new, empty one is made
+    ORPHAN_VOLUME = "OrphanVolume"
     FINISHED = "Finished"
     TTL_EXPIRED = "TTLExpired"
     # waits (requeue reasons)

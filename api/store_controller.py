@@ -43,6 +43,7 @@ from api.store_lease import LeaderLease
 from api.store_shards import ShardLeases
 from api.store_teardown import SessionTeardown
 from api.store_tokens import SessionTokens
+from api.store_volumes import SessionVolumes
 
 StatusWrite = Literal["written", "missing", "refused", "fenced"]
 
@@ -80,7 +81,7 @@ class Change:
 
 
 class ControllerStore(
-    SessionIndexReads, EventWrites, SessionTeardown, SessionTokens, LeaderLease, ShardLeases
+    SessionIndexReads, EventWrites, SessionTeardown, SessionTokens, SessionVolumes, LeaderLease, ShardLeases
 ):
     """Async access for the controller. One instance per process, shared by all tasks."""
 

@@ -33,6 +33,8 @@ class CreateMachine:
     region: str
     reason: str = "Create"
     message: str = ""
+    #: The session's volume, mounted at the agent's work root (``spec.persistence``; volume_plan.py).
+    volume_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,30 @@ class DestroyMachine:
 
 
 @dataclass(frozen=True)
+class CreateVolume:
+    """Create (or adopt, found by ``name``) the session's Fly volume before its first machine."""
+
+    kind: ClassVar[str] = "create_volume"
+    session_id: str
+    name: str
+    region: str
+    size_gb: int
+    reason: str = "CreateVolume"
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class DestroyVolume:
+    """Delete a volume: the removed session's, or an orphan's (``session_id`` None if unknown)."""
+
+    kind: ClassVar[str] = "destroy_volume"
+    session_id: str | None
+    volume_id: str
+    reason: str = "DestroyVolume"
+    message: str = ""
+
+
+@dataclass(frozen=True)
 class SetStatus:
     """Write the controller-owned status and append ``events`` to the session's event stream."""
 
@@ -131,6 +157,8 @@ Action = (
     | SuspendMachine
     | RestartMachine
     | DestroyMachine
+    | CreateVolume
+    | DestroyVolume
     | SetStatus
     | RemoveSession
     | RequeueAfter
@@ -146,6 +174,8 @@ ACTION_TYPES: tuple[type[Action], ...] = (
     SuspendMachine,
     RestartMachine,
     DestroyMachine,
+    CreateVolume,
+    DestroyVolume,
     SetStatus,
     RemoveSession,
     RequeueAfter,
@@ -160,7 +190,15 @@ def is_destroy(action: Action) -> bool:
 def is_fly_call(action: Action) -> bool:
     """True when applying the action calls Fly (it spends rate-limit tokens)."""
     return isinstance(
-        action, CreateMachine | StartMachine | StopMachine | SuspendMachine | RestartMachine | DestroyMachine
+        action,
+        CreateMachine
+        | StartMachine
+        | StopMachine
+        | SuspendMachine
+        | RestartMachine
+        | DestroyMachine
+        | CreateVolume
+        | DestroyVolume,
     )
 
 

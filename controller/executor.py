@@ -50,7 +50,9 @@ from controller import fly_errors
 from controller.actions import (
     Action,
     CreateMachine,
+    CreateVolume,
     DestroyMachine,
+    DestroyVolume,
     Done,
     Outcome,
     Permanent,
@@ -68,11 +70,13 @@ from controller.expectations import Expectations
 from controller.fly import FLY_ACTION_LIMIT, FlyClient
 from controller.fly_apps import AppSpreader, CreateSlot
 from controller.fly_types import Machine, MachineConfig
+from controller.fly_volumes import FlyVolumes
 from controller.machine_config import machine_name
 from controller.machine_state import GONE
 from controller.metrics import ControllerMetrics
 from controller.observed import MANAGED_VALUE, TAG_LAUNCH, TAG_MANAGED, ObservedMachine, parse_tags
 from controller.ratelimit import Limit
+from controller.volume_executor import VolumeExecutor
 
 _log = get_logger("controller.executor")
 
@@ -125,6 +129,7 @@ class ConfigBuilder(Protocol):
         launch_id: str,
         region: str,
         session_token: str,
+        volume_id: str | None = None,
     ) -> MachineConfig: ...
 
 
@@ -280,6 +285,7 @@ class Executor:
             load=fly.machine_counts,
         )
         self._now = clock
+        self.volumes = VolumeExecutor(store=store, volumes=FlyVolumes(fly), clock=clock)
 
     # -- entry point ------------------------------------------------------------------------------
 
@@ -338,6 +344,8 @@ class Executor:
             return await self._restart(action, log)
         if isinstance(action, DestroyMachine):
             return await self._destroy(action, log)
+        if isinstance(action, CreateVolume | DestroyVolume):
+            return await self.volumes.apply(action, log=log, deadline=self._deadline())
         return Permanent(f"unknown action {type(action).__name__}")
 
     # -- store actions ----------------------------------------------------------------------------
@@ -376,7 +384,11 @@ class Executor:
 
     async def _create(self, action: CreateMachine, session: Session, log: Any) -> Outcome:
         log = log.bind(launch_id=action.launch_id, region=action.region)
-        slot = self.create_pacer.slot(action.session_id)
+        # A volume belongs to one app (the client's default app, where controller.fly_volumes makes
+        # it) and a machine can mount only a volume of its own app: a persistent session's machines
+        # are created there; other sessions spread over every agent app.
+        allowed = [self.fly.config.app_name] if action.volume_id else None
+        slot = self.create_pacer.slot(action.session_id, allowed)
         if slot.wait > 0:
             # Not our turn yet under Fly's create limit: come back when the slot is due.
             return Requeue(slot.wait)
@@ -394,6 +406,7 @@ class Executor:
                 launch_id=action.launch_id,
                 region=action.region,
                 session_token=token.value,
+                **({"volume_id": action.volume_id} if action.volume_id else {}),
             )
         except ValueError as err:
             return Permanent(f"machine config refused: {err}")
@@ -426,6 +439,8 @@ class Executor:
             # The failure replaces the launch record, so the next plan says why in the status.
             await self.store.record_create_failure(action.session_id, reason, str(err))
             self.expectations.launch_cancelled(action.session_id, action.launch_id)
+            if action.volume_id and _volume_unknown(err, action.volume_id):
+                await self.volumes.volume_lost(action.session_id, action.volume_id, err.message, log)
             if isinstance(err, fly_errors.Capacity):
                 log.warning("machine_create_no_capacity", error=err.message)
             elif not err.transient:
@@ -580,3 +595,9 @@ _PAST = {"start": "machine_started", "stop": "machine_stopped", "suspend": "mach
 
 def _with_tags(machine: ObservedMachine, session_id: str, launch_id: str) -> ObservedMachine:
     return replace(machine, managed=True, session_id=session_id, launch_id=launch_id)
+
+
+def _volume_unknown(err: fly_errors.FlyError, volume_id: str) -> bool:
+    """Fly's answer to a create whose mount names a volume it does not have (400/404 "not found")."""
+    text = err.message.lower()
+    return err.status in (400, 404) and "not found" in text and volume_id.lower() in text

@@ -19,6 +19,10 @@ What a machine gets, and why:
   Fly restarting behind its back would make a crash look like a healthy machine.
 - **auto_destroy** for task sessions: a finished task's machine removes itself.
 - **stop_config** SIGTERM with the stop grace, so the agent flushes events and its transcript.
+- **mounts** (``spec.persistence``): the session's volume at :data:`VOLUME_MOUNT_PATH`, and
+  ``FLYSWARM_VOLUME_ROOT`` pointing there (the agent's work root; it wins over
+  ``FLYSWARM_WORK_ROOT``), so the agent's work dir and home live on the volume and survive stops
+  and replacements.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ from controller.settings import ControllerSettings
 
 #: Fly machine names are DNS-label-like; keep them within 63 characters.
 MAX_NAME_LENGTH = 63
+#: Where a session's volume is mounted; the agent's work root when it has one.
+VOLUME_MOUNT_PATH = "/data"
 #: The agent must exit this much before Fly's SIGKILL (the stop_config timeout).
 _STOP_MARGIN_SECONDS = 2.0
 
@@ -81,12 +87,14 @@ def machine_config_for(
     session_token: str,
     image: str | None = None,
     region: str | None = None,
+    volume_id: str | None = None,
 ) -> dict[str, Any]:
     """The CreateMachineRequest body (``name``, ``region``, ``config``) for one launch of ``session``.
 
     ``session_token`` is the token minted for this launch (``ControllerStore.mint_session_token``);
     ``image`` overrides ``FLY_AGENT_IMAGE`` (the spec's image still wins); ``region`` overrides the
-    spec's (e.g. a fallback region after a capacity error). Raises ValueError if a controller
+    spec's (e.g. a fallback region after a capacity error); ``volume_id`` is mounted as the
+    agent's work root (``spec.persistence``). Raises ValueError if a controller
     secret or a Redis address would reach the machine.
     """
     spec = session.spec
@@ -100,6 +108,10 @@ def machine_config_for(
         "restart": {"policy": "no"},
         "stop_config": {"signal": "SIGTERM", "timeout": go_duration(settings.stop_grace_seconds)},
     }
+    if volume_id is not None:
+        config["mounts"] = [{"volume": volume_id, "path": VOLUME_MOUNT_PATH}]
+        # Not FLYSWARM_WORK_ROOT: an app secret of that name would win over the machine's env.
+        config["env"]["FLYSWARM_VOLUME_ROOT"] = VOLUME_MOUNT_PATH
     body = {
         "name": machine_name(session.id, launch_id),
         "region": region or spec.machine.region or settings.default_region,
@@ -123,6 +135,7 @@ class MachineConfigBuilder:
         launch_id: str,
         region: str,
         session_token: str,
+        volume_id: str | None = None,
     ) -> MachineConfig:
         body = machine_config_for(
             session,
@@ -131,6 +144,7 @@ class MachineConfigBuilder:
             session_token=session_token,
             image=self.image,
             region=region,
+            volume_id=volume_id,
         )
         return MachineConfig.model_validate(body["config"])
 

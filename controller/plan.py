@@ -75,7 +75,9 @@ from controller import machine_state as ms
 from controller.actions import (
     Action,
     CreateMachine,
+    CreateVolume,
     DestroyMachine,
+    DestroyVolume,
     RemoveSession,
     RequeueAfter,
     RestartMachine,
@@ -884,8 +886,8 @@ def _ordered(session_id: str, actions: list[Action]) -> list[Action]:
     machine_actions: list[Action] = []
     seen: set[tuple[str, str]] = set()
     for a in actions:
-        if isinstance(a, SetStatus | RemoveSession | RequeueAfter):
-            continue
+        if isinstance(a, SetStatus | RemoveSession | RequeueAfter | CreateVolume | DestroyVolume):
+            continue  # volume actions are volume_plan.py's, added after this plan
         key = ("create", a.launch_id) if isinstance(a, CreateMachine) else (a.kind, a.machine_id)
         destroy_key = ("destroy", key[1])
         if key in seen or destroy_key in seen:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import secrets
 import time
@@ -60,6 +61,7 @@ from controller.actions import (
 from controller.executor import Authority, DestroyBudget, Executor, observed_from_fly
 from controller.expectations import Expectations
 from controller.fly import FlyClient
+from controller.fly_volumes import FlyVolumes
 from controller.freshness import Freshness
 from controller.machine_state import SETTLED
 from controller.metrics import ControllerMetrics
@@ -69,6 +71,8 @@ from controller.queue import WorkQueue
 from controller.settings import ControllerSettings, PlanSettings
 from controller.snapshot import LIST_PAGE_SIZE, KeyView, Snapshot, WorldReader
 from controller.triggers import CHANGE_BLOCK_MS, follow_change_feed, follow_wakes
+from controller.volume_plan import VolumeRecord, needs_record, with_volume
+from controller.volume_sweep import VolumeSweeper
 
 _log = get_logger("controller.reconciler")
 
@@ -152,6 +156,13 @@ class Reconciler:
         self._active: dict[str, asyncio.Task[list[Outcome]]] = {}
         #: Sessions that became ours at a time (shards just taken) and that no snapshot covers yet.
         self._uncovered: list[tuple[float, Callable[[str], bool]]] = []
+        self.volume_sweeper = VolumeSweeper(
+            store=store,
+            volumes=FlyVolumes(fly),
+            grace_seconds=plan_settings.orphan_grace_seconds,
+            interval_seconds=max(settings.resync_seconds, plan_settings.orphan_grace_seconds),
+            call_timeout_seconds=settings.call_timeout_seconds,
+        )
 
     @property
     def redis_ok(self) -> bool:
@@ -173,6 +184,7 @@ class Reconciler:
             tasks.append(asyncio.create_task(feed, name="reconciler-changes"))
         if self.options.wake_pubsub:
             tasks.append(asyncio.create_task(follow_wakes(self.store, self.wake), name="reconciler-wake"))
+        tasks.append(asyncio.create_task(self._volume_sweep_loop(), name="reconciler-volumes"))
         self._workers = [
             asyncio.create_task(self._worker(i), name=f"reconciler-worker-{i}")
             for i in range(self.settings.concurrency)
@@ -344,6 +356,20 @@ class Reconciler:
                 self._actions_since_pass += 1
         return applied
 
+    async def _volume_sweep_loop(self) -> None:
+        """Orphan volumes (controller/volume_sweep.py), by the leader, beside the resync: a slow
+        volume list must never hold up the pass the machines depend on."""
+        while True:
+            await asyncio.sleep(self.volume_sweeper.interval_seconds)
+            if not self.authority.is_leader_for(None) or self.last_pass is None or not self.last_pass.ok:
+                continue  # not ours, or the world is unknown: never destroy on missing data
+            log = _log.bind(reconcile_id=new_reconcile_id())
+            try:
+                apply = functools.partial(self.executor.apply, log=log.bind(orphan=True), app_wide=True)
+                await self.volume_sweeper.sweep(self._now(), apply, log)
+            except Exception as err:  # a bug here must not stop the reconciler
+                log.exception("volume_sweep_crashed", error=type(err).__name__)
+
     async def _mark_seen(self) -> None:
         record = json.dumps({"at": self._now().isoformat(), "leader": self.authority.is_leader_for(None)})
         holder = str(getattr(self.authority, "holder_id", "controller"))
@@ -440,6 +466,16 @@ class Reconciler:
             self.metrics.passes.labels(kind="key", result="unknown").inc()
             return []
         assert view.session is not None
+        if needs_record(view.session, actions):
+            try:
+                # The session's volume (spec.persistence): made before its machine, mounted by every
+                # launch, destroyed before its record is removed (controller/volume_plan.py).
+                record = VolumeRecord.from_fields(await self.store.get_volume(key))
+            except StoreUnavailable as err:
+                self.queue.add_rate_limited(key)
+                log.warning("reconcile_read_failed", error=str(err))
+                return []
+            actions = with_volume(view.session, actions, record)
         outcomes = await self._apply(actions, view.session, log)
         self._schedule(key, outcomes)
         elapsed = time.monotonic() - started

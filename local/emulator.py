@@ -157,7 +157,7 @@ def _v1(operation: str, handler: Handler) -> Callable[[Request], Awaitable[Respo
         started = time.time()
         state = _state(request)
         app_name = request.path_params.get("app_name", "")
-        machine_id = request.path_params.get("machine_id")
+        machine_id = request.path_params.get("machine_id") or request.path_params.get("volume_id")
         # Fly scopes creates (and lists) per app, every other action per machine.
         scope = (
             f"{app_name}/{machine_id}" if machine_id else app_name or request.path_params.get("org_slug", "")
@@ -493,6 +493,55 @@ def _routes(table: Sequence[tuple[str, str, str, Handler]]) -> list[Route]:
     return routes
 
 
+# --- volumes (local/emulator_volumes.py) ---------------------------------------------------------
+
+VOLUMES = "/v1/apps/{app_name}/volumes"
+VOLUME = VOLUMES + "/{volume_id}"
+
+
+async def list_volumes(request: Request, state: EmulatorState) -> Response:
+    return JSONResponse(state.volumes.list_volumes(request.path_params["app_name"]))
+
+
+async def create_volume(request: Request, state: EmulatorState) -> Response:
+    app_name = request.path_params["app_name"]
+    volume = state.volumes.create(app_name, await _json(request), region_full=state.faults.region_full)
+    state.apps.ensure(app_name)
+    return JSONResponse(volume)
+
+
+async def show_volume(request: Request, state: EmulatorState) -> Response:
+    p = request.path_params
+    return JSONResponse(state.volumes.view(state.volumes.get(p["app_name"], p["volume_id"])))
+
+
+async def update_volume(request: Request, state: EmulatorState) -> Response:
+    p = request.path_params
+    return JSONResponse(state.volumes.update(p["app_name"], p["volume_id"], await _json(request)))
+
+
+async def extend_volume(request: Request, state: EmulatorState) -> Response:
+    p = request.path_params
+    return JSONResponse(state.volumes.extend(p["app_name"], p["volume_id"], await _json(request)))
+
+
+async def delete_volume(request: Request, state: EmulatorState) -> Response:
+    p = request.path_params
+    return JSONResponse(state.volumes.delete(p["app_name"], p["volume_id"]))
+
+
+def _volumes_routes() -> list[Route]:
+    table: Sequence[tuple[str, str, str, Handler]] = (
+        ("GET", VOLUMES, "Volumes_list", list_volumes),
+        ("POST", VOLUMES, "Volumes_create", create_volume),
+        ("GET", VOLUME, "Volumes_get_by_id", show_volume),
+        ("PUT", VOLUME, "Volumes_update", update_volume),
+        ("DELETE", VOLUME, "Volume_delete", delete_volume),
+        ("PUT", VOLUME + "/extend", "Volumes_extend", extend_volume),
+    )
+    return _routes(table)
+
+
 def _machines_routes() -> list[Route]:
     table: Sequence[tuple[str, str, str, Handler]] = (
         ("GET", MACHINES, "Machines_list", list_machines),
@@ -702,7 +751,7 @@ def create_app(settings: EmulatorSettings | None = None) -> Starlette:
             await state.aclose()
 
     app = Starlette(
-        routes=[*_apps_routes(), *_machines_routes(), *_admin_routes()],
+        routes=[*_apps_routes(), *_machines_routes(), *_volumes_routes(), *_admin_routes()],
         lifespan=lifespan,
         exception_handlers={404: _not_found, 405: _method_not_allowed},
     )

@@ -111,14 +111,19 @@ def check_guest(guest: Any) -> dict[str, Any]:
     return out
 
 
-def check_mounts(mounts: Any) -> None:
-    """The emulator has no volumes, so a mount naming one names a volume that does not exist."""
+def check_mounts(mounts: Any) -> list[dict[str, Any]] | None:
+    """The mounts' shape as Fly checks it: objects naming a volume and an absolute path, at most one
+    (a Fly machine mounts one volume). Whether the volume exists is the volume registry's check."""
     if mounts is None:
-        return
+        return None
     if not isinstance(mounts, list) or not all(isinstance(m, dict) for m in mounts):
         raise invalid("config.mounts must be a list of objects")
+    if len(mounts) > 1:
+        raise invalid("config.mounts: a machine can mount at most one volume")
     for i, mount in enumerate(mounts):
-        volume = mount.get("volume")
-        if not volume:
+        if not mount.get("volume"):
             raise invalid(f"config.mounts[{i}].volume is required")
-        raise invalid(f"config.mounts[{i}].volume: volume {volume!r} not found")
+        path = mount.get("path")
+        if not isinstance(path, str) or not path.startswith("/") or path.rstrip("/") == "":
+            raise invalid(f"config.mounts[{i}].path: must be an absolute path other than /")
+    return mounts or None

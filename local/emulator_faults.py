@@ -46,6 +46,8 @@ class FaultSettings(BaseModel):
     """Probability that a create answers 408 *after* the machine was created (ambiguous failure)."""
     capacity_regions: list[str] = Field(default_factory=list)
     """Regions out of capacity: create there answers 422 insufficient_capacity, start answers 409."""
+    full_volumes: list[str] = Field(default_factory=list)
+    """Volumes whose host is full: a machine create or update mounting one answers 412."""
     list_lag_seconds: float = Field(default=0.0, ge=0.0)
     """Eventual consistency of list: machines younger than this are missing, destroyed ones linger."""
     seed: int = 0
@@ -155,3 +157,6 @@ class FaultInjector:
 
     def region_full(self, region: str) -> bool:
         return region in self.settings.capacity_regions
+
+    def volume_host_full(self, volume_id: str) -> bool:
+        return volume_id in self.settings.full_volumes

@@ -63,6 +63,7 @@ from local.emulator_process import (
     resolve_command,
 )
 from local.emulator_settings import EmulatorSettings
+from local.emulator_volumes import VolumeRegistry
 
 log = get_logger("flyswarm.emulator")
 
@@ -378,8 +379,20 @@ class EmulatorState:
             self.work_root = self.settings.work_root.resolve()
             self.work_root.mkdir(parents=True, exist_ok=True)
             self._owns_root = False
+        self.volumes = VolumeRegistry(
+            self.work_root / "volumes", attached=self._volume_holder, regions=self.settings.regions
+        )
 
     # -- bookkeeping ---------------------------------------------------------------------------
+
+    def _volume_holder(self, volume_id: str) -> str | None:
+        """The live machine whose config mounts ``volume_id`` (a volume's ``attached_machine_id``)."""
+        for m in self.machines.values():
+            if m.state != S.DESTROYED and any(
+                mount.get("volume") == volume_id for mount in m.config.get("mounts") or []
+            ):
+                return m.id
+        return None
 
     def _track(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
@@ -571,7 +584,9 @@ class EmulatorState:
     def create(self, app: str, body: Any, owner: str) -> tuple[Machine, str | None]:
         req = parse_request(body)
         config, spec = parse_config(req.config)
-        region = req.region or self.settings.default_region
+        mounted = self.volumes.volumes.get(str((config.get("mounts") or [{}])[0].get("volume")))
+        # Without a region the machine goes where its volume is, as on Fly.
+        region = req.region or (mounted.region if mounted else None) or self.settings.default_region
         if self.settings.regions and region not in self.settings.regions:
             raise FlyError(422, f"invalid_argument: region {region!r} not found")
         if self.faults.region_full(region):
@@ -582,6 +597,9 @@ class EmulatorState:
             )
         if req.lease_ttl is not None and req.lease_ttl <= 0:
             raise invalid("lease_ttl must be a positive number of seconds")
+        self.volumes.check_mount(
+            app, region, config.get("mounts"), machine_id=None, host_full=self.faults.volume_host_full
+        )
         self.apps.ensure(app)
         live = [m for m in self.machines.values() if m.app == app and m.state != S.DESTROYED]
         if req.name and any(m.name == req.name for m in live):
@@ -710,6 +728,9 @@ class EmulatorState:
             # Fly replaces the whole config; an update without one would only restart the machine.
             raise invalid("config is required")
         config, spec = parse_config(req.config)
+        self.volumes.check_mount(
+            app, m.region, config.get("mounts"), machine_id=m.id, host_full=self.faults.volume_host_full
+        )
         previous, old_spec = m.state, m.spec
         was_pending = m.launch_pending
         self._cancel_operation(m)
@@ -955,7 +976,7 @@ class EmulatorState:
             host_env=os.environ,
             inherit=self.settings.inherit_env,
             home=self.work_root / m.workdir_name,
-            config_env=m.spec.env,
+            config_env=self.volumes.guest_env(m.spec.env, m.config.get("mounts")),
             secrets={} if m.skip_secrets else self.secrets.get(m.app, {}),
             fly_env=fly_env,
         )
@@ -1325,6 +1346,7 @@ class EmulatorState:
         """Forget every machine (killing their processes) and reset stats, faults and secrets."""
         await self._kill_everything()
         self.machines.clear()
+        self.volumes.clear()
         self.apps.clear()
         self.stats.reset()
         self.faults.replace(self.settings.faults.model_copy())

@@ -14,7 +14,10 @@ What it does is scripted by the session itself, so a test drives it through the 
   after that time the agent reports done (exit 0), reports an error (exit 1), exits 3 without a
   report (a crash), or stops heartbeating while the process lives on (a hang);
 * every inbox message is a command with the same words (``done``, ``error``, ``crash``, ``hang``,
-  ``exit:<code>``); any other text is a chat turn: acknowledged at once, the agent goes idle;
+  ``exit:<code>``); any other text is a chat turn: acknowledged at once, the agent goes idle; when
+  ``FLYSWARM_VOLUME_ROOT`` (else ``FLYSWARM_WORK_ROOT``) is set, the turn is also appended as
+  ``<machine id> <text>`` to ``notes.txt`` in the session's work dir (``<root>/<session>/work``, as
+  the real agent's cwd), so tests see which machines wrote into one persistent work dir;
 * SIGTERM (a stop, a suspend, a destroy) writes an ``interrupted`` report and exits 0, as the real
   agent flushes and exits within the stop timeout.
 
@@ -30,6 +33,7 @@ import re
 import signal
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from agent import token_handoff
 from agent.channel import AgentChannel
@@ -77,6 +81,7 @@ class HeartbeatAgent:
         self.state: AgentState = "running"
         self.beating = True
         self.exit_code: int | None = None
+        self.work_root: str | None = None
         self._stop = asyncio.Event()
 
     async def run(self, script: Script, mode: str) -> int:
@@ -131,8 +136,17 @@ class HeartbeatAgent:
                 await self.command(message.text)
             else:
                 # A chat turn: nothing to compute; the turn is over as soon as it is acknowledged.
+                self.write_note(message.text)
                 self.state = "idle"
                 await self._report("idle")
+
+    def write_note(self, text: str) -> None:
+        if self.work_root is None:
+            return
+        work = Path(self.work_root) / self.session_id / "work"
+        work.mkdir(parents=True, exist_ok=True)
+        with (work / "notes.txt").open("a", encoding="utf-8") as fh:
+            fh.write(f"{self.machine_id} {text.strip()}\n")
 
     async def command(self, text: str) -> None:
         word = text.strip().lower()
@@ -193,6 +207,7 @@ async def amain(env: dict[str, str]) -> int:
     token = token_handoff.receive() or env.get(token_handoff.TOKEN_ENV, "")
     store = AgentChannel(env["FLYSWARM_CONTROL_URL"], token, session_id)
     agent = HeartbeatAgent(store, session_id, machine_id, interval, ttl)
+    agent.work_root = env.get("FLYSWARM_VOLUME_ROOT") or env.get("FLYSWARM_WORK_ROOT") or None
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, agent.terminate)
     loop.add_signal_handler(signal.SIGINT, agent.terminate)

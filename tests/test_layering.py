@@ -83,6 +83,7 @@ STORE_MODULES = {
     "api.store_lease",
     "api.store_gateway",
     "api.store_tokens",
+    "api.store_volumes",
     "api.store_channel",
     "api.store_shards",
     "api.transcripts",

@@ -11,6 +11,7 @@ from api.models import Metadata, Session, SessionSpec
 from controller.fly_types import CreateMachineRequest, MachineConfig
 from controller.machine_config import (
     MAX_NAME_LENGTH,
+    VOLUME_MOUNT_PATH,
     MachineConfigBuilder,
     controller_secrets,
     machine_config_for,
@@ -148,3 +149,10 @@ def test_builder_gives_the_executor_a_typed_config() -> None:
     config = builder(make_session("chat"), launch_id="g1r0-abc", region="fra", session_token=TOKEN)
     assert isinstance(config, MachineConfig)
     assert config.auto_destroy is False and (config.env or {})["FLYSWARM_SESSION_TOKEN"] == TOKEN
+
+
+def test_a_persistent_session_mounts_its_volume_as_the_agents_work_root() -> None:
+    config = build(make_session("chat", persistence={"sizeGb": 1}), volume_id="vol_abc")["config"]
+    assert config["mounts"] == [{"volume": "vol_abc", "path": VOLUME_MOUNT_PATH}]
+    assert config["env"]["FLYSWARM_VOLUME_ROOT"] == VOLUME_MOUNT_PATH
+    assert "mounts" not in build(make_session("chat"))["config"]

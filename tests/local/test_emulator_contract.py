@@ -35,8 +35,11 @@ from local.emulator import EmulatorSettings, create_app, emulator_state
 from tests.local.test_emulator_server import running_emulator
 
 MACHINES_PREFIX = "/v1/apps/{app_name}/machines"
-#: Every path the emulator serves under /v1: the machines API, the Apps API, the org machine list.
-SERVED = re.compile(r"^/v1/apps(/\{app_name\}(/machines.*)?)?$|^/v1/orgs/\{org_slug\}/machines$")
+#: Every path the emulator serves under /v1: the machines API, the Apps API, the org machine list,
+#: volumes (tests/local/test_emulator_volumes.py).
+SERVED = re.compile(
+    r"^/v1/apps(/\{app_name\}(/machines.*|/volumes(/\{volume_id\}(/extend)?)?)?)?$|^/v1/orgs/\{org_slug\}/machines$"
+)
 SLEEP = (
     "import signal, time\n"
     "signal.signal(signal.SIGUSR2, lambda *a: None)\n"
