@@ -179,6 +179,33 @@ class MachineSpec(_Input):
         return value
 
 
+MAX_ARTIFACT_GLOBS = 32
+
+
+def check_relative_path(value: str, what: str = "path") -> str:
+    """A path relative to the work dir: not empty, not absolute, no ``..`` part, no NUL or backslash."""
+    if not value or len(value) > 1024:
+        raise ValueError(f"{what} must be 1-1024 characters")
+    if value.startswith(("/", "~")):
+        raise ValueError(f"{what} must be relative to the work dir, not absolute")
+    if "\0" in value or "\\" in value:
+        raise ValueError(f"{what} must not contain NUL or backslash")
+    if ".." in value.split("/"):
+        raise ValueError(f"{what} must not contain '..'")
+    return value
+
+
+class OutputSpec(_Input):
+    """What a session hands back besides its text: ``artifacts`` are globs relative to the work dir."""
+
+    artifacts: list[str] = Field(default_factory=list, max_length=MAX_ARTIFACT_GLOBS)
+
+    @field_validator("artifacts")
+    @classmethod
+    def _globs(cls, value: list[str]) -> list[str]:
+        return [check_relative_path(glob, f"glob {glob!r}") for glob in value]
+
+
 class SessionSpec(_Input):
     """What the user wants. Changing it bumps ``metadata.generation``."""
 
@@ -195,6 +222,7 @@ class SessionSpec(_Input):
     systemPrompt: str | None = Field(default=None, max_length=100_000)
     allowedTools: list[str] = Field(default_factory=lambda: list(DEFAULT_TOOLS), max_length=64)
     machine: MachineSpec = Field(default_factory=MachineSpec)
+    output: OutputSpec = Field(default_factory=OutputSpec)
 
     @field_validator("allowedTools")
     @classmethod

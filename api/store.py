@@ -56,6 +56,7 @@ from api.models import (
     utcnow,
 )
 from api.selector import Selector
+from api.store_artifacts import ArtifactReads
 from api.store_base import (
     SessionIndexReads,
     canonical_labels,
@@ -64,6 +65,7 @@ from api.store_base import (
     session_from_hash,
     unavailable_on_redis_error,
 )
+from api.store_files import FileRequests
 
 
 class InvalidCursor(ValueError):
@@ -170,7 +172,7 @@ class ListPage:
     cursor: str | None
 
 
-class ApiStore(SessionIndexReads):
+class ApiStore(SessionIndexReads, ArtifactReads, FileRequests):
     """What the API does with sessions: create, apply, get, list, delete, message, read events."""
 
     def __init__(self, redis: aioredis.Redis, **kwargs: Any) -> None:
