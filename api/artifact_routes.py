@@ -10,8 +10,9 @@
     one with ``..`` is 400 naming ``name``.
 ``GET /sessions/{id}/files?path=``
     Served by the running agent (:mod:`api.store_files` explains the round trip): a directory is a
-    JSON listing, a file its bytes (at most ``FLYSWARM_FILES_MAX_BYTES``, larger: 413 with its
-    size). ``path`` (default: the work dir) is checked like an artifact name (400 naming ``path``).
+    JSON listing, a file its bytes (``X-Flyswarm-File-Type`` says which; at most
+    ``FLYSWARM_FILES_MAX_BYTES``, larger: 413 with its size). ``path`` (default: the work dir) is
+    checked like an artifact name (400 naming ``path``).
     No live agent (no heartbeat): 409; no answer within ``FLYSWARM_FILES_TIMEOUT_SECONDS``: 504.
 """
 
@@ -159,7 +160,7 @@ def _answer_response(path: str, answer: dict[str, Any]) -> Response:
     if error is not None:
         raise bad_request("path", str(answer.get("message") or error))
     if answer.get("type") == "directory":
-        return JSONResponse(answer)
+        return JSONResponse(answer, headers={"X-Flyswarm-File-Type": "directory"})
     data = base64.b64decode(str(answer.get("content") or ""))
     media = mimetypes.guess_type(path)[0] or "application/octet-stream"
-    return Response(data, media_type=media, headers={"X-Flyswarm-File-Size": str(len(data))})
+    return Response(data, media_type=media, headers={"X-Flyswarm-File-Type": "file"})
