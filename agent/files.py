@@ -30,7 +30,6 @@ from api.store_errors import StoreAuthFailed, StoreUnavailable
 
 #: Entries of one directory listing at most (the rest is cut, ``truncated`` says so).
 MAX_ENTRIES = 1000
-WAIT_MS = 20_000
 
 
 def answer(work_dir: Path, request: dict[str, Any]) -> dict[str, Any]:
@@ -79,8 +78,11 @@ def _listing(directory: Path, raw_path: str) -> dict[str, Any]:
     return {"type": "directory", "path": raw_path, "entries": entries, "truncated": truncated}
 
 
-async def serve_files(channel: AgentChannel, work_dir: Path, log: Any) -> None:
-    """Answer live-file requests until cancelled (or until the token is refused: the session ended)."""
+async def serve_files(channel: AgentChannel, work_dir: Path, log: Any, *, wait_ms: int) -> None:
+    """Answer live-file requests until cancelled (or until the token is refused: the session ended).
+
+    ``wait_ms``: how long one long-poll waits (the agent's ``inbox_block_ms``).
+    """
     after = "0-0"
     delay = 0.5
     while True:
@@ -88,8 +90,8 @@ async def serve_files(channel: AgentChannel, work_dir: Path, log: Any) -> None:
             response = await channel.request(
                 "GET",
                 "/files/next",
-                params={"after": after, "waitMs": WAIT_MS},
-                timeout=channel.timeout + WAIT_MS / 1000,
+                params={"after": after, "waitMs": wait_ms},
+                timeout=channel.timeout + wait_ms / 1000,
             )
             for item in response.json().get("requests", []):
                 # Past it whatever happens: a request that cannot be answered is not retried forever.

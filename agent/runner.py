@@ -180,7 +180,8 @@ class AgentProcess:
         self.heartbeat.start()
         # Live-file requests are answered by a task of their own: during turns too.
         self._files_task = asyncio.create_task(
-            serve_files(self.store, self.settings.work_dir, log), name="agent-files"
+            serve_files(self.store, self.settings.work_dir, log, wait_ms=self.settings.inbox_block_ms),
+            name="agent-files",
         )
         self._emit(
             "agent_started",

@@ -2,7 +2,7 @@
 
 One chat session whose first turn (the scripted model driving the real Bash tool) writes files, then
 waits inside a tool call until the test says go: the live-file API is exercised while that turn runs;
-at the turn's end the agent uploads ``spec.output.artifacts`` under small caps; the API serves them
+at the turn's end the agent uploads ``spec.output.artifacts`` under the default caps; the API serves them
 byte for byte; the session's removal deletes every artifact key.
 """
 
@@ -13,24 +13,19 @@ import hashlib
 import json
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 import redis.asyncio as aioredis
 
 from api import keys
 from api.app import create_app
 from api.models import SessionSpec
-from local.model import ModelServer
-from local.redis_server import RedisServer
-from tests.agent.conftest import AgentRig, gateway_for
+from tests.agent.conftest import AgentRig
 from tests.api.app_harness import api_settings
-from tests.gateway.conftest import GatewayServer
 from tests.store import Store
 
-MAX_FILE = 64 * 1024
+MAX_FILE = 10 * 1024 * 1024  # the default FLYSWARM_ARTIFACT_MAX_FILE_BYTES
 
 WRITE = (
     "mkdir -p out/sub && printf 'hello\\n' > out/a.txt"
@@ -54,27 +49,6 @@ PROMPT = (
 )
 
 
-@pytest.fixture(scope="module")
-def small_caps_gateway(redis_server: RedisServer, model_server: ModelServer) -> Iterator[GatewayServer]:
-    server = gateway_for(
-        redis_server.url,
-        model_server,
-        artifact_max_file_bytes=MAX_FILE,
-        artifact_max_session_bytes=10 * MAX_FILE,
-        artifact_max_files=10,
-    )
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-async def caps_rig(rig: AgentRig, small_caps_gateway: GatewayServer) -> AsyncIterator[AgentRig]:
-    rig.gateway = small_caps_gateway
-    yield rig
-
-
 def _api(store: Store, redis_url: str, timeout: float) -> httpx.AsyncClient:
     app = create_app(api_settings(redis_url, files_timeout_seconds=timeout), store)
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api")
@@ -93,9 +67,9 @@ def _field(response: httpx.Response) -> str:
 
 
 async def test_artifacts_and_live_files_through_the_real_agent(
-    caps_rig: AgentRig, store: Store, redis_client: aioredis.Redis, redis_url: str
+    rig: AgentRig, store: Store, redis_client: aioredis.Redis, redis_url: str
 ) -> None:
-    rig, sid = caps_rig, "art-e2e"
+    sid = "art-e2e"
     await rig.create(
         sid, mode="chat", prompt=PROMPT, output={"artifacts": ["out/**/*", "big.bin", "link-out"]}
     )
