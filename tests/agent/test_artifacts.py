@@ -133,6 +133,27 @@ async def test_artifacts_and_live_files_through_the_real_agent(
     assert [k async for k in redis_client.scan_iter(match=keys.session_key_pattern(sid))] == []
 
 
+async def test_a_task_uploads_its_artifacts_before_its_final_report(rig: AgentRig, store: Store) -> None:
+    sid = "art-task"
+    prompt = '[[scenario:default {"file": "result.txt", "content": "forty-two"}]]'
+    await rig.create(sid, prompt=prompt, output={"artifacts": ["*.txt", "missing/**"]})
+    agent = await rig.start_session(sid)
+    assert await agent.wait() == 0, agent.log()
+
+    artifacts, skipped = await store.list_artifacts(sid)
+    assert [(a.name, a.size, a.contentType) for a in artifacts] == [("result.txt", 10, "text/plain")]
+    assert b"".join([c async for c in store.artifact_bytes(artifacts[0])]) == b"forty-two\n"
+    assert skipped == []
+    session = await store.get(sid)
+    assert session is not None and session.agent is not None and session.agent.state == "done"
+    events = [e.event for e in await store.read_events(sid, count=1000)]
+    uploaded = next(e for e in events if e.type == "artifacts_uploaded")
+    assert uploaded.data["uploaded"] == 1 and uploaded.data["bytes"] == 10
+    # Uploaded before the outcome was reported: after that the session's token may be revoked.
+    types = [e.type for e in events]
+    assert types.index("artifacts_uploaded") < types.index("agent_finished")
+
+
 async def _exists(path: Path) -> bool:
     return path.exists()
 
