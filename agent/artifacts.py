@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.channel import AgentChannel
+from agent.channel import AgentChannel, ChannelRefused
+from api.models import check_relative_path
 from api.store_errors import StoreUnavailable
 
 Emit = Callable[..., None]
@@ -63,11 +64,30 @@ def matching_files(work_dir: Path, globs: list[str]) -> tuple[list[str], list[tu
         for path in work_dir.glob(pattern):
             name = path.relative_to(work_dir).as_posix()
             real = Path(os.path.realpath(path))
-            if real != root and root not in real.parents:
+            if not _valid_name(name):
+                skipped[name] = (
+                    _printable(name),
+                    "a name the API cannot serve (backslash, NUL or too long)",
+                    None,
+                )
+            elif real != root and root not in real.parents:
                 skipped[name] = (name, "symlink out of the work dir", None)
             elif real.is_file():
                 found.add(name)
     return sorted(found), sorted(skipped.values())
+
+
+def _valid_name(name: str) -> bool:
+    try:
+        check_relative_path(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _printable(name: str) -> str:
+    """A name the skip record can carry (the control plane refuses backslashes and NUL)."""
+    return name.replace("\\", "%5C").replace("\0", "%00")[:1000]
 
 
 def _read(path: Path, limit: int) -> bytes:
@@ -135,8 +155,8 @@ async def _upload(channel: AgentChannel, path: Path, name: str, limits: Limits) 
             accept=(413,),
             timeout=max(channel.timeout, 60.0),
         )
-    except StoreUnavailable as exc:
-        return f"upload failed: {exc}"
+    except (StoreUnavailable, ChannelRefused) as exc:
+        return f"upload failed: {exc}"[:300]
     if response.status_code == 413:
         error: dict[str, Any] = response.json().get("error", {})
         return f"refused by the control plane: {error.get('message', 'too large')}"

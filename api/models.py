@@ -186,7 +186,7 @@ def check_relative_path(value: str, what: str = "path") -> str:
     """A path relative to the work dir: not empty, not absolute, no ``..`` part, no NUL or backslash."""
     if not value or len(value) > 1024:
         raise ValueError(f"{what} must be 1-1024 characters")
-    if value.startswith(("/", "~")):
+    if value.startswith("/"):
         raise ValueError(f"{what} must be relative to the work dir, not absolute")
     if "\0" in value or "\\" in value:
         raise ValueError(f"{what} must not contain NUL or backslash")

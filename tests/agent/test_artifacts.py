@@ -18,6 +18,8 @@ from pathlib import Path
 import httpx
 import redis.asyncio as aioredis
 
+from agent.artifacts import matching_files
+from agent.files import answer
 from api import keys
 from api.app import create_app
 from api.models import SessionSpec
@@ -188,3 +190,48 @@ async def test_live_files_need_a_live_agent_and_answer_504_when_it_is_silent(
             assert refused.status_code == 422
             problem = refused.json()["error"]["fields"][0]
             assert problem["field"].startswith("output.artifacts") and reason in problem["reason"], problem
+
+
+def test_globs_match_regular_files_inside_the_work_dir_only(tmp_path: Path) -> None:
+    work, outside = tmp_path / "work", tmp_path / "outside"
+    (work / "out" / "deep").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "secret").write_text("s")
+    (work / "out" / "a.txt").write_text("a")
+    (work / "out" / "deep" / "b.txt").write_text("b")
+    (work / "out" / "back\\slash.txt").write_text("c")
+    (work / "out" / "inner-link.txt").symlink_to(work / "out" / "a.txt")
+    (work / "out" / "escape.txt").symlink_to(outside / "secret")
+    (work / "out" / "dir-link").symlink_to(outside, target_is_directory=True)
+
+    names, skipped = matching_files(work, ["out/**/*.txt", "out/dir-link/*", "out/a.txt"])
+
+    assert names == ["out/a.txt", "out/deep/b.txt", "out/inner-link.txt"]
+    assert {name: reason.split(" ")[0] for name, reason, _ in skipped} == {
+        "out/back%5Cslash.txt": "a",
+        "out/escape.txt": "symlink",
+        "out/dir-link/secret": "symlink",
+    }
+
+
+def test_live_file_answers_stay_in_the_work_dir_and_under_the_size_bound(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.md").write_bytes(b"\x00notes")
+    (work / "big.log").write_bytes(b"x" * 11)
+    (work / "up").symlink_to(tmp_path)
+
+    def ask(path: str) -> dict[str, object]:
+        return answer(work, {"id": "r", "path": path, "maxBytes": 10})
+
+    assert ask("notes.md") == {"type": "file", "path": "notes.md", "size": 6, "content": "AG5vdGVz"}
+    assert ask("big.log")["error"] == "too_large" and ask("big.log")["size"] == 11
+    assert ask("up")["error"] == "refused" and ask("up/work/notes.md")["type"] == "file"
+    assert ask("../work/notes.md")["error"] == "refused" and ask("/etc/hostname")["error"] == "refused"
+    assert ask("nothing")["error"] == "not_found"
+    listing = ask(".")
+    assert [(e["name"], e["type"]) for e in listing["entries"]] == [  # type: ignore[attr-defined]
+        ("big.log", "file"),
+        ("notes.md", "file"),
+        ("up", "symlink"),
+    ]
