@@ -66,6 +66,8 @@ class AgentChannel:
         params: dict[str, Any] | None = None,
         timeout: float | None = None,
         accept: tuple[int, ...] = (),
+        content: bytes | None = None,
+        headers: dict[str, str] | None = None,
     ) -> httpx.Response:
         """One call to the channel, its failures mapped to the store's errors."""
         try:
@@ -74,6 +76,8 @@ class AgentChannel:
                 PREFIX + path,
                 json=json,
                 params=params,
+                content=content,
+                headers=headers,
                 timeout=httpx.USE_CLIENT_DEFAULT if timeout is None else timeout,
             )
         except httpx.HTTPError as exc:  # connect errors, timeouts, a cut connection

@@ -24,6 +24,7 @@ from typing import Any
 import anyio
 from claude_agent_sdk import ClaudeSDKClient, ResultMessage, project_key_for_directory
 
+from agent.artifacts import publish_artifacts
 from agent.context import AgentContext
 from agent.events import result_reason
 from agent.outcome import Outcome, outcome_for_exception
@@ -124,6 +125,8 @@ async def _handle(
         await ctx.reporter.update(durable=True, **fields)
         return Outcome.error("BudgetExceeded", detail)
     await _ack(ctx, message_id)
+    # Each turn's outputs, before the session says idle (a later turn's upload replaces a name).
+    await publish_artifacts(ctx.store, ctx.settings.work_dir, ctx.spec.output.artifacts, ctx.emit, ctx.log)
     ctx.emit(
         "turn_finished" if reason is None else "turn_failed",
         reason,

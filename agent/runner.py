@@ -45,6 +45,7 @@ from agent import token_handoff
 from agent.channel import AgentChannel
 from agent.children import signal_children
 from agent.diagnostics import CliDiagnostics
+from agent.files import serve_files
 from agent.heartbeat import Heartbeat
 from agent.outcome import (
     EXIT_CONFIG,
@@ -142,6 +143,7 @@ class AgentProcess:
         self.work_was_interrupted = False
         self.finishing = False
         self._stop_task: asyncio.Task[None] | None = None
+        self._files_task: asyncio.Task[None] | None = None
         self._watchdog: threading.Timer | None = None
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -177,6 +179,11 @@ class AgentProcess:
             resultText=self.previous.resultText if chat else None,
         )
         self.heartbeat.start()
+        # Live-file requests are answered by a task of their own: during turns too.
+        self._files_task = asyncio.create_task(
+            serve_files(self.store, self.settings.work_dir, log, wait_ms=self.settings.inbox_block_ms),
+            name="agent-files",
+        )
         self._emit(
             "agent_started",
             self.session.spec.mode,
@@ -249,6 +256,8 @@ class AgentProcess:
 
     async def _finish(self, outcome: Outcome | None) -> int:
         self.finishing = True
+        if self._files_task is not None:
+            self._files_task.cancel()
         if self.stopping.is_set():
             # Whatever the run ended with, a signal stopped it (stopping the CLI can look like a crash).
             outcome = self._interrupted_outcome()

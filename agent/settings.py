@@ -71,7 +71,7 @@ class AgentSettings(BaseSettings):
     """After SIGTERM/SIGINT the agent exits within this time (match the machine's stop timeout)."""
 
     inbox_block_ms: int = Field(default=20_000, ge=10, le=30_000)
-    """How long one inbox long-poll waits at the control plane before asking again."""
+    """How long one long-poll (inbox, live-file requests) waits at the control plane before asking again."""
 
     control_timeout_seconds: float = Field(default=10.0, gt=0, le=120)
     """Timeout of one request to the control plane (a long-poll adds its wait); past it: retried."""

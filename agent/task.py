@@ -15,6 +15,7 @@ from typing import Any
 import anyio
 from claude_agent_sdk import ResultError, query
 
+from agent.artifacts import publish_artifacts
 from agent.children import signal_children
 from agent.context import AgentContext
 from agent.events import result_reason
@@ -55,6 +56,11 @@ async def run_task(ctx: AgentContext) -> Outcome:
             claudeSessionId=result.session_id or ctx.reporter.report.claudeSessionId,
         )
     await ctx.reporter.update(**fields)
+    if not ctx.stopping.is_set():
+        # Before the outcome is reported: then the controller finishes the session and the token dies.
+        await publish_artifacts(
+            ctx.store, ctx.settings.work_dir, ctx.spec.output.artifacts, ctx.emit, ctx.log
+        )
     if failure is not None:
         return failure
     if result is None:

@@ -41,13 +41,13 @@ from typing import TYPE_CHECKING
 
 from agent.outcome import Outcome
 from api.logs import get_logger
+from api.models import OutputSpec
 from api.workspace_models import (
     MAX_CHANGED_FILES,
     MAX_DIFF_BYTES,
     TRUNCATION_MARKER,
     ChangedFile,
     GitSource,
-    OutputSpec,
     PushResult,
     PushSpec,
     SourceResult,

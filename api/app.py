@@ -15,8 +15,10 @@ Routes
     ``GET /sessions`` (``labelSelector``/``selector``, ``phase``, ``limit``, ``cursor``),
     ``DELETE /sessions/{id}`` (202; the controller finalizes), ``POST /sessions/{id}/messages`` (202;
     chat sessions only, 409 for task, finished or deleting sessions), ``GET /sessions/{id}/events``
-    (SSE), ``WS /sessions/{id}/ws``, ``GET /health``, ``GET /readyz``, ``GET /metrics``,
-    ``GET /openapi.json``. Pools (``/pools``, warm agent machines): :mod:`api.pool_routes`.
+    (SSE), ``WS /sessions/{id}/ws``, ``GET /sessions/{id}/artifacts[/{name}]`` and
+    ``GET /sessions/{id}/files?path=`` (:mod:`api.artifact_routes`), ``GET /health``,
+    ``GET /readyz``, ``GET /metrics``, ``GET /openapi.json``. Pools (``/pools``, warm agent
+    machines): :mod:`api.pool_routes`.
 
 Auth
     Bearer tokens from ``API_TOKENS``; ``/health`` and ``/readyz`` are always open, ``/metrics``
@@ -53,6 +55,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import HTTPConnection
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from api.artifact_routes import router as artifact_router
 from api.errors import (
     ApiError,
     ErrorBody,
@@ -599,6 +602,7 @@ def create_app(settings: ApiSettings, store: ApiStore | None = None) -> FastAPI:
     app.state.ctx = ctx
     app.include_router(router)
     app.include_router(pool_router)
+    app.include_router(artifact_router)
     app.add_exception_handler(ApiError, _on_api_error)
     app.add_exception_handler(StoreUnavailable, _on_store_unavailable)
     app.add_exception_handler(RequestValidationError, _on_validation_error)

@@ -26,6 +26,7 @@ once, in order, across reconnects.
 from __future__ import annotations
 
 import builtins
+import hashlib
 import json
 import os
 import time
@@ -399,6 +400,28 @@ class FlyswarmClient:
         return self._json(
             self._request("POST", f"/sessions/{_sid(session_id)}/messages", json_body={"text": text})
         )
+
+    # -- files ------------------------------------------------------------------------------------
+
+    def artifacts(self, session_id: str) -> dict[str, Any]:
+        """``{"items": [...], "skipped": [...], "totalBytes": n}`` of a session's artifacts."""
+        return self._json(self._request("GET", f"/sessions/{_sid(session_id)}/artifacts"))
+
+    def artifact(self, session_id: str, name: str) -> bytes:
+        """One artifact's bytes, checked against the sha256 the server sends."""
+        path = f"/sessions/{_sid(session_id)}/artifacts/{quote(name, safe='/')}"
+        response = self._request("GET", path)
+        expected = response.headers.get("x-flyswarm-sha256")
+        if expected and hashlib.sha256(response.content).hexdigest() != expected:
+            raise ClientError(f"artifact {name} arrived damaged (sha256 mismatch); try again")
+        return response.content
+
+    def live_file(self, session_id: str, path: str) -> bytes | dict[str, Any]:
+        """A running session's file (bytes) or directory listing (the JSON body)."""
+        response = self._request("GET", f"/sessions/{_sid(session_id)}/files", params={"path": path})
+        if response.headers.get("x-flyswarm-file-type") == "directory":
+            return self._json(response)
+        return response.content
 
     # -- events -----------------------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ invalid                422     the body parsed but a field is wrong (unknown, ou
 internal               500     a bug; the details are in the server log under requestId
 unavailable            503     Redis is unreachable, or a limit of this process was reached
                                (Redis connections, followers); retry after Retry-After
+agent_timeout          504     the running agent did not answer a live-file request in time
 slow_client            503     only in a stream (SSE ``event: error``, WebSocket frame before
                                close 1013): the client fell behind; resume from its last id
 =====================  ======  ===========================================================
@@ -59,6 +60,7 @@ CODE_STATUS: Mapping[str, int] = {
     "internal": 500,
     "unavailable": 503,
     "slow_client": 503,
+    "agent_timeout": 504,
 }
 
 # "prompt: a task session needs a non-empty prompt" raised by a model validator names its field.

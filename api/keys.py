@@ -122,6 +122,34 @@ def session_token(session_id: str) -> str:
     return f"{_tag(session_id)}:token"
 
 
+def artifacts(session_id: str) -> str:
+    """Hash: artifact name -> JSON of its record (size, sha256, uploadedAt, data key); api/store_artifacts.py.
+
+    Created by the first upload, which registers it (and every data key) in the session's registry.
+    """
+    return f"{_tag(session_id)}:art"
+
+
+def artifacts_skipped(session_id: str) -> str:
+    """Hash: file name -> JSON of why the agent did not upload it (reason, size)."""
+    return f"{_tag(session_id)}:art:skipped"
+
+
+def artifact_data(session_id: str, upload_id: str) -> str:
+    """List: the byte chunks of one upload (binary values), named by upload id, not by file name."""
+    return f"{_tag(session_id)}:art:d:{upload_id}"
+
+
+def file_requests(session_id: str) -> str:
+    """Stream: the API's requests for a live file or listing, read by the agent through the gateway."""
+    return f"{_tag(session_id)}:files:req"
+
+
+def file_reply(session_id: str, request_id: str) -> str:
+    """String with a short TTL: the agent's answer to one file request (JSON), read once by the API."""
+    return f"{_tag(session_id)}:files:reply:{request_id}"
+
+
 def session_registry(session_id: str) -> str:
     """Set: the session's keys beyond :func:`session_fixed_keys` (transcripts), for its removal.
 
@@ -146,6 +174,7 @@ def session_fixed_keys(session_id: str) -> tuple[str, ...]:
         launch(session_id),
         session_token(session_id),
         volume(session_id),
+        file_requests(session_id),
     )
 
 

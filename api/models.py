@@ -22,7 +22,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from api.reasons import Reason as Reason  # re-exported: the API models include the reasons
-from api.workspace_models import OutputSpec, WorkspaceReport, WorkspaceSpec
+from api.workspace_models import PushSpec, WorkspaceReport, WorkspaceSpec
 
 API_VERSION: Literal["flyswarm.dev/v1"] = "flyswarm.dev/v1"
 KIND: Literal["Session"] = "Session"
@@ -191,6 +191,35 @@ class Persistence(_Input):
     sizeGb: int = Field(default=1, ge=1, le=MAX_PERSISTENCE_GB)
 
 
+MAX_ARTIFACT_GLOBS = 32
+
+
+def check_work_path(value: str, what: str = "path") -> str:
+    """A path relative to the work dir: not empty, not absolute, no ``..`` part, no NUL or backslash."""
+    if not value or len(value) > 1024:
+        raise ValueError(f"{what} must be 1-1024 characters")
+    if value.startswith("/"):
+        raise ValueError(f"{what} must be relative to the work dir, not absolute")
+    if "\0" in value or "\\" in value:
+        raise ValueError(f"{what} must not contain NUL or backslash")
+    if ".." in value.split("/"):
+        raise ValueError(f"{what} must not contain '..'")
+    return value
+
+
+class OutputSpec(_Input):
+    """What a session hands back besides its text: ``artifacts`` are globs relative to the work dir
+    (README "Artifacts"); ``push`` commits the run's changes to a new branch (README "Workspaces")."""
+
+    artifacts: list[str] = Field(default_factory=list, max_length=MAX_ARTIFACT_GLOBS)
+    push: PushSpec | None = None
+
+    @field_validator("artifacts")
+    @classmethod
+    def _globs(cls, value: list[str]) -> list[str]:
+        return [check_work_path(glob, f"glob {glob!r}") for glob in value]
+
+
 class SessionSpec(_Input):
     """What the user wants. Changing it bumps ``metadata.generation``."""
 
@@ -208,7 +237,7 @@ class SessionSpec(_Input):
     allowedTools: list[str] = Field(default_factory=lambda: list(DEFAULT_TOOLS), max_length=64)
     machine: MachineSpec = Field(default_factory=MachineSpec)
     workspace: WorkspaceSpec | None = None  # api/workspace_models.py
-    output: OutputSpec | None = None
+    output: OutputSpec = Field(default_factory=OutputSpec)
     persistence: Persistence | None = None
 
     @field_validator("allowedTools")

@@ -108,6 +108,22 @@ class ApiSettings(BaseSettings):
         description="Largest accepted request body; enforced while reading (larger: 413).",
     )
 
+    # -- live files -------------------------------------------------------------------------------
+    files_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        le=120,
+        validation_alias="FLYSWARM_FILES_TIMEOUT_SECONDS",
+        description="How long `GET /sessions/{id}/files` waits for the running agent's answer (then 504).",
+    )
+    files_max_bytes: int = Field(
+        default=1024 * 1024,
+        ge=1,
+        le=1024 * 1024,
+        validation_alias="FLYSWARM_FILES_MAX_BYTES",
+        description="Largest file `GET /sessions/{id}/files` reads from a running agent (larger: 413).",
+    )
+
     # -- streaming --------------------------------------------------------------------------------
     sse_keepalive_seconds: float = Field(
         default=15.0,

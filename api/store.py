@@ -57,6 +57,7 @@ from api.models import (
     utcnow,
 )
 from api.selector import Selector
+from api.store_artifacts import ArtifactReads
 from api.store_base import (
     SessionIndexReads,
     canonical_labels,
@@ -65,6 +66,7 @@ from api.store_base import (
     session_from_hash,
     unavailable_on_redis_error,
 )
+from api.store_files import FileRequests
 from api.store_pool_records import PoolRecords
 
 ApplyResult = Literal[
@@ -152,9 +154,9 @@ class ListPage:
     cursor: str | None
 
 
-class ApiStore(SessionIndexReads, PoolRecords):
+class ApiStore(SessionIndexReads, PoolRecords, ArtifactReads, FileRequests):
     """What the API does with sessions: create, apply, get, list, delete, message, read events;
-    and with pools (:class:`api.store_pool_records.PoolRecords`)."""
+    with pools (:class:`api.store_pool_records.PoolRecords`); artifacts and live-file requests."""
 
     def __init__(self, redis: aioredis.Redis, **kwargs: Any) -> None:
         super().__init__(redis, **kwargs)

@@ -10,7 +10,9 @@ the gateway, which serves them with these methods for the one session its token 
 * :meth:`ChannelStore.append_events` - a batch of events in one round trip;
 * :meth:`ChannelStore.inbox_peek` and :meth:`ChannelStore.inbox_read_many` - the inbox long-poll:
   one non-blocking look, then a wait that one multiplexing ``XREAD`` serves for every waiting
-  agent of the process (:mod:`gateway.inbox`), never a blocking read (and a connection) per agent.
+  agent of the process (:mod:`gateway.inbox`), never a blocking read (and a connection) per agent;
+* the agent's artifact uploads (:mod:`api.store_artifacts`) and its answers to live-file requests
+  (:mod:`api.store_files`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from typing import Self, TypeVar
 from api import keys
 from api.models import TERMINAL_PHASES, InboxMessage, SessionEvent
 from api.store_agent import AgentStore
+from api.store_artifacts import ArtifactWrites
 from api.store_base import unavailable_on_redis_error
+from api.store_files import FileAnswers
 
 T = TypeVar("T")
 
@@ -49,7 +53,7 @@ CHANNEL_POOL_SIZE = 64
 CHANNEL_BLOCKING_POOL_SIZE = 2
 
 
-class ChannelStore(AgentStore):
+class ChannelStore(AgentStore, ArtifactWrites, FileAnswers):
     """Async access for the agent channel of the gateway. One instance per process."""
 
     @classmethod

@@ -200,10 +200,6 @@ class PushSpec(_Input):
         return value
 
 
-class OutputSpec(_Input):
-    push: PushSpec | None = None
-
-
 # -- results (written by the agent) ---------------------------------------------------------------
 
 

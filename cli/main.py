@@ -9,6 +9,8 @@ User verbs talk to the API over HTTP (:mod:`api.client`; ``FLYSWARM_URL``, ``FLY
     send ID MESSAGE             a chat message
     delete ID... | delete pool NAME... | -f FILE      [--wait]
     wait ID --for=phase=Succeeded [--timeout 300s]
+    artifacts ID                a session's artifacts (cli/files.py)
+    cp ID:PATH DEST             download an artifact, or a live file of a running session
 
 Process verbs run one component in the foreground (``api``, ``gateway``, ``controller``, ``agent``,
 ``emulator``, ``model``) or drive the local stack (``up``, ``down``, ``status``, ``logs-follow``,
@@ -819,3 +821,11 @@ def demo(path: str | None, timeout: str) -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+
+# The file verbs live in their own module (it imports this one inside each verb: no cycle).
+from cli.files import artifacts as _artifacts_cmd  # noqa: E402
+from cli.files import cp as _cp_cmd  # noqa: E402
+
+main.add_command(_artifacts_cmd)
+main.add_command(_cp_cmd)

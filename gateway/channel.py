@@ -12,6 +12,7 @@ token as ``x-api-key`` or ``Authorization: Bearer``:
 ``GET  /agent/v1/inbox/next?waitMs=``       the oldest unacknowledged message (long-poll)
 ``POST /agent/v1/inbox/ack``                acknowledge a message's turn
 ``/agent/v1/transcripts/...``               the SDK ``SessionStore`` (:mod:`agent.channel_transcripts`)
+``/agent/v1/artifacts...``, ``/files/...``  artifacts and live files (:mod:`gateway.channel_outputs`)
 =========================================  =====================================================
 
 The token decides the session: no route takes a session id, so an agent cannot name another
@@ -124,6 +125,7 @@ class AgentChannel:
         self._owns_store = store is None
         self.inbox: InboxWaits | None = None
         self._hub: InboxHub | None = None
+        self.files: InboxHub | None = None  # live-file requests wait like the inbox (channel_outputs)
         self.app = _build_app(self)
 
     async def startup(self) -> None:
@@ -135,10 +137,15 @@ class AgentChannel:
         block_ms = int(min(1000.0, self.settings.redis_timeout_seconds * 500))
         self._hub = InboxHub(self.store, block_ms=max(block_ms, 10))
         self.inbox = self._hub
+        self.files = InboxHub(
+            self.store, block_ms=max(block_ms, 10), read_many=self.store.file_requests_read_many
+        )
 
     async def shutdown(self) -> None:
         if self._hub is not None:
             await self._hub.aclose()
+        if self.files is not None:
+            await self.files.aclose()
         if self.store is not None and self._owns_store:
             await self.store.close()
 
@@ -259,6 +266,9 @@ def _build_app(channel: AgentChannel) -> FastAPI:
         await channel._store().inbox_ack(session_id, body.id)
 
     _transcript_routes(app, channel)
+    from gateway.channel_outputs import output_routes  # it imports this module: loaded by now
+
+    output_routes(app, channel)
     return app
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable
 from typing import Protocol
 
 from api.logs import get_logger
@@ -28,6 +29,10 @@ from api.store_errors import StoreUnavailable
 
 log = get_logger("gateway.inbox")
 _RETRY_SECONDS = (0.2, 0.5, 1.0, 2.0)
+
+
+class ReadMany(Protocol):
+    def __call__(self, cursors: dict[str, str], *, block_ms: int) -> Awaitable[dict[str, str]]: ...
 
 
 class InboxWaits(Protocol):
@@ -53,9 +58,14 @@ def _older(a: str, b: str) -> bool:
 class InboxHub:
     """One process's inbox waits, served by one multiplexing reader."""
 
-    def __init__(self, store: ChannelStore, *, block_ms: int = 1000) -> None:
+    def __init__(
+        self, store: ChannelStore, *, block_ms: int = 1000, read_many: ReadMany | None = None
+    ) -> None:
         self.store = store
         self.block_ms = block_ms
+        # What the one reader reads: the inbox streams, unless another per-session stream is given
+        # (the live-file requests, :mod:`gateway.files`, wait the same way).
+        self._read_many: ReadMany = read_many or store.inbox_read_many
         self._waiting: dict[str, _Waiting] = {}
         self._task: asyncio.Task[None] | None = None
         self._read: asyncio.Future[dict[str, str]] | None = None
@@ -96,9 +106,7 @@ class InboxHub:
         while self._waiting:
             cursors = {sid: w.cursor for sid, w in self._waiting.items()}
             self._reading = set(cursors)
-            read = self._read = asyncio.ensure_future(
-                self.store.inbox_read_many(cursors, block_ms=self.block_ms)
-            )
+            read = self._read = asyncio.ensure_future(self._read_many(cursors, block_ms=self.block_ms))
             try:
                 await asyncio.wait({read})
             finally:

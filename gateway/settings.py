@@ -99,6 +99,29 @@ class GatewaySettings(BaseSettings):
         description="Largest accepted request body (larger: 413 request_too_large).",
     )
 
+    # -- artifacts --------------------------------------------------------------------------------
+    artifact_max_file_bytes: int = Field(
+        default=10 * 1024 * 1024,
+        ge=1,
+        le=256 * 1024 * 1024,
+        validation_alias="FLYSWARM_ARTIFACT_MAX_FILE_BYTES",
+        description="Largest artifact file an agent may upload; larger ones are skipped with a reason.",
+    )
+    artifact_max_session_bytes: int = Field(
+        default=50 * 1024 * 1024,
+        ge=1,
+        le=1024 * 1024 * 1024,
+        validation_alias="FLYSWARM_ARTIFACT_MAX_SESSION_BYTES",
+        description="Total artifact bytes kept per session (in Redis); past it files are skipped.",
+    )
+    artifact_max_files: int = Field(
+        default=100,
+        ge=1,
+        le=10_000,
+        validation_alias="FLYSWARM_ARTIFACT_MAX_FILES",
+        description="Most artifact files kept per session; past it files are skipped.",
+    )
+
     # -- metering and budgets ---------------------------------------------------------------------
     prices: Annotated[dict[str, ModelPrice], NoDecode] = Field(
         default_factory=dict,

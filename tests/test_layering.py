@@ -86,16 +86,18 @@ STORE_MODULES = {
     "api.store_volumes",
     "api.store_channel",
     "api.store_shards",
+    "api.store_artifacts",
+    "api.store_files",
     "api.transcripts",
 }
 SHARED_STORE_MODULES = {"api.store_base", "api.store_pools"}
 # Runs Redis servers rather than storing data: forms a local cluster with CLUSTER commands, no keys.
 REDIS_LAUNCHERS = {"local.redis_cluster"}
 ROLE_STORES = {
-    "api": {"api.store"},
+    "api": {"api.store", "api.store_artifacts"},
     "controller": {"api.store_controller"},
     "agent": set(),
-    "gateway": {"api.store_gateway", "api.store_channel"},
+    "gateway": {"api.store_gateway", "api.store_channel", "api.store_artifacts"},
     "local": set(),
     "cli": set(),
 }

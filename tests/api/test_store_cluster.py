@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 
 from api import keys
 from api.models import AgentReport, Phase, SessionEvent, SessionSpec, SessionStatus
+from api.store_artifacts import ArtifactLimits, Skipped
 from api.store_channel import ChannelStore
 from api.store_controller import ControllerStore
 from api.store_gateway import MeteredUsage
@@ -61,11 +62,14 @@ EXERCISED = {
         "record_launch", "record_usage", "release_lease", "remove", "renew_lease",
         "revoke_session_token", "send_message", "server_identity", "transcripts", "update_launch",
         "view", "wake_sessions", "write_agent_report", "write_status",
+        "agent_alive", "artifact_bytes", "await_reply", "get_artifact", "list_artifacts", "request_file",
     },
     "ChannelStore": {
         "admission", "append_event", "append_events", "close", "connect", "from_url", "get",
         "heartbeat", "inbox_ack", "inbox_next", "inbox_peek", "inbox_read_many", "ping",
         "pool_stats", "transcripts", "write_agent_report",
+        "answer_file_request", "file_requests_after", "file_requests_read_many", "put_artifact",
+        "record_skipped",
     },
     "RedisTranscriptStore": {
         "append", "copy_transcript", "delete", "find_project_key", "list_session_summaries",
@@ -202,6 +206,23 @@ async def test_every_store_method_runs_on_the_cluster_without_crossslot(
     await channel.append_event("s10", SessionEvent(type="c"))
     assert isinstance(channel.transcripts("s10"), RedisTranscriptStore) and await channel.ping()
     assert isinstance(channel.pool_stats(), list)
+
+    # Artifacts (the gateway writes, the API reads) and live-file requests (both halves).
+    limits = ArtifactLimits(1 << 20, 1 << 20, 5)
+    assert await channel.put_artifact("s10", "a.bin", b"\x00\xff", "0" * 64, "x/y", limits) is None
+    await channel.record_skipped("s10", [Skipped("b.bin", "too big", 9)])
+    artifact = await store.get_artifact("s10", "a.bin")
+    assert artifact is not None and [a.name for a in (await store.list_artifacts("s10"))[0]] == ["a.bin"]
+    assert b"".join([c async for c in store.artifact_bytes(artifact)]) == b"\x00\xff"
+    assert await store.agent_alive("s10")
+    await store.request_file("s10", {"id": "r1", "path": "."})
+    await store.request_file("s11", {"id": "r2", "path": "."})  # another slot
+    moved = await channel.file_requests_read_many({"s10": "0-0", "s11": "0-0", "s1": "0-0"}, block_ms=100)
+    assert set(moved) == {"s10", "s11"}
+    [(stream_id, request)] = await channel.file_requests_after("s10", "0-0")
+    await channel.answer_file_request("s10", stream_id, request["id"], {"type": "directory"})
+    assert await store.await_reply("s10", "r1", 1.0) == {"type": "directory"}
+    assert await channel.file_requests_after("s10", "0-0") == []
 
 
 async def test_a_crash_after_the_index_write_leaves_an_entry_readers_skip_and_the_resync_drops(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import subprocess
 import sys
@@ -17,6 +18,8 @@ import yaml
 
 from api.client import FlyswarmClient
 from api.models import AgentReport, Phase, SessionEvent, SessionStatus
+from api.store_artifacts import ArtifactLimits, Skipped
+from api.store_channel import ChannelStore
 from local.redis_server import free_port
 from tests.cli.conftest import Cli, LiveApi, store_call
 from tests.store import Store
@@ -353,6 +356,41 @@ def test_send_queues_a_chat_message_and_refuses_task_sessions(
     assert "only chat sessions take messages" in refused.stderr
 
 
+# -- artifacts and cp -------------------------------------------------------------------------------
+
+
+def test_artifacts_lists_and_cp_downloads_byte_for_byte(
+    cli: Cli, api_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    assert (
+        cli("apply", "-f", str(_manifest(tmp_path, TASK.format(name="outputs", prompt="x")))).exit_code == 0
+    )
+    data = bytes(range(256)) * 3
+
+    async def upload() -> None:
+        channel = ChannelStore.from_url(redis_url)
+        try:
+            limits = ArtifactLimits(1 << 20, 1 << 22, 10)
+            digest = hashlib.sha256(data).hexdigest()
+            assert await channel.put_artifact("outputs", "out/b.bin", data, digest, "x/y", limits) is None
+            await channel.record_skipped("outputs", [Skipped("huge.log", "larger than the per-file cap", 9)])
+        finally:
+            await channel.close()
+
+    asyncio.run(upload())
+    listed = cli("artifacts", "outputs")
+    dest = tmp_path / "dl"
+    dest.mkdir()
+    copied = cli("cp", "outputs:out/b.bin", str(dest))
+    live = cli("cp", "outputs:notes.txt", "-")
+
+    assert listed.exit_code == 0 and "out/b.bin" in listed.stdout and "768 B" in listed.stdout
+    assert "huge.log" in listed.stdout and "per-file cap" in listed.stdout
+    assert copied.exit_code == 0 and (dest / "b.bin").read_bytes() == data
+    # No artifact of that name: cp asks the running agent, and there is none.
+    assert live.exit_code == 1 and "no running agent" in live.stderr
+
+
 # -- delete -----------------------------------------------------------------------------------------
 
 
@@ -536,7 +574,7 @@ def test_help_lists_user_and_process_verbs(cli: Cli) -> None:
     listed = {
         line.split()[0] for line in result.stdout.splitlines() if line.startswith("  ") and line.split()
     }
-    assert {"apply", "get", "describe", "logs", "send", "delete", "wait"} <= listed
+    assert {"apply", "get", "describe", "logs", "send", "delete", "wait", "artifacts", "cp"} <= listed
     assert {
         "api",
         "controller",
