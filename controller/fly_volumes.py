@@ -53,7 +53,10 @@ class FlyVolumes:
 
     def __init__(self, fly: FlyClient) -> None:
         self.fly = fly
-        self._path = f"/v1/apps/{quote(fly.config.app_name, safe='')}/volumes"
+        # Volumes live in the client's default app (a persistent session's machines are created
+        # there too: a machine mounts only a volume of its own app). The client prefixes the app.
+        self.app = fly.config.app_name
+        self._path = "/volumes"
 
     async def create(
         self,
@@ -75,18 +78,29 @@ class FlyVolumes:
             require_unique_zone=False,
         )
         response = await self.fly._call(
-            _VOLUME_CREATE, "POST", self._path, json=request.to_api(), deadline=deadline, create_metadata={}
+            _VOLUME_CREATE,
+            "POST",
+            self._path,
+            json=request.to_api(),
+            deadline=deadline,
+            create_metadata={},
+            app=self.app,
         )
         return Volume.model_validate(_json(response, _VOLUME_CREATE, create_metadata={}))
 
     async def list_volumes(self, *, deadline: float | None = None) -> list[Volume]:
         """Every volume of the app (Fly answers them at once)."""
-        response = await self.fly._call(_VOLUME_LIST, "GET", self._path, deadline=deadline)
+        response = await self.fly._call(_VOLUME_LIST, "GET", self._path, deadline=deadline, app=self.app)
         return [Volume.model_validate(item) for item in _json(response, _VOLUME_LIST) or []]
 
     async def get(self, volume_id: str, *, deadline: float | None = None) -> Volume:
         response = await self.fly._call(
-            _VOLUME_GET, "GET", self._volume_path(volume_id), machine_id=volume_id, deadline=deadline
+            _VOLUME_GET,
+            "GET",
+            self._volume_path(volume_id),
+            machine_id=volume_id,
+            deadline=deadline,
+            app=self.app,
         )
         return Volume.model_validate(_json(response, _VOLUME_GET, machine_id=volume_id))
 
@@ -96,6 +110,7 @@ class FlyVolumes:
             "PUT",
             self._volume_path(volume_id, "extend"),
             machine_id=volume_id,
+            app=self.app,
             json={"size_gb": size_gb},
             deadline=deadline,
         )
@@ -112,6 +127,7 @@ class FlyVolumes:
                 "DELETE",
                 self._volume_path(volume_id),
                 machine_id=volume_id,
+                app=self.app,
                 deadline=deadline,
             )
         except NotFound:
