@@ -63,6 +63,7 @@ EXERCISED = {
         "revoke_session_token", "send_message", "server_identity", "transcripts", "update_launch",
         "view", "wake_sessions", "write_agent_report", "write_status",
         "agent_alive", "artifact_bytes", "await_reply", "get_artifact", "list_artifacts", "request_file",
+        "clear_volume", "get_volume", "record_volume",
     },
     "ChannelStore": {
         "admission", "append_event", "append_events", "close", "connect", "from_url", "get",
@@ -121,6 +122,11 @@ async def test_every_store_method_runs_on_the_cluster_without_crossslot(
     assert await store.release_shard(3, f"me/{shard_token}")
     assert await store.announce_member("me", 5_000) == ["me"]
     await store.leave_members("me")
+
+    await store.record_volume("s1", {"id": "vol_1", "name": "fs_x", "region": "fra"})
+    assert (await store.get_volume("s1"))["id"] == "vol_1"
+    await store.clear_volume("s1")
+    assert await store.get_volume("s1") == {}
 
     await store.record_launch("s1", "l-1", {"machineId": "m-1"})
     await store.update_launch("s1", {"region": "ams"})
