@@ -17,6 +17,8 @@
 * **Create pacing.** Creates are admitted at Fly's per-app create rate (:class:`CreatePacer`): a
   session whose turn is later is requeued for exactly then instead of holding a worker. With N
   replicas each runs at 1/N of it (:meth:`CreatePacer.set_share`).
+* **Pool claims first.** When a warm pool fits the session, the create becomes a claim of a ready
+  pool machine (:mod:`controller.pool_claim`): no create slot, one resume; a miss creates at once.
 * **Destroy budget.** At most ``max_destroys_per_pass`` destroys per resync pass; the rest wait.
 
 One action is one Fly call: the executor never looks at a machine to choose another verb, and
@@ -39,7 +41,7 @@ from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from api.logs import get_logger
 from api.models import Reason, Session, SessionEvent, parse_timestamp, utcnow
@@ -69,8 +71,18 @@ from controller.fly_types import Machine, MachineConfig
 from controller.machine_config import machine_name
 from controller.machine_state import GONE
 from controller.metrics import ControllerMetrics
-from controller.observed import MANAGED_VALUE, TAG_LAUNCH, TAG_MANAGED, ObservedMachine, parse_tags
+from controller.observed import (
+    MANAGED_VALUE,
+    TAG_LAUNCH,
+    TAG_MANAGED,
+    ObservedMachine,
+    parse_tags,
+    pool_tags,
+)
 from controller.ratelimit import Limit, TokenBucket
+
+if TYPE_CHECKING:
+    from controller.pool_claim import PoolClaimer
 
 _log = get_logger("controller.executor")
 
@@ -181,6 +193,22 @@ class CreatePacer:
         self._slots[session_id] = now + wait
         return wait
 
+    def admit_background(self) -> float:
+        """0 when a create nobody waits on (a pool refill) may go now, else the seconds to look again.
+
+        Sessions first: a refill takes only a token that is free right now and that no session
+        has a slot on; it never reserves a future one, so it never pushes a session's create back
+        by more than the one token it took."""
+        if self._bucket is None or self._limit is None:
+            return 0.0
+        now = self._clock()
+        self._expire(now)
+        if self._slots:
+            return max(min(self._slots.values()) - now, 0.0) + 1.0 / self._bucket.limit.rate
+        if self._bucket.reserve(now, max_wait=0.0) is None:
+            return max((1.0 - self._bucket.tokens(now)) / self._bucket.limit.rate, self._TOLERANCE)
+        return 0.0
+
     def _expire(self, now: float) -> None:
         for key in [k for k, due in self._slots.items() if due < now - 60.0]:
             del self._slots[key]
@@ -212,6 +240,7 @@ class DestroyBudget:
 def observed_from_fly(machine: Machine, *, now: datetime | None = None) -> ObservedMachine:
     """The plan's view of one Fly machine (tags from metadata, last exit from embedded events)."""
     managed, session_id, launch_id = parse_tags(machine.metadata)
+    pool, pool_slot, pool_template = pool_tags(machine.metadata)
     exit_event = machine.last_exit
     created = parse_timestamp(machine.created_at) or now or utcnow()
     return ObservedMachine(
@@ -228,6 +257,9 @@ def observed_from_fly(machine: Machine, *, now: datetime | None = None) -> Obser
         last_exit_oom=bool(exit_event.oom_killed) if exit_event is not None else False,
         host_status=machine.host_status or "ok",
         last_exit_requested=bool(exit_event.requested_stop) if exit_event is not None else False,
+        pool=pool,
+        pool_slot=pool_slot,
+        pool_template=pool_template,
     )
 
 
@@ -245,9 +277,12 @@ class Executor:
         settings: ExecutorSettings | None = None,
         metrics: ControllerMetrics | None = None,
         destroy_budget: DestroyBudget | None = None,
+        claimer: PoolClaimer | None = None,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self.store = store
+        #: Warm pools: a create first tries to claim a ready pool machine (controller/pool_claim.py).
+        self.claimer = claimer
         self.fly = fly
         self.authority = authority
         self.expectations = expectations
@@ -356,6 +391,11 @@ class Executor:
 
     async def _create(self, action: CreateMachine, session: Session, log: Any) -> Outcome:
         log = log.bind(launch_id=action.launch_id, region=action.region)
+        if self.claimer is not None:
+            # A ready pool machine is a resume, not a create: no create slot needed.
+            claimed = await self.claimer.claim(action, session, self._deadline(), log)
+            if claimed is not None:
+                return claimed
         wait = self.create_pacer.admit(action.session_id)
         if wait > 0:
             # Not our turn yet under Fly's create limit: come back when the slot is due.

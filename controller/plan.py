@@ -39,7 +39,8 @@ The reconcile rules of DESIGN.md, first that applies wins:
 8. **Duplicates** - of several machines the newest healthy one is kept (ties broken by id) and the
    others are destroyed with force; the rules above then apply to the one kept.
 9. **Orphans** - :func:`plan_orphans`: machines tagged ``flyswarm_managed=true`` whose session
-   does not exist are destroyed once older than the orphan grace. Untagged machines are never touched.
+   does not exist are destroyed once older than the orphan grace. Untagged machines are never touched,
+   nor a pool's unclaimed machines (no session tag: :mod:`controller.pool_plan` owns them).
 
 Ordering contract for the executor: actions come as ``SetStatus`` first, then machine actions,
 then ``RemoveSession``, then at most one ``RequeueAfter``. The executor applies them in order and
@@ -195,6 +196,8 @@ def plan_orphans(
     for m in sorted(machines, key=lambda m: m.id):
         if not m.managed or (m.session_id is not None and m.session_id in known_session_ids):
             continue
+        if m.unclaimed_pool_machine:
+            continue  # a pool's machine: the pool plan keeps it or destroys it (controller/pool_plan.py)
         if m.state in GONE or m.state not in KNOWN:
             continue
         if (now - m.created_at).total_seconds() < settings.orphan_grace_seconds:

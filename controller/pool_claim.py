@@ -1,0 +1,174 @@
+"""Claims: a session about to be created takes a ready pool machine instead, when one fits.
+
+The executor asks :meth:`PoolClaimer.claim` before every create (:meth:`Executor._create`). A claim
+is a resume, not a create: it does not wait on Fly's per-app create limit (only on the per-machine
+start limit), so claims run in parallel on every reconcile worker. The steps, each safe to repeat:
+
+1. **Pop** a ready machine of the first fitting pool (:func:`api.pool_models.fits`) with the claim
+   script (:meth:`api.store_pool_claims.PoolClaims.claim_pool_machine`): atomic, fenced by the
+   session's shard, and idempotent per session - a session that already holds a claim (a
+   controller died mid-claim) gets the same machine back, never a second one.
+2. **Hand over** a fresh session token and the session's env to the waiting agent through the
+   gateway (:meth:`api.store_pool_handoff.PoolHandoff.assign_pool_slot`), then write the session's
+   launch record naming the machine: the session side of the claim.
+3. **Tag** the machine with the session (Fly metadata, one call) so every later list shows it as
+   the session's machine, and **resume** it (start: one call). From here the machine is the
+   session's exactly like a fresh one: same phases, heartbeats, restarts, sleep/wake, teardown.
+4. **Finish**: the claim record goes, a ``Claimed`` lifecycle event (pool, machine) is appended.
+
+A crash anywhere before 4 leaves the claim record: the session's next pass comes back here (its
+plan still wants a machine, or finds the launched one missing) and the claim script returns the
+same machine; the pool plan finishes claims whose machine already carries the session's tag and
+drops (destroying the machine) those whose session is gone. A machine that fails to resume is
+destroyed and the session falls back to a fresh create at once: a pool never makes it slower.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from api.models import Reason, Session, SessionEvent, utcnow
+from api.pool_models import Pool, fits
+from api.store_controller import ControllerStore
+from controller import fly_errors
+from controller.actions import CreateMachine, Done, Outcome, Transient
+from controller.expectations import Expectations
+from controller.fly import FlyClient
+from controller.metrics import ControllerMetrics
+from controller.observed import TAG_LAUNCH, TAG_SESSION, ObservedMachine
+from controller.pool_config import session_env
+from controller.settings import ControllerSettings
+
+if TYPE_CHECKING:
+    from controller.executor import Authority
+
+#: The lifecycle event reason of a session that got a pool machine (a fresh one: ``CreateRequested``).
+CLAIMED = "Claimed"
+
+
+class PoolClaimer:
+    """Claims for the executor; :attr:`pools` is refreshed by the pool loop (and by each resync)."""
+
+    def __init__(
+        self,
+        *,
+        store: ControllerStore,
+        fly: FlyClient,
+        authority: Authority,
+        expectations: Expectations,
+        settings: ControllerSettings,
+        metrics: ControllerMetrics,
+        observe: Callable[[Any, datetime], ObservedMachine],
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.store = store
+        self.fly = fly
+        self.authority = authority
+        self.expectations = expectations
+        self.settings = settings
+        self.metrics = metrics
+        self._observe = observe
+        self._now = clock
+        self.pools: Sequence[Pool] = ()
+
+    def fitting(self, session: Session) -> list[Pool]:
+        return [p for p in self.pools if not p.deleted and fits(p.spec, session)]
+
+    async def claim(
+        self, action: CreateMachine, session: Session, deadline: float, log: Any
+    ) -> Outcome | None:
+        """The outcome of a claim, or None: no pool fits, none has a ready machine, or the claimed
+        machine would not resume (it is destroyed): the caller creates a fresh machine at once."""
+        pools = self.fitting(session)
+        if not pools:
+            return None
+        started = time.monotonic()
+        sid = session.id
+        fence = self.authority.fence_for(sid)
+        for pool in pools:
+            got = await self.store.claim_pool_machine(pool.name, sid, self._now(), fence=fence)
+            if got == "fenced":
+                return Transient("pool claim fenced: a newer holder of the session's shard exists")
+            if got is not None:
+                break
+        else:
+            self.metrics.pool_claim_misses.labels(pool=pools[0].name).inc()
+            log.info("pool_claim_missed", pools=[p.name for p in pools])
+            return None
+        machine_id, record = got
+        log = log.bind(pool=pool.name, machine_id=machine_id, slot=record.slot)
+        token = await self.store.mint_session_token(sid)
+        env = session_env(session, self.settings, launch_id=action.launch_id)
+        await self.store.assign_pool_slot(pool.name, record.slot, sid, token.value, env)
+        region = pool.spec.template.region
+        await self.store.record_launch(
+            sid, action.launch_id, {"region": region, "machineId": machine_id, "pool": pool.name}
+        )
+        now = self._now()
+        self.expectations.launch_requested(sid, action.launch_id, now)
+        try:
+            await self.fly.update_metadata(
+                machine_id, {TAG_SESSION: sid, TAG_LAUNCH: action.launch_id}, deadline=deadline
+            )
+            await self.fly.start_machine(machine_id, deadline=deadline)
+        except fly_errors.FlyError as err:
+            if err.transient and not isinstance(err, fly_errors.PreconditionFailed):
+                # Try again on the key's backoff: the claim script hands back the same machine.
+                return Transient(f"claimed machine {machine_id}: {err}", retry_after=err.retry_after)
+            await self._fall_back(pool.name, sid, machine_id, record.slot, str(err), log)
+            return None
+        observed = await self._look(machine_id, deadline)
+        if observed is not None:
+            # Until the list shows the new tag, the session's view has the machine from here.
+            tagged = replace(observed, session_id=sid, launch_id=action.launch_id, managed=True)
+            self.expectations.machine_created(sid, tagged, self._now())
+        await self.store.finish_pool_claim(pool.name, sid, machine_id, record.slot)
+        await self.store.append_event(
+            sid,
+            SessionEvent(
+                type="lifecycle",
+                reason=CLAIMED,
+                message=f"claimed machine {machine_id} of pool {pool.name}",
+                data={"pool": pool.name, "machineId": machine_id, "slot": record.slot},
+            ),
+        )
+        self.metrics.pool_claim_seconds.labels(pool=pool.name).observe(time.monotonic() - started)
+        self.metrics.pool_claims.labels(pool=pool.name).inc()
+        log.info("pool_machine_claimed")
+        return Done()
+
+    async def _look(self, machine_id: str, deadline: float) -> ObservedMachine | None:
+        try:
+            machine = await self.fly.get_machine(machine_id, deadline=min(5.0, deadline))
+        except fly_errors.FlyError:
+            return None
+        return self._observe(machine, self._now())
+
+    async def _fall_back(self, pool: str, sid: str, machine_id: str, slot: str, error: str, log: Any) -> None:
+        """The claimed machine would not resume: destroy it, forget the claim; the caller creates."""
+        log.warning("pool_claim_resume_failed", error=error)
+        self.metrics.pool_claim_fallbacks.labels(pool=pool).inc()
+        try:
+            await self.fly.destroy_machine(machine_id, force=True)
+        except fly_errors.NotFound:
+            pass
+        except fly_errors.FlyError as err:
+            # Tagged with the session already: the session plan's duplicate rule destroys it.
+            log.warning("pool_claim_destroy_failed", error=str(err))
+        self.expectations.machine_destroyed(sid, machine_id, self._now())
+        await self.store.drop_pool_claim(pool, sid)
+        await self.store.forget_pool_machine(pool, machine_id, slot)
+        await self.store.clear_launch(sid)
+        await self.store.append_event(
+            sid,
+            SessionEvent(
+                type="warning",
+                reason=Reason.CREATE_REQUESTED,
+                message=f"pool machine {machine_id} of {pool} would not resume ({error}); creating one",
+                data={"pool": pool, "machineId": machine_id},
+            ),
+        )
