@@ -24,6 +24,7 @@ from api import keys
 from api.models import TERMINAL_PHASES, InboxMessage, SessionEvent
 from api.store_agent import AgentStore
 from api.store_base import unavailable_on_redis_error
+from api.store_pool_slots import PoolSlots
 
 T = TypeVar("T")
 
@@ -49,7 +50,7 @@ CHANNEL_POOL_SIZE = 64
 CHANNEL_BLOCKING_POOL_SIZE = 2
 
 
-class ChannelStore(AgentStore):
+class ChannelStore(AgentStore, PoolSlots):
     """Async access for the agent channel of the gateway. One instance per process."""
 
     @classmethod

@@ -84,6 +84,8 @@ STORE_MODULES = {
     "api.store_tokens",
     "api.store_channel",
     "api.store_shards",
+    "api.store_pool_handoff",
+    "api.store_pool_slots",
     "api.transcripts",
 }
 SHARED_STORE_MODULES = {"api.store_base", "api.store_pools"}
@@ -93,7 +95,7 @@ ROLE_STORES = {
     "api": {"api.store"},
     "controller": {"api.store_controller"},
     "agent": set(),
-    "gateway": {"api.store_gateway", "api.store_channel"},
+    "gateway": {"api.store_gateway", "api.store_channel", "api.store_pool_slots"},
     "local": set(),
     "cli": set(),
 }

@@ -59,11 +59,15 @@ EXERCISED = {
         "record_launch", "record_usage", "release_lease", "remove", "renew_lease",
         "revoke_session_token", "send_message", "server_identity", "transcripts", "update_launch",
         "view", "wake_sessions", "write_agent_report", "write_status",
+        # pool slots: exercised on the cluster by tests/api/test_store_pool_handoff.py
+        "assign_pool_slot", "mint_pool_token", "revoke_pool_token",
     },
     "ChannelStore": {
         "admission", "append_event", "append_events", "close", "connect", "from_url", "get",
         "heartbeat", "inbox_ack", "inbox_next", "inbox_peek", "inbox_read_many", "ping",
         "pool_stats", "transcripts", "write_agent_report",
+        # pool slots: exercised on the cluster by tests/api/test_store_pool_handoff.py
+        "mark_pool_booted", "pool_assignment_wakes", "pool_slot_digest", "take_pool_assignment",
     },
     "RedisTranscriptStore": {
         "append", "copy_transcript", "delete", "find_project_key", "list_session_summaries",
