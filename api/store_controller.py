@@ -40,6 +40,7 @@ from api import keys
 from api.models import Heartbeat, Session, SessionStatus, utcnow
 from api.store_base import EventWrites, SessionIndexReads, StoreUnavailable, unavailable_on_redis_error
 from api.store_lease import LeaderLease
+from api.store_pool_claims import PoolClaims
 from api.store_pool_handoff import PoolHandoff
 from api.store_shards import ShardLeases
 from api.store_teardown import SessionTeardown
@@ -87,6 +88,7 @@ class ControllerStore(
     LeaderLease,
     ShardLeases,
     PoolHandoff,
+    PoolClaims,
 ):
     """Async access for the controller. One instance per process, shared by all tasks."""
 
