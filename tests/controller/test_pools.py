@@ -1,0 +1,130 @@
+"""Warm pools in a real world: Redis, the emulator, the gateway, pool agents that boot and wait.
+
+The machines run ``local/heartbeat_agent.py`` in its pool waiting mode: it reports booted through
+the gateway, is suspended (or stopped) by the pool controller, and becomes the session it is
+assigned at claim time. Every test checks the state Redis and the emulator are left in: which
+machine served which session, what the pool holds, what was destroyed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from api import keys
+from api.models import Phase
+from controller.observed import TAG_POOL, TAG_SESSION
+from tests.controller.pools import delete_pool, put_pool
+from tests.controller.world import World
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def pool_machines(world: World, pool: str, *, unclaimed: bool = True) -> list[Any]:
+    """The emulator's live machines of ``pool`` (only those no session claimed, by default)."""
+    found = []
+    for m in world.machines():
+        meta = m.config.get("metadata") or {}
+        if meta.get(TAG_POOL) == pool and (not unclaimed or not meta.get(TAG_SESSION)):
+            found.append(m)
+    return found
+
+
+async def until_ready(world: World, pool: str, count: int, timeout: float = 60.0) -> set[str]:
+    """Until the pool's ready set holds ``count`` machines that the emulator shows parked."""
+
+    async def check() -> set[str] | None:
+        ready = {str(m) for m in await world.redis.smembers(keys.pool_ready(pool))}
+        parked = {m.id for m in pool_machines(world, pool) if m.state in ("suspended", "stopped")}
+        return ready if len(ready) == count and ready <= parked and len(parked) == count else None
+
+    return await world.until(check, timeout, f"{count} ready machines in pool {pool}")
+
+
+async def claimed_event(world: World, session_id: str) -> dict[str, Any] | None:
+    for stored in await world.store.read_events(session_id, count=200):
+        if stored.event.reason == "Claimed":
+            return stored.event.data
+    return None
+
+
+async def test_a_session_claims_a_suspended_machine_runs_like_a_fresh_one_and_the_pool_refills(
+    world: World,
+) -> None:
+    await world.start_controller()
+    await put_pool(world.redis, "warm", size=2, mode="suspended")
+    first = await until_ready(world, "warm", 2)
+    # A fitting session and one the pool does not serve (its labels miss the selector? no: its
+    # region differs), started together: the same phases and result either way.
+    await world.create_session("pooled", prompt="finish-after=1 result=done")
+    await world.create_session("fresh", prompt="finish-after=1 result=done", machine={"region": "ams"})
+    pooled = await world.until_phase("pooled", Phase.SUCCEEDED)
+    fresh = await world.until_phase("fresh", Phase.SUCCEEDED)
+    claim = await claimed_event(world, "pooled")
+    assert claim is not None and claim["pool"] == "warm" and claim["machineId"] in first
+    assert await claimed_event(world, "fresh") is None
+    served = world.machines("pooled", live=False)
+    assert [m.id for m in served] == [claim["machineId"]]  # no create for it, only the claim
+    assert pooled.status.restarts == fresh.status.restarts == 0
+    phases = {
+        sid: [e.event.data.get("phase") for e in await world.store.read_events(sid, count=200)]
+        for sid in ("pooled", "fresh")
+    }
+    assert [p for p in phases["pooled"] if p][-1] == [p for p in phases["fresh"] if p][-1] == "Succeeded"
+    assert "Running" in phases["pooled"] and "Running" in phases["fresh"]
+    # The pool refills to its size with a new machine; the claimed one is the session's (and gone).
+    refilled = await until_ready(world, "warm", 2)
+    assert claim["machineId"] not in refilled
+    state = await world.store.pool_state("warm")
+    assert state.claims == {} and claim["machineId"] not in state.records
+    pool = (await world.store.all_pools())[0]
+    assert (pool.status.ready, pool.status.observedGeneration) == (2, 1)
+    await world.assert_invariants({"pooled", "fresh"})
+
+
+async def test_a_claim_whose_machine_will_not_resume_falls_back_to_a_fresh_machine(world: World) -> None:
+    await world.start_controller()
+    await put_pool(world.redis, "warm", size=1)
+    (ready,) = await until_ready(world, "warm", 1)
+    # The parked machine vanishes behind the controller's back (a host lost): the claim finds out.
+    await world.fly.destroy_machine(ready, force=True)
+    await world.create_session("s1", prompt="finish-after=1 result=done")
+    session = await world.until_phase("s1", Phase.SUCCEEDED)
+    assert session.status.restarts == 0
+    machines = world.machines("s1", live=False)
+    assert machines and all(m.id != ready for m in machines)
+    reasons = [e.event.reason for e in await world.store.read_events("s1", count=200)]
+    assert "Claimed" not in reasons
+    assert (await world.store.pool_state("warm")).claims == {}
+    await world.assert_invariants({"s1"})
+
+
+async def test_pool_resize_template_change_and_delete_keep_and_replace_the_right_machines(
+    world: World,
+) -> None:
+    await world.start_controller()
+    await put_pool(world.redis, "warm", size=2)
+    first = await until_ready(world, "warm", 2)
+    await put_pool(world.redis, "warm", generation=2, size=1)
+    kept = await until_ready(world, "warm", 1)
+    assert kept < first
+    # An image roll-out: the template changes, the machine is replaced by one built from the new one.
+    await put_pool(world.redis, "warm", generation=3, size=1, template={"guest": {"memoryMb": 512}})
+    replaced = await until_ready(world, "warm", 1)
+    assert not replaced & first
+    (machine,) = pool_machines(world, "warm")
+    assert machine.config["guest"]["memory_mb"] == 512
+    # The session orphan rule never touched the pool's machines (no session tag, pool alive).
+    assert all(
+        (m.config.get("metadata") or {}).get(TAG_POOL) == "warm" for m in world.machines() if m.id in replaced
+    )
+    await delete_pool(world.redis, "warm")
+
+    async def removed() -> bool:
+        gone = not pool_machines(world, "warm", unclaimed=False)
+        keys_left = [k async for k in world.redis.scan_iter(match=keys.pool_key_pattern("warm"))]
+        indexed = await world.redis.zscore(keys.POOLS, "warm")
+        return gone and not keys_left and indexed is None
+
+    await world.until(removed, 60, "pool drained and removed")
