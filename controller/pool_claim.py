@@ -74,6 +74,12 @@ class PoolClaimer:
         self._observe = observe
         self._now = clock
         self.pools: Sequence[Pool] = ()
+        self._loaded = False
+
+    def set_pools(self, pools: Sequence[Pool]) -> None:
+        """The pools as the pool loop last read them (every second or so)."""
+        self.pools = pools
+        self._loaded = True
 
     def fitting(self, session: Session) -> list[Pool]:
         return [p for p in self.pools if not p.deleted and fits(p.spec, session)]
@@ -83,6 +89,10 @@ class PoolClaimer:
     ) -> Outcome | None:
         """The outcome of a claim, or None: no pool fits, none has a ready machine, or the claimed
         machine would not resume (it is destroyed): the caller creates a fresh machine at once."""
+        if not self._loaded:
+            # A controller's first creates may come before its pool loop's first read: a session
+            # holding a claim from a controller that died must find it, not create another machine.
+            self.set_pools(await self.store.all_pools())
         pools = self.fitting(session)
         if not pools:
             return None

@@ -122,7 +122,7 @@ class PoolRunner:
     async def pass_once(self) -> int:
         """Plan every pool once and start its actions; the number started."""
         pools = await self.store.all_pools()
-        self.claimer.pools = pools
+        self.claimer.set_pools(pools)
         if not self.authority.is_leader_for(None):
             return 0
         view = self._machines()

@@ -62,6 +62,9 @@ class PoolPlanSettings:
     list_lag_seconds: float = 30.0
     #: Grace for machines tagged for a missing pool, and for claims of a missing session.
     orphan_grace_seconds: float = 60.0
+    #: A claim not handed over by then (its claimant died and the session went another way) is
+    #: dropped and its machine destroyed.
+    claim_timeout_seconds: float = 120.0
     #: Creates planned per pass at most (the executor paces them; the rest come next pass).
     max_creates_per_pass: int = 3
 
@@ -280,6 +283,12 @@ def _records(
         elif session_id not in inputs.session_ids and (claimed_at is None or claimed_at + lag < now):
             # Its session was deleted before the claim was handed over.
             actions.append(DropPoolClaim(name, session_id, mid, held.slot if held else None))
+            records.pop(mid, None)
+        elif claimed_at is not None and claimed_at + timedelta(seconds=settings.claim_timeout_seconds) < now:
+            # Never handed over: the session went on without it (it would have finished it by now).
+            actions.append(
+                DropPoolClaim(name, session_id, mid, held.slot if held else None, reason="ClaimTimeout")
+            )
             records.pop(mid, None)
     return records
 

@@ -13,7 +13,9 @@ from typing import Any
 import pytest
 
 from api import keys
-from api.models import Phase
+from api.models import Phase, utcnow
+from controller.main import fly_client_for
+from controller.metrics import ControllerMetrics
 from controller.observed import TAG_POOL, TAG_SESSION
 from tests.controller.pools import delete_pool, put_pool
 from tests.controller.world import World
@@ -128,3 +130,69 @@ async def test_pool_resize_template_change_and_delete_keep_and_replace_the_right
         return gone and not keys_left and indexed is None
 
     await world.until(removed, 60, "pool drained and removed")
+
+
+async def test_racing_replicas_and_a_claim_cut_short_never_give_a_machine_two_sessions(world: World) -> None:
+    # The pool is filled, then its controller is gone; a claimant pops a ready machine for "cut" and
+    # dies before anything else of the claim (no token, no launch record, no tag, no resume).
+    filler = await world.start_controller()
+    await put_pool(world.redis, "warm", size=3)
+    ready = await until_ready(world, "warm", 3)
+    await filler.shutdown()
+    await world.create_session("cut", prompt="finish-after=1 result=done")
+    got = await world.store.claim_pool_machine("warm", "cut", utcnow())
+    assert isinstance(got, tuple) and got[0] in ready
+    half_claimed = got[0]
+    # Two sharded replicas race for the other two machines with five more sessions.
+    a = await world.start_controller(controller_id="ctl-a", shards=4)
+    b = await world.start_controller(controller_id="ctl-b", shards=4)
+    ids = ["cut"] + [f"race{i}" for i in range(5)]
+    for sid in ids[1:]:
+        await world.create_session(sid, prompt="finish-after=1 result=done")
+    for sid in ids:
+        await world.until_phase(sid, Phase.SUCCEEDED, timeout=60)
+    served: dict[str, str] = {}
+    for sid in ids:
+        claim = await claimed_event(world, sid)
+        if claim is not None:
+            assert claim["machineId"] not in served.values(), f"{claim['machineId']} served two sessions"
+            served[sid] = claim["machineId"]
+        # Every session had exactly one machine, claimed or created.
+        assert len(world.machines(sid, live=False)) == 1, sid
+    # The cut-short claim was completed by the next pass on the very machine it had popped.
+    assert served["cut"] == half_claimed
+    assert set(served.values()) <= ready and len(served) == 3
+    assert a.controller.shards.held and b.controller.shards.held
+    assert (await world.store.pool_state("warm")).claims == {}
+    await world.assert_invariants(set(ids))
+
+
+async def test_refill_goes_on_under_429s_and_a_pool_machine_of_a_deleted_pool_record_is_collected(
+    world: World,
+) -> None:
+    # Fly answers 429 whenever our client goes faster than Fly's buckets (the client's own pacing
+    # is off): the refill retries until the pool is full, sessions still get machines.
+    await world.set_faults(rate_limits=True)
+    metrics = ControllerMetrics()
+    settings = world.settings()
+    fly = fly_client_for(settings, metrics, rate_limits=False)
+    running = await world.start_controller(fly=fly, metrics=metrics)
+    try:
+        await put_pool(world.redis, "warm", size=4)
+        await world.create_session("s1", prompt="finish-after=1 result=done", machine={"region": "ams"})
+        await until_ready(world, "warm", 4, timeout=90)
+        await world.until_phase("s1", Phase.SUCCEEDED, timeout=60)
+        assert metrics.total("flyswarm_controller_fly_calls_total", status="429") > 0
+        assert metrics.total("flyswarm_controller_pool_refill_creates_total", pool="warm") == 4
+        # The pool's record vanishes without a drain (an operator's FLUSH, a bad restore): its
+        # machines are orphans of a pool that does not exist, and are collected after the grace.
+        await world.redis.delete(keys.pool("warm"))
+        await world.redis.zrem(keys.POOLS, "warm")
+        await world.until(lambda: _none_left(world), 60, "orphaned pool machines destroyed")
+    finally:
+        await running.shutdown()
+        await fly.aclose()
+
+
+async def _none_left(world: World) -> bool:
+    return not pool_machines(world, "warm", unclaimed=False)

@@ -124,12 +124,15 @@ class World:
             self.redis_url, self.fly_url, **{"agent_gateway_url": self.gateway_url, **overrides}
         )
 
-    async def start_controller(self, **overrides: Any) -> RunningController:
+    async def start_controller(
+        self, *, fly: FlyClient | None = None, metrics: ControllerMetrics | None = None, **overrides: Any
+    ) -> RunningController:
         settings = self.settings(**overrides)
         controller = Controller(
             settings,
             store=Store.from_url(self.redis_url),
-            metrics=ControllerMetrics(),
+            fly=fly,
+            metrics=metrics or ControllerMetrics(),
             timing=LeaderTiming(
                 lease_seconds=settings.leader_lease_seconds,
                 renew_deadline_seconds=settings.leader_lease_seconds * 2 / 3,
