@@ -132,10 +132,24 @@ class PoolClaimer:
             await self._fall_back(pool.name, sid, machine_id, record.slot, str(err), log)
             return None
         observed = await self._look(machine_id, deadline)
-        if observed is not None:
-            # Until the list shows the new tag, the session's view has the machine from here.
-            tagged = replace(observed, session_id=sid, launch_id=action.launch_id, managed=True)
-            self.expectations.machine_created(sid, tagged, self._now())
+        if observed is None:
+            # Not readable just now: what we know (we just resumed it) stands in until the list.
+            observed = ObservedMachine(
+                id=machine_id,
+                state="starting",
+                region=region,
+                session_id=sid,
+                launch_id=action.launch_id,
+                managed=True,
+                created_at=record.created_at,
+                updated_at=self._now(),
+                pool=pool.name,
+                pool_slot=record.slot,
+            )
+        # Until the list shows the new tag, the session's view has the machine (and the launch its
+        # id) from here: no plan mistakes the claimed machine for a missing one.
+        tagged = replace(observed, session_id=sid, launch_id=action.launch_id, managed=True)
+        self.expectations.machine_created(sid, tagged, self._now())
         await self.store.finish_pool_claim(pool.name, sid, machine_id, record.slot)
         await self.store.append_event(
             sid,
