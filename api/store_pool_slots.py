@@ -12,7 +12,7 @@ cluster slot. The controller's half is :mod:`api.store_pool_handoff`.
   presented, ``GETDEL`` the assignment and, when there was one, delete the slot token. The session
   token in it crosses Redis once; from then on the machine's slot token opens nothing;
 * :meth:`PoolSlots.pool_assignment_wakes` - the assignments announced, as ``(pool, slot)``, from
-  one pattern subscription per gateway process (a hint: the waiter takes the key itself).
+  one pattern subscription per gateway process (a hint: the waiter's agent takes the key itself).
 """
 
 from __future__ import annotations
@@ -105,24 +105,24 @@ class PoolSlots(StoreBase):
             env={str(k): str(v) for k, v in dict(body.get("env") or {}).items()},
         )
 
-    async def pool_assignment_wakes(self) -> AsyncGenerator[tuple[str, str]]:
+    async def pool_assignment_wakes(self) -> AsyncGenerator[tuple[str, str] | None]:
         """``(pool, slot)`` of each assignment as it is announced (until an error).
 
-        The first item, ``("", "")``, says the subscription is in place: an assignment written
-        after it is announced to this iterator.
-
-        Fire-and-forget like the controller's wake channel; on Redis Cluster one node's
-        ``PSUBSCRIBE`` hears every node's ``PUBLISH``. Any Redis error ends the iteration with
-        :class:`StoreUnavailable`; the caller resubscribes.
+        ``None`` items are ticks: the first says the subscription is in place (an assignment
+        written after it is announced to this iterator), later ones that a second went by without
+        news (so the caller may stop listening). Fire-and-forget like the controller's wake
+        channel; on Redis Cluster one node's ``PSUBSCRIBE`` hears every node's ``PUBLISH``. Any
+        Redis error ends the iteration with :class:`StoreUnavailable`; the caller resubscribes.
         """
         prefix = keys.POOL_ASSIGNED_PATTERN[:-1]
         pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.psubscribe(keys.POOL_ASSIGNED_PATTERN)
-            yield ("", "")  # subscribed: from here on no announcement is missed
+            yield None
             while True:
                 message = await pubsub.get_message(timeout=1.0)
                 if message is None or message.get("type") != "pmessage":
+                    yield None
                     continue
                 channel = str(message.get("channel", ""))
                 if channel.startswith(prefix):

@@ -12,6 +12,8 @@ token as ``x-api-key`` or ``Authorization: Bearer``:
 ``GET  /agent/v1/inbox/next?waitMs=``       the oldest unacknowledged message (long-poll)
 ``POST /agent/v1/inbox/ack``                acknowledge a message's turn
 ``/agent/v1/transcripts/...``               the SDK ``SessionStore`` (:mod:`agent.channel_transcripts`)
+``/agent/v1/pool/...``                      a parked pool agent's booted mark and assignment, by
+                                            its pool slot token only (:mod:`gateway.pool_routes`)
 =========================================  =====================================================
 
 The token decides the session: no route takes a session id, so an agent cannot name another
@@ -45,6 +47,8 @@ from api.store_channel import ChannelStore, guarded
 from api.store_errors import StoreUnavailable
 from api.transcript_types import TranscriptKey
 from gateway.inbox import InboxHub, InboxWaits
+from gateway.pool_hub import AssignmentHub
+from gateway.pool_routes import add_pool_routes
 from gateway.settings import GatewaySettings
 
 log = get_logger("gateway.channel")
@@ -124,6 +128,7 @@ class AgentChannel:
         self._owns_store = store is None
         self.inbox: InboxWaits | None = None
         self._hub: InboxHub | None = None
+        self.pool_hub: AssignmentHub | None = None
         self.app = _build_app(self)
 
     async def startup(self) -> None:
@@ -135,10 +140,13 @@ class AgentChannel:
         block_ms = int(min(1000.0, self.settings.redis_timeout_seconds * 500))
         self._hub = InboxHub(self.store, block_ms=max(block_ms, 10))
         self.inbox = self._hub
+        self.pool_hub = AssignmentHub(self.store)
 
     async def shutdown(self) -> None:
         if self._hub is not None:
             await self._hub.aclose()
+        if self.pool_hub is not None:
+            await self.pool_hub.aclose()
         if self.store is not None and self._owns_store:
             await self.store.close()
 
@@ -259,6 +267,7 @@ def _build_app(channel: AgentChannel) -> FastAPI:
         await channel._store().inbox_ack(session_id, body.id)
 
     _transcript_routes(app, channel)
+    add_pool_routes(app, channel, _token)
     return app
 
 
