@@ -17,7 +17,7 @@ The rules, per pool, first that applies wins per machine:
 1. **Deleted pool** - every unclaimed machine is destroyed (a ready one is first withdrawn from
    the ready set, so a claim racing the destroy wins or loses cleanly); once none is left and no
    claim is pending, the pool's keys are removed.
-2. **Replace** - a machine that failed, whose agent did not boot within ``boot_timeout``, or that
+2. **Replace** - a machine that failed, whose agent exited or did not boot within ``boot_timeout``, or that
    was built from an older template (image roll-out) is destroyed; the refill replaces it. (A ready
    machine that will not resume is found by the claim that tries it, which falls back to a create
    and destroys it.)
@@ -345,6 +345,8 @@ def _replace_reason(
         booted = record.slot in inputs.state.booted
         if not booted and (now - record.created_at).total_seconds() > settings.boot_timeout_seconds:
             return "BootTimeout"
+        if not booted and machine.state == MachineState.STOPPED:
+            return "AgentExited"  # nothing stops a booting machine but its agent's exit
     return None
 
 

@@ -147,16 +147,23 @@ def test_failed_timed_out_and_outdated_machines_are_replaced_ready_ones_withdraw
     old_template = record("t", p=pool(image="old"))
     stuck = record("b", "booting", age=61)
     failed = record("f")
+    exited = record("x", "booting", age=5)
     actions = run(
         pool(size=3),
-        [old_template, stuck, failed],
-        [machine("t"), machine("b", "started", age=61), machine("f", "failed")],
+        [old_template, stuck, failed, exited],
+        [
+            machine("t"),
+            machine("b", "started", age=61),
+            machine("f", "failed"),
+            machine("x", "stopped", age=5),
+        ],
     )
     destroys = {a.machine_id: a for a in actions if isinstance(a, DestroyPoolMachine)}
     assert {m: d.reason for m, d in destroys.items()} == {
         "t": "TemplateChanged",
         "b": "BootTimeout",
         "f": "MachineFailed",
+        "x": "AgentExited",
     }
     assert destroys["t"].withdraw and destroys["f"].withdraw and not destroys["b"].withdraw
     assert kinds(actions).count("pool_create") == 3
