@@ -41,6 +41,9 @@ from api.models import Heartbeat, Session, SessionStatus, utcnow
 from api.store_base import EventWrites, SessionIndexReads, StoreUnavailable, unavailable_on_redis_error
 from api.store_lease import LeaderLease
 from api.store_pool_claims import PoolClaims
+from api.store_pool_claims import PoolMachineRecord as PoolMachineRecord
+from api.store_pool_claims import PoolMachineState as PoolMachineState
+from api.store_pool_claims import PoolState as PoolState
 from api.store_pool_handoff import PoolHandoff
 from api.store_shards import ShardLeases
 from api.store_teardown import SessionTeardown

@@ -26,8 +26,7 @@ from api.logs import get_logger
 from api.models import utcnow
 from api.pool_models import Pool
 from api.store_base import StoreUnavailable
-from api.store_controller import ControllerStore
-from api.store_pool_claims import PoolMachineRecord
+from api.store_controller import ControllerStore, PoolMachineRecord
 from controller import fly_errors
 from controller.fly import FlyClient
 from controller.metrics import ControllerMetrics

@@ -46,7 +46,7 @@ from typing import ClassVar
 
 from api.models import Condition
 from api.pool_models import Pool, PoolSpec, PoolStatus
-from api.store_pool_claims import PoolMachineRecord, PoolState
+from api.store_controller import PoolMachineRecord, PoolState
 from controller.machine_state import GONE, KNOWN, MachineState
 from controller.observed import ObservedMachine
 

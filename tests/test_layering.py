@@ -85,6 +85,7 @@ STORE_MODULES = {
     "api.store_channel",
     "api.store_shards",
     "api.store_pool_handoff",
+    "api.store_pool_claims",
     "api.store_pool_slots",
     "api.transcripts",
 }

@@ -9,7 +9,7 @@ import redis.asyncio as aioredis
 
 from api import keys
 from api.models import utcnow
-from api.store_pool_claims import PoolMachineRecord
+from api.store_controller import PoolMachineRecord
 from tests.store import Store
 
 

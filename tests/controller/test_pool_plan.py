@@ -7,7 +7,7 @@ from typing import Any
 
 from api.models import Metadata
 from api.pool_models import Pool, PoolSpec
-from api.store_pool_claims import PoolMachineRecord, PoolMachineState, PoolState
+from api.store_controller import PoolMachineRecord, PoolMachineState, PoolState
 from controller.observed import ObservedMachine
 from controller.pool_plan import (
     AdoptPoolMachine,
