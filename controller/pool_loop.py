@@ -215,10 +215,7 @@ class PoolRunner:
         elif isinstance(action, FinishPoolClaim):
             await self.store.finish_pool_claim(action.pool, action.session_id, action.machine_id, action.slot)
         elif isinstance(action, DropPoolClaim):
-            await self._destroy_machine(action.machine_id, log)
-            await self.store.drop_pool_claim(action.pool, action.session_id)
-            await self.store.forget_pool_machine(action.pool, action.machine_id, action.slot)
-            log.info("pool_claim_dropped", session_id=action.session_id, machine_id=action.machine_id)
+            await self._drop_claim(action, log)
         elif isinstance(action, RemovePool):
             await self.store.remove_pool(action.pool, action.slots)
             self._errors.pop(action.pool, None)
@@ -258,6 +255,24 @@ class PoolRunner:
         self.metrics.pool_refill_creates.labels(pool=pool.name).inc()
         self._errors.pop(pool.name, None)
         log.info("pool_machine_created", machine_id=machine.id, slot=action.slot)
+
+    async def _drop_claim(self, action: DropPoolClaim, log: Any) -> None:
+        """Forget a claim that was never handed over and destroy its machine - unless, read afresh,
+        the machine carries the session's tag: then it was handed over (our snapshot may not cover
+        that session's shard) and only the bookkeeping is left."""
+        try:
+            machine = await self.fly.get_machine(action.machine_id, deadline=self._deadline())
+        except fly_errors.NotFound:
+            machine = None
+        if machine is not None and (machine.metadata or {}).get(TAG_SESSION) == action.session_id:
+            await self.store.finish_pool_claim(
+                action.pool, action.session_id, action.machine_id, action.slot or ""
+            )
+            return
+        await self._destroy_machine(action.machine_id, log)
+        await self.store.drop_pool_claim(action.pool, action.session_id)
+        await self.store.forget_pool_machine(action.pool, action.machine_id, action.slot)
+        log.info("pool_claim_dropped", session_id=action.session_id, machine_id=action.machine_id)
 
     async def _adopt(self, action: AdoptPoolMachine, log: Any) -> None:
         """Record a pool machine the list shows without a record - unless, read afresh, it carries a
