@@ -11,8 +11,10 @@ machine config that every reader of the Fly app can see. The agent then:
    chat loops, anyio's asyncio backend) - the cost a claim must not pay - and only then
 4. reports ``booted`` (``POST /agent/v1/pool/booted``): the controller then suspends or stops it;
 5. long-polls ``GET /agent/v1/pool/assignment``. A suspend freezes it mid-poll; on resume the poll
-   either reads the gateway's "look again" (204) or finds its connection cut by the suspend: both
-   mean ask again at once. The gateway hands the assignment only to a fresh request (see
+   reads the gateway's "look again" (204), or finds its connection cut by the suspend, or - a
+   connection dead without a word - hears nothing: a resume detector (a ticker that finds itself
+   seconds late) abandons a poll still silent a second after a resume. All three mean ask again at
+   once. The gateway hands the assignment only to a fresh request (see
    :mod:`gateway.pool_routes`), and takes it once, revoking the slot token;
 6. becomes the session: the assignment's env (the session id, the launch id, the spec's variables)
    goes into its environment for the CLI it starts, the session token into its settings, and it
@@ -25,6 +27,7 @@ refused session token. SIGTERM while waiting (a stopped pool machine) exits 0: n
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import os
 import signal
@@ -57,6 +60,12 @@ WARM_MODULES = (
 )
 # After a failed poll: at once first (a suspend cut the connection), then back off a little.
 _RETRY_SECONDS = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0)
+# The resume detector: a tick that comes this much later than due means the process was frozen.
+_TICK_SECONDS = 0.5
+_FROZEN_SECONDS = 2.0
+# After a resume, how long the poll in flight may still answer (the gateway's "look again" sitting
+# in the socket) before its connection is taken for dead.
+_RESUME_GRACE_SECONDS = 1.0
 # Never taken from an assignment's env: the credentials the machine must not hold, and ours.
 _NOT_FROM_ASSIGNMENT = frozenset(
     {*FORBIDDEN_ENV, POOL_TOKEN_ENV, POOL_TOKEN_FD_ENV, "FLYSWARM_SESSION_TOKEN", "FLYSWARM_SESSION_TOKEN_FD"}
@@ -76,8 +85,10 @@ class PoolWaitSettings(BaseSettings):
     )
     """The Fly machine id, for the log."""
 
-    pool_wait_ms: int = Field(default=25_000, ge=100, le=30_000)
-    """One assignment long-poll (``FLYSWARM_POOL_WAIT_MS``); the agent asks again at once after it."""
+    pool_wait_ms: int = Field(default=10_000, ge=100, le=30_000)
+    """One assignment long-poll (``FLYSWARM_POOL_WAIT_MS``); the agent asks again at once after it.
+    A parked agent is frozen, so a short wait costs nothing; it keeps a gateway's graceful shutdown
+    (10 s) from waiting on polls."""
 
     control_timeout_seconds: float = Field(default=10.0, gt=0, le=120)
     """Timeout of one request to the control plane (a long-poll adds its wait)."""
@@ -179,7 +190,7 @@ async def wait_for_assignment(
     failures = 0
     while True:
         try:
-            got = await channel.assignment(settings.pool_wait_ms)
+            got = await _poll(channel, settings.pool_wait_ms)
         except StoreUnavailable as exc:
             # A suspend/resume cuts connections: ask again at once, then back off a little.
             log.info("pool_assignment_poll_failed", error=str(exc)[:200])
@@ -192,6 +203,31 @@ async def wait_for_assignment(
         failures = 0
         if got is not None:
             return got
+
+
+async def _poll(channel: PoolSlotChannel, wait_ms: int) -> Assignment | None:
+    """One long-poll that notices a resume: a connection a suspend cut may never say so (no reset
+    reaches a frozen machine), so a poll still silent shortly after a resume is abandoned."""
+    poll = asyncio.ensure_future(channel.assignment(wait_ms))
+    try:
+        while True:
+            due_mono, due_wall = time.monotonic() + _TICK_SECONDS, time.time() + _TICK_SECONDS
+            done, _ = await asyncio.wait({poll}, timeout=_TICK_SECONDS)
+            if done:
+                return poll.result()
+            # Either clock may be the one that jumps over a freeze (a VM snapshot vs a SIGSTOP).
+            late = max(time.monotonic() - due_mono, time.time() - due_wall)
+            if late > _FROZEN_SECONDS:
+                log.info("pool_agent_resumed", frozen_seconds=round(late, 1))
+                done, _ = await asyncio.wait({poll}, timeout=_RESUME_GRACE_SECONDS)
+                if done:
+                    return poll.result()
+                raise StoreUnavailable("the poll in flight did not survive the suspend")
+    finally:
+        if not poll.done():
+            poll.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StoreUnavailable, StoreAuthFailed):
+                await poll
 
 
 async def _retrying(call: Callable[[], Any]) -> int | None:

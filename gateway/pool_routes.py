@@ -71,7 +71,9 @@ def add_pool_routes(app: FastAPI, channel: PoolChannel, presented: Callable[[Req
             raise _revoked()
 
     @app.get(PREFIX + "/assignment")
-    async def assignment(slot: Slot, waitMs: Annotated[int, Query(ge=0, le=MAX_WAIT_MS)] = 0) -> Response:
+    async def assignment(
+        request: Request, slot: Slot, waitMs: Annotated[int, Query(ge=0, le=MAX_WAIT_MS)] = 0
+    ) -> Response:
         store, hub = channel._store(), channel.pool_hub
         if waitMs == 0 or hub is None:
             return await _take(store, slot) or Response(status_code=204)
@@ -79,8 +81,7 @@ def add_pool_routes(app: FastAPI, channel: PoolChannel, presented: Callable[[Req
             taken = await _take(store, slot)
             if taken is not None:
                 return taken
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(woken, waitMs / 1000)
+            await _until_woken(request, woken, waitMs / 1000)
         return Response(status_code=204)
 
 
@@ -116,3 +117,20 @@ async def _take(store: ChannelStore, slot: PoolToken) -> Response | None:
 
 def _revoked() -> PoolRefusal:
     return PoolRefusal(401, "unauthorized", "x-api-key: unknown, revoked or used pool slot token")
+
+
+async def _until_woken(request: Request, woken: asyncio.Future[None], timeout: float) -> None:
+    """Until the slot is announced, the wait runs out, or the agent hangs up (its machine destroyed:
+    nobody would read the answer, and the gateway would not stop before the wait ended)."""
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({woken, gone}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await gone
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

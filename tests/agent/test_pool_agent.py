@@ -84,10 +84,13 @@ async def test_a_pool_agent_waits_parked_then_runs_its_claimed_session_like_a_fr
             "FLYSWARM_WORK_ROOT": pooled.env["FLYSWARM_WORK_ROOT"],
         }
         await rig.store.assign_pool_slot(POOL, SLOT, "pooled", token, session_env)
+        # Parked for a while (a resume is seconds later than a tick was due: the agent notices).
+        await asyncio.sleep(3.5)
     finally:
         os.killpg(pooled.pid, signal.SIGCONT)
     assert await pooled.wait(90) == 0, pooled.log()
     assert await fresh.wait(90) == 0, fresh.log()
+    assert "pool_agent_resumed" in pooled.log() and "pool_agent_assigned" in pooled.log()
 
     # The same result, events and report as the fresh agent's.
     reports = {}

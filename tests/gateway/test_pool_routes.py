@@ -1,4 +1,4 @@
-"""The agent channel's pool routes: a slot token opens its own slot's booted mark and assignment, nothing else.
+"""The agent channel's pool routes: a slot token opens its own slot's booted mark and assignment only.
 
 A real gateway over the suite's real Redis; the controller's side is the real store
 (:class:`api.store_pool_handoff.PoolHandoff`), the agent's side plain HTTP.
@@ -7,6 +7,7 @@ A real gateway over the suite's real Redis; the controller's side is the real st
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import httpx
 import pytest
@@ -98,9 +99,29 @@ async def test_the_long_poll_ends_at_its_timeout_wakes_on_assignment_and_the_ass
     )
 
 
-async def _until_waiting(rig: GatewayRig, gateway: GatewayServer) -> None:
-    """Until the gateway's hub holds a waiter with its subscription in place (Redis counts it)."""
-    deadline = asyncio.get_running_loop().time() + 10
-    while await rig.store._redis.pubsub_numpat() < 1:
-        assert asyncio.get_running_loop().time() < deadline, "the long-poll never subscribed"
+async def test_a_waiter_that_hangs_up_is_let_go(rig: GatewayRig, gateway: GatewayServer) -> None:
+    slot_token = await rig.store.mint_pool_token("web", "c3")
+    async with httpx.AsyncClient(timeout=40) as agent:
+        waiting = asyncio.create_task(
+            agent.get(
+                gateway.url + POOL + "/assignment",
+                params={"waitMs": 30_000},
+                headers={"x-api-key": slot_token},
+            )
+        )
+        await _until_waiting(rig, gateway)
+        waiting.cancel()  # the machine is destroyed: its connection closes
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiting
+    # The request ends with the connection, long before its 30 s: nobody waits, the subscription goes.
+    await _until_waiting(rig, gateway, subscriptions=0)
+
+
+async def _until_waiting(rig: GatewayRig, gateway: GatewayServer, subscriptions: int = 1) -> None:
+    """Until the gateway's hub holds (or no longer holds) its subscription (Redis counts it)."""
+    deadline = asyncio.get_running_loop().time() + 15
+    while await rig.store._redis.pubsub_numpat() != subscriptions:
+        assert asyncio.get_running_loop().time() < deadline, (
+            f"pattern subscriptions never became {subscriptions}"
+        )
         await asyncio.sleep(0.02)
