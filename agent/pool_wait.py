@@ -22,6 +22,12 @@ machine config that every reader of the Fly app can see. The agent then:
 
 A revoked slot token (the pool shrank, the machine is being replaced) ends the wait: exit 4, like a
 refused session token. SIGTERM while waiting (a stopped pool machine) exits 0: nothing to report.
+
+The slot token is spent by the claim. A claimed machine that boots again (a crash restart, a wake
+from ``sleep: stop``, a resume that fell back to a cold boot) still has only the pool environment
+in its config, so it would exit 4: before booting a claimed machine again, the controller must give
+it a session machine's config (a Fly update with the session's env and a fresh session token, as
+for a fresh machine), after which it is a session machine like any other.
 """
 
 from __future__ import annotations
