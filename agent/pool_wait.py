@@ -91,10 +91,12 @@ class PoolWaitSettings(BaseSettings):
     )
     """The Fly machine id, for the log."""
 
-    pool_wait_ms: int = Field(default=10_000, ge=100, le=30_000)
+    pool_wait_ms: int = Field(default=1000, ge=100, le=30_000)
     """One assignment long-poll (``FLYSWARM_POOL_WAIT_MS``); the agent asks again at once after it.
-    A parked agent is frozen, so a short wait costs nothing; it keeps a gateway's graceful shutdown
-    (10 s) from waiting on polls."""
+    Short on purpose: only an agent between its booted mark and its suspend waits live (a parked
+    one is frozen and asks nothing), and a parked agent's last poll then ends at the gateway a
+    second after the suspend, so no request of a parked machine is held open (a gateway restart
+    has nothing to wait for)."""
 
     control_timeout_seconds: float = Field(default=10.0, gt=0, le=120)
     """Timeout of one request to the control plane (a long-poll adds its wait)."""
