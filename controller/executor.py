@@ -343,6 +343,12 @@ class Executor:
             if session is None:
                 return Permanent("create without the session resource")
             return await self._create(action, session, log)
+        if isinstance(action, StartMachine | RestartMachine) and action.pool_machine:
+            if session is None or self.claimer is None:
+                return Permanent("start of a claimed pool machine without the session resource")
+            outcome = await self.claimer.rebuild(action, session, self.config_builder, self._deadline(), log)
+            await self._look_again(action.session_id, action.machine_id, "starting")
+            return outcome
         if isinstance(action, StartMachine):
             return await self._simple(action, "start", log)
         if isinstance(action, StopMachine):

@@ -684,9 +684,9 @@ def _restart(p: _Pass, keeper: ObservedMachine | None, cause: str, message: str,
         destroy = DestroyMachine(p.sid, keeper.id, force=True, reason=cause, message=msg)
         return [destroy] + _create(p, cause, msg, count=True)
     action: Action = (
-        RestartMachine(p.sid, keeper.id, reason=cause, message=msg)
+        RestartMachine(p.sid, keeper.id, reason=cause, message=msg, pool_machine=keeper.pool is not None)
         if how == "restart"
-        else StartMachine(p.sid, keeper.id, reason=cause, message=msg)
+        else StartMachine(p.sid, keeper.id, reason=cause, message=msg, pool_machine=_boots_pool_agent(keeper))
     )
     return _write(
         p,
@@ -703,8 +703,13 @@ def _start(p: _Pass, keeper: ObservedMachine, reason: str, message: str) -> list
     conds = _live_conditions(keeper, False, False)
     fields = _started_fields(p, keeper, count=False)
     return _write(p, Phase.STARTING, reason, message, conditions=conds, **fields) + [
-        StartMachine(p.sid, keeper.id, reason=reason, message=message)
+        StartMachine(p.sid, keeper.id, reason=reason, message=message, pool_machine=_boots_pool_agent(keeper))
     ]
+
+
+def _boots_pool_agent(keeper: ObservedMachine) -> bool:
+    """A start of a claimed pool machine that boots its agent afresh (a resume keeps the process)."""
+    return keeper.pool is not None and keeper.state != MachineState.SUSPENDED
 
 
 def _started_fields(p: _Pass, keeper: ObservedMachine, *, count: bool) -> dict[str, Any]:

@@ -35,7 +35,16 @@ from api.models import Reason, Session, SessionEvent, utcnow
 from api.pool_models import Pool, fits
 from api.store_controller import ControllerStore
 from controller import fly_errors
-from controller.actions import CreateMachine, Done, Outcome, Transient
+from controller.actions import (
+    CreateMachine,
+    Done,
+    Outcome,
+    Permanent,
+    Requeue,
+    RestartMachine,
+    StartMachine,
+    Transient,
+)
 from controller.expectations import Expectations
 from controller.fly import FlyClient
 from controller.metrics import ControllerMetrics
@@ -44,7 +53,7 @@ from controller.pool_config import session_env
 from controller.settings import ControllerSettings
 
 if TYPE_CHECKING:
-    from controller.executor import Authority
+    from controller.executor import Authority, ConfigBuilder
 
 #: The lifecycle event reason of a session that got a pool machine (a fresh one: ``CreateRequested``).
 CLAIMED = "Claimed"
@@ -163,6 +172,35 @@ class PoolClaimer:
         self.metrics.pool_claim_seconds.labels(pool=pool.name).observe(time.monotonic() - started)
         self.metrics.pool_claims.labels(pool=pool.name).inc()
         log.info("pool_machine_claimed")
+        return Done()
+
+    async def rebuild(
+        self,
+        action: StartMachine | RestartMachine,
+        session: Session,
+        config_builder: ConfigBuilder,
+        deadline: float,
+        log: Any,
+    ) -> Outcome:
+        """Start (or restart) a claimed pool machine whose agent boots afresh: its pool config's slot
+        token was spent at the handover, so first it gets the config a fresh machine of the session
+        would have (a fresh session token, the session tags, no pool tags) - from then on it is a
+        plain session machine. An update of a machine at rest leaves it at rest: then it is started."""
+        launch = await self.store.get_launch(session.id)
+        launch_id = launch.get("launchId") or "pool"
+        token = await self.store.mint_session_token(session.id)
+        region = launch.get("region") or session.spec.machine.region or self.settings.default_region
+        config = config_builder(session, launch_id=launch_id, region=region, session_token=token.value)
+        machine = await self.fly.update_machine(action.machine_id, config, deadline=deadline)
+        log.info("pool_machine_rebuilt", machine_id=action.machine_id)
+        if isinstance(action, StartMachine):
+            try:
+                await self.fly.wait_machine(
+                    action.machine_id, "stopped", version=machine.current_version, timeout=min(deadline, 30.0)
+                )
+            except fly_errors.FlyError as err:
+                return Requeue(1.0) if err.transient else Permanent(str(err))
+            await self.fly.start_machine(action.machine_id, deadline=deadline)
         return Done()
 
     async def _look(self, machine_id: str, deadline: float) -> ObservedMachine | None:

@@ -210,3 +210,34 @@ async def test_refill_goes_on_under_429s_and_a_pool_machine_of_a_deleted_pool_re
 
 async def _none_left(world: World) -> bool:
     return not pool_machines(world, "warm", unclaimed=False)
+
+
+async def test_a_claimed_machine_that_crashes_is_restarted_with_its_sessions_own_config(world: World) -> None:
+    await world.start_controller(**SLOW_BOOT)
+    await put_pool(world.redis, "warm", size=1, mode="stopped")
+    (ready,) = await until_ready(world, "warm", 1)
+    await world.create_session("s1", prompt="heartbeat")
+    running = await world.until_running("s1", timeout=90)
+    assert running.status.machineId == ready and running.status.restarts == 0
+    # The agent crashes: its pool config's slot token is spent, so a plain start would boot an agent
+    # that waits for a claim forever. The restart gives the machine the session's config first.
+    await world.admin("POST", f"/_admin/machines/{ready}/crash")
+
+    async def restarted() -> bool:
+        session = await world.store.get("s1")
+        return (
+            session is not None
+            and session.status.restarts == 1
+            and session.status.phase is Phase.RUNNING
+            and session.status.machineId == ready
+        )
+
+    await world.until(restarted, 90, "s1 running again on its claimed machine")
+    machine = world.live_machine("s1")
+    assert machine is not None and machine.id == ready
+    env, meta = machine.config.get("env") or {}, machine.config.get("metadata") or {}
+    assert env.get("FLYSWARM_SESSION_ID") == "s1" and "FLYSWARM_POOL_TOKEN" not in env
+    assert TAG_POOL not in meta and meta.get(TAG_SESSION) == "s1"
+    await world.store.send_message("s1", "done")
+    await world.until_phase("s1", Phase.SUCCEEDED, timeout=60)
+    await world.assert_invariants({"s1"})
