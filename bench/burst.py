@@ -119,7 +119,12 @@ async def _controller(settings: Any, *, paced: bool) -> tuple[Controller, asynci
     controller = Controller(settings, metrics=metrics, fly=fly, serve_health=False)
     stop = asyncio.Event()
     task = asyncio.create_task(controller.run(stop))
-    while not controller.elector.is_leader() or controller.reconciler is None:
+    # Ready to act: leading, and a snapshot read after it took its shards (else keys wait for one).
+    while (
+        not controller.elector.is_leader()
+        or controller.reconciler is None
+        or not controller.reconciler.covers_its_shards
+    ):
         await asyncio.sleep(0.05)
     return controller, stop, task
 
@@ -228,7 +233,7 @@ def _line(label: str, r: dict[str, Any], goal: str) -> str:
 
 
 async def run(args: argparse.Namespace) -> None:
-    configure_logging("error")
+    configure_logging(args.log_level)
     work = Path(tempfile.mkdtemp(prefix="flyswarm-bench-burst-"))
     redis = start_redis(work / "redis")
     n = args.count
@@ -268,6 +273,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--log-level", default="error", help="the controller's log level (info shows claims)")
     parser.add_argument("--count", type=int, default=300, help="sessions per burst (and pool size)")
     parser.add_argument("--parts", default="abc", help="which scenarios: any of a, b, c")
     parser.add_argument(

@@ -40,7 +40,6 @@ from controller.executor import (
     DestroyBudget,
     Executor,
     ExecutorSettings,
-    observed_from_fly,
 )
 from controller.expectations import Expectations
 from controller.fly import FlyClient, FlyClientConfig, normalize_base_url
@@ -112,7 +111,6 @@ def build_reconciler(
         expectations=expectations,
         settings=settings,
         metrics=metrics,
-        observe=lambda machine, now: observed_from_fly(machine, now=now),
         clock=clock,
     )
     executor.claimer = claimer

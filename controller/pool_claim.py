@@ -10,11 +10,12 @@ start limit), so claims run in parallel on every reconcile worker. The steps, ea
    controller died mid-claim) gets the same machine back, never a second one.
 2. **Hand over** a fresh session token and the session's env to the waiting agent through the
    gateway (:meth:`api.store_pool_handoff.PoolHandoff.assign_pool_slot`), then write the session's
-   launch record naming the machine: the session side of the claim.
+   launch record naming the machine (the session side of the claim) and the ``Claimed`` lifecycle
+   event (pool, machine).
 3. **Tag** the machine with the session (Fly metadata, one call) so every later list shows it as
    the session's machine, and **resume** it (start: one call). From here the machine is the
    session's exactly like a fresh one: same phases, heartbeats, restarts, sleep/wake, teardown.
-4. **Finish**: the claim record goes, a ``Claimed`` lifecycle event (pool, machine) is appended.
+4. **Finish**: the claim record goes.
 
 A crash anywhere before 4 leaves the claim record: the session's next pass comes back here (its
 plan still wants a machine, or finds the launched one missing) and the claim script returns the
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -71,7 +71,6 @@ class PoolClaimer:
         expectations: Expectations,
         settings: ControllerSettings,
         metrics: ControllerMetrics,
-        observe: Callable[[Any, datetime], ObservedMachine],
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self.store = store
@@ -80,7 +79,6 @@ class PoolClaimer:
         self.expectations = expectations
         self.settings = settings
         self.metrics = metrics
-        self._observe = observe
         self._now = clock
         self.pools: Sequence[Pool] = ()
         self._loaded = False
@@ -127,6 +125,16 @@ class PoolClaimer:
         await self.store.record_launch(
             sid, action.launch_id, {"region": region, "machineId": machine_id, "pool": pool.name}
         )
+        # The session has its machine from here (a resume that fails says so in a warning after).
+        await self.store.append_event(
+            sid,
+            SessionEvent(
+                type="lifecycle",
+                reason=CLAIMED,
+                message=f"claimed machine {machine_id} of pool {pool.name}",
+                data={"pool": pool.name, "machineId": machine_id, "slot": record.slot},
+            ),
+        )
         now = self._now()
         self.expectations.launch_requested(sid, action.launch_id, now)
         try:
@@ -140,35 +148,24 @@ class PoolClaimer:
                 return Transient(f"claimed machine {machine_id}: {err}", retry_after=err.retry_after)
             await self._fall_back(pool.name, sid, machine_id, record.slot, str(err), log)
             return None
-        observed = await self._look(machine_id, deadline)
-        if observed is None:
-            # Not readable just now: what we know (we just resumed it) stands in until the list.
-            observed = ObservedMachine(
-                id=machine_id,
-                state="starting",
-                region=region,
-                session_id=sid,
-                launch_id=action.launch_id,
-                managed=True,
-                created_at=record.created_at,
-                updated_at=self._now(),
-                pool=pool.name,
-                pool_slot=record.slot,
-            )
+        # What we know (we just resumed it) stands in until the list shows it; the session's next
+        # pass reads a machine in a transient state afresh anyway, so no read-back here.
+        observed = ObservedMachine(
+            id=machine_id,
+            state="starting",
+            region=region,
+            session_id=sid,
+            launch_id=action.launch_id,
+            managed=True,
+            created_at=record.created_at,
+            updated_at=self._now(),
+            pool=pool.name,
+            pool_slot=record.slot,
+        )
         # Until the list shows the new tag, the session's view has the machine (and the launch its
         # id) from here: no plan mistakes the claimed machine for a missing one.
-        tagged = replace(observed, session_id=sid, launch_id=action.launch_id, managed=True)
-        self.expectations.machine_created(sid, tagged, self._now())
+        self.expectations.machine_created(sid, observed, self._now())
         await self.store.finish_pool_claim(pool.name, sid, machine_id, record.slot)
-        await self.store.append_event(
-            sid,
-            SessionEvent(
-                type="lifecycle",
-                reason=CLAIMED,
-                message=f"claimed machine {machine_id} of pool {pool.name}",
-                data={"pool": pool.name, "machineId": machine_id, "slot": record.slot},
-            ),
-        )
         self.metrics.pool_claim_seconds.labels(pool=pool.name).observe(time.monotonic() - started)
         self.metrics.pool_claims.labels(pool=pool.name).inc()
         log.info("pool_machine_claimed")
@@ -202,13 +199,6 @@ class PoolClaimer:
                 return Requeue(1.0) if err.transient else Permanent(str(err))
             await self.fly.start_machine(action.machine_id, deadline=deadline)
         return Done()
-
-    async def _look(self, machine_id: str, deadline: float) -> ObservedMachine | None:
-        try:
-            machine = await self.fly.get_machine(machine_id, deadline=min(5.0, deadline))
-        except fly_errors.FlyError:
-            return None
-        return self._observe(machine, self._now())
 
     async def _fall_back(self, pool: str, sid: str, machine_id: str, slot: str, error: str, log: Any) -> None:
         """The claimed machine would not resume: destroy it, forget the claim; the caller creates."""
