@@ -95,23 +95,6 @@ async def test_a_session_claims_a_suspended_machine_runs_like_a_fresh_one_and_th
     await world.assert_invariants({"pooled", "fresh"})
 
 
-async def test_a_claim_whose_machine_will_not_resume_falls_back_to_a_fresh_machine(world: World) -> None:
-    await world.start_controller(**SLOW_BOOT)
-    await put_pool(world.redis, "warm", size=1)
-    (ready,) = await until_ready(world, "warm", 1)
-    # The parked machine vanishes behind the controller's back (a host lost): the claim finds out.
-    await world.fly.destroy_machine(ready, force=True)
-    await world.create_session("s1", prompt="finish-after=1 result=done")
-    session = await world.until_phase("s1", Phase.SUCCEEDED, timeout=90)
-    assert session.status.restarts == 0
-    machines = world.machines("s1", live=False)
-    assert machines and all(m.id != ready for m in machines)
-    reasons = [e.event.reason for e in await world.store.read_events("s1", count=200)]
-    assert "Claimed" not in reasons
-    assert (await world.store.pool_state("warm")).claims == {}
-    await world.assert_invariants({"s1"})
-
-
 async def test_pool_resize_template_change_and_delete_keep_and_replace_the_right_machines(
     world: World,
 ) -> None:
@@ -212,19 +195,32 @@ async def _none_left(world: World) -> bool:
     return not pool_machines(world, "warm", unclaimed=False)
 
 
-async def test_a_claimed_machine_that_crashes_is_restarted_with_its_sessions_own_config(world: World) -> None:
+async def test_a_claim_that_will_not_resume_falls_back_and_a_claimed_machine_that_crashes_restarts(
+    world: World,
+) -> None:
     await world.start_controller(**SLOW_BOOT)
     await put_pool(world.redis, "warm", size=1, mode="stopped")
+    (lost,) = await until_ready(world, "warm", 1)
+    # The parked machine vanishes behind the controller's back (a host lost): the claim finds out,
+    # destroys what is left of it and creates a fresh machine at once.
+    await world.fly.destroy_machine(lost, force=True)
+    await world.create_session("s1", prompt="finish-after=1 result=done")
+    fell_back = await world.until_phase("s1", Phase.SUCCEEDED, timeout=90)
+    assert fell_back.status.restarts == 0
+    assert all(m.id != lost for m in world.machines("s1", live=False))
+    reasons = [e.event.reason for e in await world.store.read_events("s1", count=200)]
+    assert "Claimed" in reasons and reasons.count("CreateRequested") >= 2  # the warning, then a create
+    # The pool refilled; a session claims that machine and its agent crashes. The pool config's slot
+    # token is spent, so a plain start would boot an agent that waits for a claim forever: the
+    # restart gives the machine the session's own config first.
     (ready,) = await until_ready(world, "warm", 1)
-    await world.create_session("s1", prompt="heartbeat")
-    running = await world.until_running("s1", timeout=90)
+    await world.create_session("s2", prompt="heartbeat")
+    running = await world.until_running("s2", timeout=90)
     assert running.status.machineId == ready and running.status.restarts == 0
-    # The agent crashes: its pool config's slot token is spent, so a plain start would boot an agent
-    # that waits for a claim forever. The restart gives the machine the session's config first.
     await world.admin("POST", f"/_admin/machines/{ready}/crash")
 
     async def restarted() -> bool:
-        session = await world.store.get("s1")
+        session = await world.store.get("s2")
         return (
             session is not None
             and session.status.restarts == 1
@@ -232,12 +228,13 @@ async def test_a_claimed_machine_that_crashes_is_restarted_with_its_sessions_own
             and session.status.machineId == ready
         )
 
-    await world.until(restarted, 90, "s1 running again on its claimed machine")
-    machine = world.live_machine("s1")
+    await world.until(restarted, 90, "s2 running again on its claimed machine")
+    machine = world.live_machine("s2")
     assert machine is not None and machine.id == ready
     env, meta = machine.config.get("env") or {}, machine.config.get("metadata") or {}
-    assert env.get("FLYSWARM_SESSION_ID") == "s1" and "FLYSWARM_POOL_TOKEN" not in env
-    assert TAG_POOL not in meta and meta.get(TAG_SESSION) == "s1"
-    await world.store.send_message("s1", "done")
-    await world.until_phase("s1", Phase.SUCCEEDED, timeout=60)
-    await world.assert_invariants({"s1"})
+    assert env.get("FLYSWARM_SESSION_ID") == "s2" and "FLYSWARM_POOL_TOKEN" not in env
+    assert TAG_POOL not in meta and meta.get(TAG_SESSION) == "s2"
+    await world.store.send_message("s2", "done")
+    await world.until_phase("s2", Phase.SUCCEEDED, timeout=60)
+    assert (await world.store.pool_state("warm")).claims == {}
+    await world.assert_invariants({"s1", "s2"})
