@@ -12,9 +12,9 @@ machine config that every reader of the Fly app can see. The agent then:
 4. reports ``booted`` (``POST /agent/v1/pool/booted``): the controller then suspends or stops it;
 5. long-polls ``GET /agent/v1/pool/assignment``. A suspend freezes it mid-poll; on resume the poll
    reads the gateway's "look again" (204), or finds its connection cut by the suspend, or - a
-   connection dead without a word - hears nothing: a resume detector (a ticker that finds itself
-   seconds late) abandons a poll still silent a second after a resume. All three mean ask again at
-   once. The gateway hands the assignment only to a fresh request (see
+   connection dead without a word - hears nothing: a resume detector (:class:`FreezeWatch`, a
+   ticker that finds itself seconds late) abandons a request still silent a second after a resume.
+   All three mean ask again at once. The gateway hands the assignment only to a fresh request (see
    :mod:`gateway.pool_routes`), and takes it once, revoking the slot token;
 6. becomes the session: the assignment's env (the session id, the launch id, the spec's variables)
    goes into its environment for the CLI it starts, the session token into its settings, and it
@@ -39,9 +39,9 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 from pydantic import AliasChoices, Field, field_validator
@@ -53,6 +53,7 @@ from api.logs import get_logger
 from api.store_errors import StoreAuthFailed, StoreUnavailable
 
 log = get_logger("agent.pool")
+T = TypeVar("T")
 
 PREFIX = "/agent/v1/pool"
 #: What a session's first turn imports: imported while the machine is still unclaimed.
@@ -192,53 +193,87 @@ async def wait_for_assignment(
     if warm is not None:
         seconds, modules = warm()
         log.info("pool_agent_warmed", seconds=round(seconds, 3), modules=modules)
-    if await _retrying(channel.booted) is not None:
-        return EXIT_UNREACHABLE
-    log.info("pool_agent_booted")
-    failures = 0
-    while True:
-        try:
-            got = await _poll(channel, settings.pool_wait_ms)
-        except StoreUnavailable as exc:
-            # A suspend/resume cuts connections: ask again at once, then back off a little.
-            log.info("pool_assignment_poll_failed", error=str(exc)[:200])
-            await asyncio.sleep(_RETRY_SECONDS[min(failures, len(_RETRY_SECONDS) - 1)])
-            failures += 1
-            continue
-        except StoreAuthFailed:
-            log.error("pool_slot_revoked")
-            return EXIT_UNREACHABLE
-        failures = 0
-        if got is not None:
-            return got
-
-
-async def _poll(channel: PoolSlotChannel, wait_ms: int) -> Assignment | None:
-    """One long-poll that notices a resume: a connection a suspend cut may never say so (no reset
-    reaches a frozen machine), so a poll still silent shortly after a resume is abandoned."""
-    poll = asyncio.ensure_future(channel.assignment(wait_ms))
+    # Started after the warm-up: the imports hold the loop for seconds, which is no freeze.
+    watch = FreezeWatch()
+    watch.start()
     try:
+        if await _retrying(lambda: watch.guard(channel.booted())) is not None:
+            return EXIT_UNREACHABLE
+        log.info("pool_agent_booted")
+        failures = 0
+        while True:
+            try:
+                got = await watch.guard(channel.assignment(settings.pool_wait_ms))
+            except StoreUnavailable as exc:
+                # A suspend/resume cuts connections: ask again at once, then back off a little.
+                log.info("pool_assignment_poll_failed", error=str(exc)[:200])
+                await asyncio.sleep(_RETRY_SECONDS[min(failures, len(_RETRY_SECONDS) - 1)])
+                failures += 1
+                continue
+            except StoreAuthFailed:
+                log.error("pool_slot_revoked")
+                return EXIT_UNREACHABLE
+            failures = 0
+            if got is not None:
+                return got
+    finally:
+        await watch.stop()
+
+
+class FreezeWatch:
+    """Notices a resume: a ticker that finds itself seconds late was frozen (a suspend).
+
+    A connection a suspend cut may never say so (no reset reaches a frozen machine), so a request
+    in flight across a resume that is still silent shortly after it is abandoned (:meth:`guard`),
+    and the caller asks again at once on a new connection.
+    """
+
+    def __init__(self) -> None:
+        self._resumed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._tick(), name="pool-freeze-watch")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _tick(self) -> None:
         while True:
             due_mono, due_wall = time.monotonic() + _TICK_SECONDS, time.time() + _TICK_SECONDS
-            done, _ = await asyncio.wait({poll}, timeout=_TICK_SECONDS)
-            if done:
-                return poll.result()
+            await asyncio.sleep(_TICK_SECONDS)
             # Either clock may be the one that jumps over a freeze (a VM snapshot vs a SIGSTOP).
             late = max(time.monotonic() - due_mono, time.time() - due_wall)
             if late > _FROZEN_SECONDS:
                 log.info("pool_agent_resumed", frozen_seconds=round(late, 1))
-                done, _ = await asyncio.wait({poll}, timeout=_RESUME_GRACE_SECONDS)
-                if done:
-                    return poll.result()
-                raise StoreUnavailable("the poll in flight did not survive the suspend")
-    finally:
-        if not poll.done():
-            poll.cancel()
-            with contextlib.suppress(asyncio.CancelledError, StoreUnavailable, StoreAuthFailed):
-                await poll
+                self._resumed.set()
+
+    async def guard(self, request: Awaitable[T]) -> T:
+        """``request``'s result; :class:`StoreUnavailable` if it is still silent a moment after a resume."""
+        self._resumed.clear()
+        call = asyncio.ensure_future(request)
+        resumed = asyncio.ensure_future(self._resumed.wait())
+        try:
+            await asyncio.wait({call, resumed}, return_when=asyncio.FIRST_COMPLETED)
+            if not call.done():
+                # Frozen meanwhile: an answer already in the socket (the gateway's "look again")
+                # still arrives; a dead connection gets a grace and is then given up.
+                await asyncio.wait({call}, timeout=_RESUME_GRACE_SECONDS)
+            if call.done():
+                return call.result()
+            raise StoreUnavailable("the request in flight did not survive the suspend")
+        finally:
+            resumed.cancel()
+            if not call.done():
+                call.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StoreUnavailable, StoreAuthFailed):
+                    await call
 
 
-async def _retrying(call: Callable[[], Any]) -> int | None:
+async def _retrying(call: Callable[[], Awaitable[Any]]) -> int | None:
     """Run ``call`` until the control plane answers; an exit code if it refuses the slot token."""
     failures = 0
     while True:
