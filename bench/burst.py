@@ -160,7 +160,11 @@ async def scenario(kind: str, redis_url: str, work: Path, n: int, delays: dict[s
     port = free_port()
     with emulator_process(port, work, delays), gateway_process(redis_url, work) as gateway_url:
         fly_url = f"http://127.0.0.1:{port}"
-        settings = settings_for(redis_url, fly_url, agent_gateway_url=gateway_url, concurrency=64)
+        # Boot grace: a loaded two-core box boots a hundred Python agents at once slowly; the bench
+        # measures the control plane, so a slow boot must not turn into restarts.
+        settings = settings_for(
+            redis_url, fly_url, agent_gateway_url=gateway_url, concurrency=64, boot_grace_seconds=120.0
+        )
         api = ApiStore.from_url(redis_url)
         store = ControllerStore.from_url(redis_url)
         try:
@@ -194,14 +198,16 @@ async def burst(api: ApiStore, store: ControllerStore, controller: Controller, n
         posted[sid] = time.time()
         await api.create_or_get(api.new_session(sid, spec))
     running: dict[str, float] = {}
-    while len(running) < n:
+    failed: set[str] = set()
+    while len(running) + len(failed) < n and time.perf_counter() - t0 < 900:
         for session in await api.all_sessions():
             if session.status.phase is Phase.RUNNING and session.id not in running:
                 running[session.id] = time.perf_counter() - t0
-        if time.perf_counter() - t0 > 900:
-            raise RuntimeError(f"only {len(running)}/{n} Running after 900 s")
+            elif session.status.phase.finished and session.id not in running:
+                failed.add(session.id)
         await asyncio.sleep(0.05)
-    times = sorted(running.values())
+    # Percentiles of all N: a session that never ran counts as never (inf).
+    times = sorted(running.values()) + [float("inf")] * (n - len(running))
     claimed: list[float] = []
     for sid, at in posted.items():
         for stored in await api.read_events(sid, count=50):
@@ -211,15 +217,18 @@ async def burst(api: ApiStore, store: ControllerStore, controller: Controller, n
     metrics = controller.metrics
     return {
         "n": n,
-        "p50_s": times[len(times) // 2 - 1 if len(times) > 1 else 0],
-        "p90_s": times[max(0, int(len(times) * 0.9) - 1)],
+        "p50_s": times[max(0, (n + 1) // 2 - 1)],
+        "p90_s": times[max(0, -(-n * 9 // 10) - 1)],
         "p100_s": times[-1],
+        "failed": len(failed),
         "claimed": len(claimed),
         "claim_p50_ms": statistics.median(claimed) * 1000 if claimed else float("nan"),
         "claim_p90_ms": sorted(claimed)[max(0, int(len(claimed) * 0.9) - 1)] * 1000
         if claimed
         else float("nan"),
-        "creates": metrics.total("flyswarm_controller_fly_calls_total", action="create"),
+        # Sessions' creates only (a pool's refill after the burst is not the burst's).
+        "creates": metrics.total("flyswarm_controller_fly_calls_total", action="create")
+        - metrics.total("flyswarm_controller_pool_refill_creates_total"),
         "since_first_post_wall": time.time() - wall0,
     }
 
@@ -228,7 +237,7 @@ def _line(label: str, r: dict[str, Any], goal: str) -> str:
     claim = f"{r['claim_p50_ms']:>8.1f}{r['claim_p90_ms']:>8.1f}" if r["claimed"] else f"{'-':>8}{'-':>8}"
     return (
         f"{label:<22}{r['p50_s']:>8.2f}{r['p90_s']:>8.2f}{r['p100_s']:>8.2f}{claim}"
-        f"{r['claimed']:>8}{r['creates']:>8.0f}   {goal}"
+        f"{r['claimed']:>8}{r['creates']:>8.0f}{r['failed']:>8}   {goal}"
     )
 
 
@@ -239,17 +248,18 @@ async def run(args: argparse.Namespace) -> None:
     n = args.count
     try:
         results: dict[str, dict[str, Any]] = {}
+        bound = (n - FLY_CREATE_BURST) / FLY_CREATE_RATE
+        labels = {"a": "(a) no pool", "b": "(b) suspended pool", "c": "(c) stopped pool"}
         for kind in args.parts:
             results[kind] = await scenario(kind, redis.url, work, n, args.delays)
-        bound = (n - FLY_CREATE_BURST) / FLY_CREATE_RATE
+            print(f"  done: {_line(labels[kind], results[kind], '')}", flush=True)
         print(f"\nN = {n} task sessions written at once; Fly rate limits on; transition times {args.delays}")
         print("machines run local/heartbeat_agent.py (boots, waits in the pool, heartbeats; no Claude CLI)")
         print(
             f"{'scenario':<22}{'50 %':>8}{'90 %':>8}{'100 %':>8}{'cl p50':>8}{'cl p90':>8}{'claims':>8}"
-            f"{'creates':>8}   goal"
+            f"{'creates':>8}{'failed':>8}   goal"
         )
         print(f"{'':<22}{'s':>8}{'s':>8}{'s':>8}{'ms':>8}{'ms':>8}")
-        labels = {"a": "(a) no pool", "b": "(b) suspended pool", "c": "(c) stopped pool"}
         for kind, r in results.items():
             goal = GOALS[kind].replace("(N-3)/1 s", f"{bound:.0f} s")
             print(_line(labels[kind], r, goal))
