@@ -188,6 +188,9 @@ class PoolClaimer:
         token = await self.store.mint_session_token(session.id)
         region = launch.get("region") or session.spec.machine.region or self.settings.default_region
         config = config_builder(session, launch_id=launch_id, region=region, session_token=token.value)
+        # Not auto_destroy, even for a task: the update's own restart of the agent must not destroy
+        # the machine; the session plan destroys it when the session is done, as for any machine.
+        config = config.model_copy(update={"auto_destroy": False})
         machine = await self.fly.update_machine(action.machine_id, config, deadline=deadline)
         log.info("pool_machine_rebuilt", machine_id=action.machine_id)
         if isinstance(action, StartMachine):
