@@ -158,7 +158,8 @@ async def test_racing_replicas_and_a_claim_cut_short_never_give_a_machine_two_se
         assert len(world.machines(sid, live=False)) == 1, sid
     # The cut-short claim was completed by the next pass on the very machine it had popped.
     assert served["cut"] == half_claimed
-    assert set(served.values()) <= ready and len(served) == 3
+    # The other two ready machines were claimed too (the refill may have served more).
+    assert len(served) >= 3 and len(ready & set(served.values())) == 3
     assert a.controller.shards.held and b.controller.shards.held
     assert (await world.store.pool_state("warm")).claims == {}
     await world.assert_invariants(set(ids))
@@ -206,8 +207,8 @@ async def test_a_claim_that_will_not_resume_falls_back_and_a_claimed_machine_tha
     await world.fly.destroy_machine(lost, force=True)
     await world.create_session("s1", prompt="finish-after=1 result=done")
     fell_back = await world.until_phase("s1", Phase.SUCCEEDED, timeout=90)
-    assert fell_back.status.restarts == 0
-    assert all(m.id != lost for m in world.machines("s1", live=False))
+    assert fell_back.status.restarts == 0 and fell_back.status.machineId != lost
+    assert all(m.state == "destroyed" for m in world.emulator.machines.values() if m.id == lost)
     reasons = [e.event.reason for e in await world.store.read_events("s1", count=200)]
     assert "Claimed" in reasons and reasons.count("CreateRequested") >= 2  # the warning, then a create
     # The pool refilled; a session claims that machine and its agent crashes. The pool config's slot
