@@ -2,6 +2,8 @@
 
 ``python -m agent`` (and ``flyswarm agent``) call :func:`main`. The order of things:
 
+0. A pool machine's agent (``FLYSWARM_POOL_TOKEN``, no session token) first waits parked for a
+   claim (:mod:`agent.pool_wait`), then takes on the session's env and token and goes on from 1.
 1. Read the environment (:class:`agent.settings.AgentSettings`) and scrub the secrets out of it.
    Invalid configuration: one ``agent_config_invalid`` log line, exit 2.
    Before that, :func:`agent.token_handoff.hand_off` re-executes the process so that its
@@ -378,9 +380,9 @@ async def amain(settings: AgentSettings) -> int:
             pass
 
 
-def load_settings() -> AgentSettings | None:
-    """Settings from the environment; logs ``agent_config_invalid`` and returns None when invalid."""
-    token = token_handoff.receive()
+def load_settings(token: str | None) -> AgentSettings | None:
+    """Settings from the environment and the handed-over ``token``; logs ``agent_config_invalid`` and
+    returns None when invalid."""
     try:
         settings = AgentSettings() if token is None else AgentSettings(session_token=token)
     except ValidationError as exc:
@@ -399,14 +401,36 @@ def load_settings() -> AgentSettings | None:
     return settings
 
 
+async def pool_then_session(pool_token: str) -> int:
+    """A pool machine's agent: wait parked for a claim (:mod:`agent.pool_wait`), then run its session
+    exactly as an agent started fresh with the session's env and token."""
+    from agent import pool_wait
+
+    configure_logging(os.environ.get("FLYSWARM_LOG_LEVEL", "info"))
+    register_secret(pool_token)
+    got = await pool_wait.claim(pool_token, warm=pool_wait.warm_imports)
+    if isinstance(got, int):
+        return got
+    pool_wait.become(got)
+    settings = load_settings(got.session_token)
+    if settings is None:
+        return EXIT_CONFIG
+    return await amain(settings)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``python -m agent`` and ``flyswarm agent`` (configured by environment only)."""
     del argv  # no options: a machine's agent is configured by its environment
     token_handoff.hand_off()  # returns once the environment holds no secret (after a re-exec)
-    settings = load_settings()
-    if settings is None:
-        sys.exit(EXIT_CONFIG)
-    code = asyncio.run(amain(settings))
+    token = token_handoff.receive()
+    pool_token = token_handoff.receive_pool_token()
+    if token is None and pool_token is not None:
+        code = asyncio.run(pool_then_session(pool_token))
+    else:
+        settings = load_settings(token)
+        if settings is None:
+            sys.exit(EXIT_CONFIG)
+        code = asyncio.run(amain(settings))
     # Everything is reported, flushed and closed. Skip the interpreter's teardown of the SDK's
     # large module graph (~0.3 s): only the CLI could outlive us, and it is told to go first.
     signal_children(signal.SIGTERM)

@@ -17,11 +17,18 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from agent.token_handoff import FORBIDDEN_ENV, TOKEN_ENV, TOKEN_FD_ENV, TOKEN_FILE_ENV
+from agent.token_handoff import (
+    FORBIDDEN_ENV,
+    POOL_TOKEN_ENV,
+    POOL_TOKEN_FD_ENV,
+    TOKEN_ENV,
+    TOKEN_FD_ENV,
+    TOKEN_FILE_ENV,
+)
 from api.models import validate_session_id
 
 # Variables the agent reads and then scrubs from its environment (children must not inherit them).
-SECRET_ENV = (TOKEN_ENV, TOKEN_FD_ENV, TOKEN_FILE_ENV)
+SECRET_ENV = (TOKEN_ENV, TOKEN_FD_ENV, TOKEN_FILE_ENV, POOL_TOKEN_ENV, POOL_TOKEN_FD_ENV)
 
 
 class AgentSettings(BaseSettings):

@@ -260,6 +260,17 @@ def pool_key_pattern(name: str) -> str:
 WAKE_PATTERN = f"{PREFIX}:wake:*"
 
 
+POOL_ASSIGNED_PATTERN = f"{PREFIX}:pool-assigned:*"
+
+
+def pool_assigned_channel(name: str, slot: str) -> str:
+    """Channel on which a slot's assignment is announced (the controller publishes; every gateway
+    replica psubscribes :data:`POOL_ASSIGNED_PATTERN`). A hint only: the waiting agent then takes
+    the assignment key itself, and its long-poll looks at the key again now and then anyway.
+    """
+    return f"{PREFIX}:pool-assigned:{name}:{slot}"
+
+
 def wake_channel(session_id: str) -> str:
     """Channel on which a session's report is announced (the channel store publishes; the
     controller psubscribes). Pub/sub is fire-and-forget, which is fine: it only wakes the loop

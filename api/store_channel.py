@@ -8,6 +8,8 @@ the gateway, which serves them with these methods for the one session its token 
 * :meth:`ChannelStore.admission` - one pipelined round trip per request: the token's stored digest
   and the session's ``deleted`` and ``status`` fields (not the whole hash: a heartbeat stays cheap);
 * :meth:`ChannelStore.append_events` - a batch of events in one round trip;
+* :class:`api.store_pool_slots.PoolSlots` - a parked pool agent's booted mark and assignment, by
+  its pool slot token (the pool routes, :mod:`gateway.pool_routes`);
 * :meth:`ChannelStore.inbox_peek` and :meth:`ChannelStore.inbox_read_many` - the inbox long-poll:
   one non-blocking look, then a wait that one multiplexing ``XREAD`` serves for every waiting
   agent of the process (:mod:`gateway.inbox`), never a blocking read (and a connection) per agent;
@@ -28,6 +30,7 @@ from api.store_agent import AgentStore
 from api.store_artifacts import ArtifactWrites
 from api.store_base import unavailable_on_redis_error
 from api.store_files import FileAnswers
+from api.store_pool_slots import PoolSlots
 
 T = TypeVar("T")
 
@@ -53,7 +56,7 @@ CHANNEL_POOL_SIZE = 64
 CHANNEL_BLOCKING_POOL_SIZE = 2
 
 
-class ChannelStore(AgentStore, ArtifactWrites, FileAnswers):
+class ChannelStore(AgentStore, ArtifactWrites, FileAnswers, PoolSlots):
     """Async access for the agent channel of the gateway. One instance per process."""
 
     @classmethod

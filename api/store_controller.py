@@ -40,6 +40,11 @@ from api import keys
 from api.models import Heartbeat, Session, SessionStatus, utcnow
 from api.store_base import EventWrites, SessionIndexReads, StoreUnavailable, unavailable_on_redis_error
 from api.store_lease import LeaderLease
+from api.store_pool_claims import PoolClaims
+from api.store_pool_claims import PoolMachineRecord as PoolMachineRecord
+from api.store_pool_claims import PoolMachineState as PoolMachineState
+from api.store_pool_claims import PoolState as PoolState
+from api.store_pool_handoff import PoolHandoff
 from api.store_shards import ShardLeases
 from api.store_teardown import SessionTeardown
 from api.store_tokens import SessionTokens
@@ -81,7 +86,15 @@ class Change:
 
 
 class ControllerStore(
-    SessionIndexReads, EventWrites, SessionTeardown, SessionTokens, SessionVolumes, LeaderLease, ShardLeases
+    SessionIndexReads,
+    EventWrites,
+    SessionTeardown,
+    SessionTokens,
+    SessionVolumes,
+    LeaderLease,
+    ShardLeases,
+    PoolHandoff,
+    PoolClaims,
 ):
     """Async access for the controller. One instance per process, shared by all tasks."""
 

@@ -5,7 +5,11 @@ answer) against a local model server, so the numbers measure our overhead, not a
 
 * agent: ``python -m agent`` from spawn to its first event in Redis (``agent_started``), and
   from spawn to exit with the ``done`` report written;
-* bare CLI: ``claude -p ... --output-format json`` (the SDK's bundled binary), spawn to exit.
+* bare CLI: ``claude -p ... --output-format json`` (the SDK's bundled binary), spawn to exit;
+* a pool agent (``FLYSWARM_POOL_TOKEN``, ``agent/pool_wait.py``): started ahead, booted (SDK
+  imported), frozen with SIGSTOP as a suspend freezes it; the figure runs from the claim (the
+  session token minted, the assignment written, SIGCONT as the resume) to its first event and to
+  exit. Fly's resume time itself is not in it (``bench/burst.py`` has the whole claim path).
 
 It prints medians, the ratio agent/CLI, and the agent's peak RSS (its Python process alone, and
 the whole tree with the CLI and the tool, sampled from /proc while it runs).
@@ -19,6 +23,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -38,6 +43,8 @@ from local.redis_server import start_redis  # noqa: E402
 from tests.gateway.conftest import start_gateway  # noqa: E402
 
 PROMPT = "[[scenario:default]] write the file"
+#: A claimed pool agent's first event: a few control-plane round trips, nothing imported or started.
+POOL_FIRST_EVENT_GOAL = 0.1
 
 
 def _rss_kb(pid: int, field: str = "VmHWM") -> int:
@@ -132,6 +139,56 @@ async def run_agent(
     }
 
 
+async def run_pool_agent(
+    store: ApiStore, controller: ControllerStore, gateway_url: str, model: ModelServer, tmp: Path, n: int
+) -> dict[str, float]:
+    sid, slot = f"bench-pool-{n}", f"s{n}"
+    await store.create_or_get(store.new_session(sid, SessionSpec(prompt=PROMPT)))
+    env = base_env(model, tmp / "home")
+    for name in ("ANTHROPIC_BASE_URL", "ANTHROPIC_API_KEY"):
+        env.pop(name)
+    # A pool machine's environment: the gateway and a slot token, nothing of any session.
+    env.update(
+        FLYSWARM_CONTROL_URL=gateway_url,
+        FLYSWARM_POOL_TOKEN=await controller.mint_pool_token("bench", slot),
+        FLYSWARM_WORK_ROOT=str(tmp / "work"),
+        FLYSWARM_MACHINE_ID="bench-pool",
+        FLYSWARM_LOG_LEVEL="warning",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent"],
+        env=env,
+        cwd=str(ROOT),
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    while slot not in (await controller.pool_state("bench")).booted:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"pool agent {n} never booted (exit {proc.poll()})")
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.2)  # into its long-poll
+    os.killpg(proc.pid, signal.SIGSTOP)  # parked, as a suspended machine
+    # The claim: what the controller does for the agent, then the resume.
+    started = time.perf_counter()
+    token = await controller.mint_session_token(sid)
+    session_env = {"FLYSWARM_SESSION_ID": sid, "FLYSWARM_LAUNCH_ID": f"l{n}"}
+    await controller.assign_pool_slot("bench", slot, sid, token.value, session_env)
+    os.killpg(proc.pid, signal.SIGCONT)
+    first_event = None
+    while proc.poll() is None:
+        if first_event is None and await store.read_events(sid, count=1):
+            first_event = time.perf_counter() - started
+        await asyncio.sleep(0.01)
+    done = time.perf_counter() - started
+    session = await store.get(sid)
+    if proc.returncode != 0 or session is None or session.agent is None or session.agent.state != "done":
+        raise RuntimeError(
+            f"pool agent run {n} failed: exit {proc.returncode}, report {session and session.agent}"
+        )
+    return {"first_event": first_event if first_event is not None else done, "done": done}
+
+
 def run_cli(model: ModelServer, tmp: Path, n: int) -> dict[str, float]:
     import claude_agent_sdk
 
@@ -178,6 +235,9 @@ async def main() -> None:
         try:
             run_cli(model, tmp, -1)  # warm the page cache for both
             agent = [await run_agent(store, controller, gateway.url, model, tmp, n) for n in range(args.runs)]
+            pool = [
+                await run_pool_agent(store, controller, gateway.url, model, tmp, n) for n in range(args.runs)
+            ]
             cli = [run_cli(model, tmp, n) for n in range(args.runs)]
         finally:
             await store.close()
@@ -196,6 +256,13 @@ async def main() -> None:
     print(f"  bare CLI start -> done      : {cli_done * 1000:7.0f} ms")
     print(f"  ratio agent/CLI (done)      : {agent_done / cli_done:7.2f}x")
     print(f"  ratio first event/CLI done  : {agent_first / cli_done:7.2f}x")
+    pool_first, pool_done = med(pool, "first_event"), med(pool, "done")
+    goal = POOL_FIRST_EVENT_GOAL * 1000
+    print(f"  pool agent claim -> first event : {pool_first * 1000:7.0f} ms", end="")
+    print(f"   (fresh {agent_first * 1000:.0f} ms; goal <= {goal:.0f} ms: no Python start-up, no SDK import)")
+    print(
+        f"  pool agent claim -> done        : {pool_done * 1000:7.0f} ms   (fresh {agent_done * 1000:.0f} ms)"
+    )
     print(f"  agent peak RSS (python)     : {max(r['rss_agent_mb'] for r in agent):7.0f} MB")
     print(f"  agent+CLI+tool RSS (sum)    : {max(r['rss_tree_mb'] for r in agent):7.0f} MB")
 

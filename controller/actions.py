@@ -46,6 +46,9 @@ class StartMachine:
     machine_id: str
     reason: str = "Start"
     message: str = ""
+    #: A claimed pool machine that would boot its agent afresh (not a resume): its config is the
+    #: pool's, whose slot token is spent, so the executor first gives it the session's config.
+    pool_machine: bool = False
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,8 @@ class RestartMachine:
     machine_id: str
     reason: str = "Restart"
     message: str = ""
+    #: As for :class:`StartMachine`: a claimed pool machine gets the session's config first.
+    pool_machine: bool = False
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,8 @@
   session whose turn is later is requeued for exactly then instead of holding a worker. With N
   replicas each runs at 1/N of it (:meth:`CreatePacer.set_share`). With several agent apps each
   slot names its app (:mod:`controller.fly_apps`), recorded in the launch record before the call.
+* **Pool claims first.** When a warm pool fits the session, the create becomes a claim of a ready
+  pool machine (:mod:`controller.pool_claim`): no create slot, one resume; a miss creates at once.
 * **Destroy budget.** At most ``max_destroys_per_pass`` destroys per resync pass; the rest wait.
 
 One action is one Fly call: the executor never looks at a machine to choose another verb, and
@@ -40,7 +42,7 @@ from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from api.logs import get_logger
 from api.models import Reason, Session, SessionEvent, parse_timestamp, utcnow
@@ -74,9 +76,19 @@ from controller.fly_volumes import FlyVolumes
 from controller.machine_config import machine_name
 from controller.machine_state import GONE
 from controller.metrics import ControllerMetrics
-from controller.observed import MANAGED_VALUE, TAG_LAUNCH, TAG_MANAGED, ObservedMachine, parse_tags
+from controller.observed import (
+    MANAGED_VALUE,
+    TAG_LAUNCH,
+    TAG_MANAGED,
+    ObservedMachine,
+    parse_tags,
+    pool_tags,
+)
 from controller.ratelimit import Limit
 from controller.volume_executor import VolumeExecutor
+
+if TYPE_CHECKING:
+    from controller.pool_claim import PoolClaimer
 
 _log = get_logger("controller.executor")
 
@@ -204,6 +216,25 @@ class CreatePacer:
     def settled(self, app: str) -> None:
         self.spreader.settled(app)
 
+    def background_slot(self, allowed: Sequence[str] | None = None) -> CreateSlot:
+        """A create nobody waits on (a pool refill): its app, and 0 or the seconds to look again.
+
+        Sessions first: a refill takes only a token that is free right now and that no session
+        has a slot on; it never reserves a future one, so it never pushes a session's create back
+        by more than the one token it took. A slot with wait 0 must be followed by :meth:`settled`.
+        Raises :class:`controller.fly_apps.NoAllowedApp` when ``allowed`` names no configured app.
+        """
+        now = self._clock()
+        self._expire(now)
+        app = self.spreader.choose_app(allowed)
+        if self._slots:
+            soonest = min(due for due, _app in self._slots.values())
+            return CreateSlot(app=app, wait=max(soonest - now, 0.0) + 1.0)
+        wait = self.spreader.wait_for(app)
+        if wait > 0:
+            return CreateSlot(app=app, wait=max(wait, self._TOLERANCE))
+        return CreateSlot(app=self.spreader.reserve(allowed).app, wait=0.0)
+
     def _expire(self, now: float) -> None:
         for key in [k for k, (due, _app) in self._slots.items() if due < now - 60.0]:
             self.spreader.settled(self._slots.pop(key)[1])
@@ -235,6 +266,7 @@ class DestroyBudget:
 def observed_from_fly(machine: Machine, *, now: datetime | None = None) -> ObservedMachine:
     """The plan's view of one Fly machine (tags from metadata, last exit from embedded events)."""
     managed, session_id, launch_id = parse_tags(machine.metadata)
+    pool, pool_slot, pool_template = pool_tags(machine.metadata)
     exit_event = machine.last_exit
     created = parse_timestamp(machine.created_at) or now or utcnow()
     return ObservedMachine(
@@ -251,6 +283,9 @@ def observed_from_fly(machine: Machine, *, now: datetime | None = None) -> Obser
         last_exit_oom=bool(exit_event.oom_killed) if exit_event is not None else False,
         host_status=machine.host_status or "ok",
         last_exit_requested=bool(exit_event.requested_stop) if exit_event is not None else False,
+        pool=pool,
+        pool_slot=pool_slot,
+        pool_template=pool_template,
     )
 
 
@@ -268,9 +303,12 @@ class Executor:
         settings: ExecutorSettings | None = None,
         metrics: ControllerMetrics | None = None,
         destroy_budget: DestroyBudget | None = None,
+        claimer: PoolClaimer | None = None,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self.store = store
+        #: Warm pools: a create first tries to claim a ready pool machine (controller/pool_claim.py).
+        self.claimer = claimer
         self.fly = fly
         self.authority = authority
         self.expectations = expectations
@@ -334,6 +372,12 @@ class Executor:
             if session is None:
                 return Permanent("create without the session resource")
             return await self._create(action, session, log)
+        if isinstance(action, StartMachine | RestartMachine) and action.pool_machine:
+            if session is None or self.claimer is None:
+                return Permanent("start of a claimed pool machine without the session resource")
+            outcome = await self.claimer.rebuild(action, session, self.config_builder, self._deadline(), log)
+            await self._look_again(action.session_id, action.machine_id, "starting")
+            return outcome
         if isinstance(action, StartMachine):
             return await self._simple(action, "start", log)
         if isinstance(action, StopMachine):
@@ -384,6 +428,12 @@ class Executor:
 
     async def _create(self, action: CreateMachine, session: Session, log: Any) -> Outcome:
         log = log.bind(launch_id=action.launch_id, region=action.region)
+        if self.claimer is not None and not action.volume_id:
+            # A ready pool machine is a resume, not a create: no create slot needed. (A persistent
+            # session mounts its own volume, which a pool machine was not created with.)
+            claimed = await self.claimer.claim(action, session, self._deadline(), log)
+            if claimed is not None:
+                return claimed
         # A volume belongs to one app (the client's default app, where controller.fly_volumes makes
         # it) and a machine can mount only a volume of its own app: a persistent session's machines
         # are created there; other sessions spread over every agent app.

@@ -64,14 +64,21 @@ def agent_env(
     nothing but the gateway (``FLYSWARM_CONTROL_URL``: the model proxy and the agent's channel to its
     own state), for this session, while it lives. No Redis address, no Anthropic key.
     """
-    ttl = max(int(settings.heartbeat_ttl_seconds), 3)
-    stop_timeout = max(settings.stop_grace_seconds - _STOP_MARGIN_SECONDS, 1.0)
     return {
         **session.spec.machine.env,
         "FLYSWARM_SESSION_ID": session.id,
         "FLYSWARM_LAUNCH_ID": launch_id,
-        "FLYSWARM_CONTROL_URL": settings.agent_gateway_url,
         "FLYSWARM_SESSION_TOKEN": session_token,
+        **deployment_env(settings),
+    }
+
+
+def deployment_env(settings: ControllerSettings) -> dict[str, str]:
+    """What every agent machine gets whatever it serves: the gateway's URL and the pacing."""
+    ttl = max(int(settings.heartbeat_ttl_seconds), 3)
+    stop_timeout = max(settings.stop_grace_seconds - _STOP_MARGIN_SECONDS, 1.0)
+    return {
+        "FLYSWARM_CONTROL_URL": settings.agent_gateway_url,
         "FLYSWARM_HEARTBEAT_TTL_SECONDS": str(ttl),
         "FLYSWARM_HEARTBEAT_INTERVAL_SECONDS": _number(ttl / 3),
         "FLYSWARM_STOP_TIMEOUT_SECONDS": _number(stop_timeout),
@@ -117,7 +124,7 @@ def machine_config_for(
         "region": region or spec.machine.region or settings.default_region,
         "config": config,
     }
-    _refuse_controller_secrets(body, settings)
+    refuse_controller_secrets(body, settings)
     return body
 
 
@@ -162,7 +169,7 @@ def controller_secrets(settings: ControllerSettings) -> list[str]:
     return [s for s in found if len(s) >= 4]
 
 
-def _refuse_controller_secrets(body: dict[str, Any], settings: ControllerSettings) -> None:
+def refuse_controller_secrets(body: dict[str, Any], settings: ControllerSettings) -> None:
     text = json.dumps(body)
     for secret in controller_secrets(settings):
         if secret in text:

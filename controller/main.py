@@ -34,7 +34,13 @@ from api.logs import configure_logging, get_logger, register_secret
 from api.models import utcnow
 from api.store_controller import ControllerStore
 from controller.backoff import Backoff
-from controller.executor import Authority, ConfigBuilder, DestroyBudget, Executor, ExecutorSettings
+from controller.executor import (
+    Authority,
+    ConfigBuilder,
+    DestroyBudget,
+    Executor,
+    ExecutorSettings,
+)
 from controller.expectations import Expectations
 from controller.fly import FlyClient, FlyClientConfig, normalize_base_url
 from controller.fly_errors import FlyError
@@ -43,6 +49,8 @@ from controller.leader import LeaderElector, LeaderTiming
 from controller.machine_config import MachineConfigBuilder
 from controller.metrics import ControllerMetrics
 from controller.observed import MANAGED_VALUE, TAG_MANAGED
+from controller.pool_claim import PoolClaimer
+from controller.pool_loop import PoolRunner, pool_plan_settings
 from controller.queue import WorkQueue
 from controller.reconciler import Reconciler, ReconcilerOptions
 from controller.settings import ControllerSettings
@@ -96,6 +104,16 @@ def build_reconciler(
         destroy_budget=destroy_budget,
         clock=clock,
     )
+    claimer = PoolClaimer(
+        store=store,
+        fly=fly,
+        authority=authority,
+        expectations=expectations,
+        settings=settings,
+        metrics=metrics,
+        clock=clock,
+    )
+    executor.claimer = claimer
     reader = WorldReader(
         store=store,
         fly=fly,
@@ -106,7 +124,7 @@ def build_reconciler(
         clock=clock,
     )
     queue = WorkQueue(backoff=Backoff(base=options.backoff_base_seconds, cap=options.backoff_cap_seconds))
-    return Reconciler(
+    reconciler = Reconciler(
         store=store,
         fly=fly,
         reader=reader,
@@ -121,6 +139,21 @@ def build_reconciler(
         plan_settings=settings.plan_settings(),
         clock=clock,
     )
+    reconciler.pools = PoolRunner(
+        store=store,
+        fly=fly,
+        authority=authority,
+        claimer=claimer,
+        create_pacer=executor.create_pacer,
+        settings=settings,
+        metrics=metrics,
+        machines=reconciler.pool_view,
+        plan_settings=pool_plan_settings(settings),
+        interval=min(1.0, settings.resync_seconds),
+        image=getattr(config_builder, "image", None),
+        clock=clock,
+    )
+    return reconciler
 
 
 def fly_client_for(settings: ControllerSettings, metrics: ControllerMetrics, **overrides: Any) -> FlyClient:

@@ -110,6 +110,41 @@ class ControllerMetrics:
         self.expectations = Gauge(
             "flyswarm_controller_expectations", "Creates issued but not yet seen in Fly's list.", registry=r
         )
+        # -- warm pools (controller/pool_*.py) --
+        self.pool_claim_seconds = Histogram(
+            "flyswarm_controller_pool_claim_seconds",
+            "Time from a claim's pop of a ready pool machine to the machine's resume call returning.",
+            ["pool"],
+            buckets=_CALL_BUCKETS,
+            registry=r,
+        )
+        self.pool_claims = Counter(
+            "flyswarm_controller_pool_claims_total",
+            "Sessions served by a pool machine.",
+            ["pool"],
+            registry=r,
+        )
+        self.pool_claim_misses = Counter(
+            "flyswarm_controller_pool_claim_misses_total",
+            "Sessions that fit a pool with no ready machine (created fresh instead).",
+            ["pool"],
+            registry=r,
+        )
+        self.pool_claim_fallbacks = Counter(
+            "flyswarm_controller_pool_claim_fallbacks_total",
+            "Claims whose machine would not resume (destroyed; the session got a fresh machine).",
+            ["pool"],
+            registry=r,
+        )
+        self.pool_refill_creates = Counter(
+            "flyswarm_controller_pool_refill_creates_total", "Pool machines created.", ["pool"], registry=r
+        )
+        self.pool_machines = Gauge(
+            "flyswarm_controller_pool_machines",
+            "Pool machines by state (ready, booting, claimed) at the last pool pass.",
+            ["pool", "state"],
+            registry=r,
+        )
         for phase in Phase:
             self.sessions.labels(phase=phase.value).set(0)
         self.replicas.set(1)

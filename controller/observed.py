@@ -19,6 +19,11 @@ from datetime import datetime
 TAG_MANAGED = "flyswarm_managed"
 TAG_SESSION = "flyswarm_session"
 TAG_LAUNCH = "flyswarm_launch"
+#: Pool machines (controller/pool_plan.py) carry their pool, slot and template digest, no session
+#: until a claim tags them with the claiming session's id and launch.
+TAG_POOL = "flyswarm_pool"
+TAG_POOL_SLOT = "flyswarm_pool_slot"
+TAG_POOL_TEMPLATE = "flyswarm_pool_template"
 MANAGED_VALUE = "true"
 
 
@@ -40,6 +45,15 @@ class ObservedMachine:
     host_status: str = "ok"
     #: True when the newest exit was asked for (a stop we or Fly requested), not a crash.
     last_exit_requested: bool = False
+    #: The pool that created it (a claimed machine keeps it, beside its session tag).
+    pool: str | None = None
+    pool_slot: str | None = None
+    pool_template: str | None = None
+
+    @property
+    def unclaimed_pool_machine(self) -> bool:
+        """A pool's own machine: the pool controller's, never the session orphan rule's."""
+        return self.pool is not None and self.session_id is None
 
     @property
     def last_change(self) -> datetime:
@@ -106,6 +120,17 @@ def parse_tags(metadata: Mapping[str, str] | None) -> tuple[bool, str | None, st
     meta = metadata or {}
     managed = meta.get(TAG_MANAGED) == MANAGED_VALUE
     return managed, meta.get(TAG_SESSION) or None, meta.get(TAG_LAUNCH) or None
+
+
+def pool_tags(metadata: Mapping[str, str] | None) -> tuple[str | None, str | None, str | None]:
+    """``(pool, slot, template digest)`` from a machine's ``config.metadata``."""
+    meta = metadata or {}
+    return meta.get(TAG_POOL) or None, meta.get(TAG_POOL_SLOT) or None, meta.get(TAG_POOL_TEMPLATE) or None
+
+
+def pool_machine_tags(pool: str, slot: str, template: str) -> dict[str, str]:
+    """The metadata of a pool machine: ours, its pool and slot, and no session."""
+    return {TAG_MANAGED: MANAGED_VALUE, TAG_POOL: pool, TAG_POOL_SLOT: slot, TAG_POOL_TEMPLATE: template}
 
 
 def machine_tags(session_id: str, launch_id: str) -> dict[str, str]:

@@ -39,7 +39,8 @@ The reconcile rules of DESIGN.md, first that applies wins:
 8. **Duplicates** - of several machines the newest healthy one is kept (ties broken by id) and the
    others are destroyed with force; the rules above then apply to the one kept.
 9. **Orphans** - :func:`plan_orphans`: machines tagged ``flyswarm_managed=true`` whose session
-   does not exist are destroyed once older than the orphan grace. Untagged machines are never touched.
+   does not exist are destroyed once older than the orphan grace. Untagged machines are never touched,
+   nor a pool's unclaimed machines (no session tag: :mod:`controller.pool_plan` owns them).
 
 Ordering contract for the executor: actions come as ``SetStatus`` first, then machine actions,
 then ``RemoveSession``, then at most one ``RequeueAfter``. The executor applies them in order and
@@ -197,6 +198,8 @@ def plan_orphans(
     for m in sorted(machines, key=lambda m: m.id):
         if not m.managed or (m.session_id is not None and m.session_id in known_session_ids):
             continue
+        if m.unclaimed_pool_machine:
+            continue  # a pool's machine: the pool plan keeps it or destroys it (controller/pool_plan.py)
         if m.state in GONE or m.state not in KNOWN:
             continue
         if (now - m.created_at).total_seconds() < settings.orphan_grace_seconds:
@@ -683,9 +686,9 @@ def _restart(p: _Pass, keeper: ObservedMachine | None, cause: str, message: str,
         destroy = DestroyMachine(p.sid, keeper.id, force=True, reason=cause, message=msg)
         return [destroy] + _create(p, cause, msg, count=True)
     action: Action = (
-        RestartMachine(p.sid, keeper.id, reason=cause, message=msg)
+        RestartMachine(p.sid, keeper.id, reason=cause, message=msg, pool_machine=keeper.pool is not None)
         if how == "restart"
-        else StartMachine(p.sid, keeper.id, reason=cause, message=msg)
+        else StartMachine(p.sid, keeper.id, reason=cause, message=msg, pool_machine=_boots_pool_agent(keeper))
     )
     return _write(
         p,
@@ -702,8 +705,13 @@ def _start(p: _Pass, keeper: ObservedMachine, reason: str, message: str) -> list
     conds = _live_conditions(keeper, False, False)
     fields = _started_fields(p, keeper, count=False)
     return _write(p, Phase.STARTING, reason, message, conditions=conds, **fields) + [
-        StartMachine(p.sid, keeper.id, reason=reason, message=message)
+        StartMachine(p.sid, keeper.id, reason=reason, message=message, pool_machine=_boots_pool_agent(keeper))
     ]
+
+
+def _boots_pool_agent(keeper: ObservedMachine) -> bool:
+    """A start of a claimed pool machine that boots its agent afresh (a resume keeps the process)."""
+    return keeper.pool is not None and keeper.state != MachineState.SUSPENDED
 
 
 def _started_fields(p: _Pass, keeper: ObservedMachine, *, count: bool) -> dict[str, Any]:

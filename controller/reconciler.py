@@ -67,6 +67,7 @@ from controller.machine_state import SETTLED
 from controller.metrics import ControllerMetrics
 from controller.observed import ObservedMachine
 from controller.plan import plan, plan_orphans
+from controller.pool_loop import PoolRunner
 from controller.queue import WorkQueue
 from controller.settings import ControllerSettings, PlanSettings
 from controller.snapshot import LIST_PAGE_SIZE, KeyView, Snapshot, WorldReader
@@ -163,6 +164,8 @@ class Reconciler:
             interval_seconds=max(settings.resync_seconds, plan_settings.orphan_grace_seconds),
             call_timeout_seconds=settings.call_timeout_seconds,
         )
+        #: The warm-pool loop (controller/pool_loop.py), run beside the resync; set by the wiring.
+        self.pools: PoolRunner | None = None
 
     @property
     def redis_ok(self) -> bool:
@@ -185,6 +188,8 @@ class Reconciler:
         if self.options.wake_pubsub:
             tasks.append(asyncio.create_task(follow_wakes(self.store, self.wake), name="reconciler-wake"))
         tasks.append(asyncio.create_task(self._volume_sweep_loop(), name="reconciler-volumes"))
+        if self.pools is not None:
+            tasks.append(asyncio.create_task(self.pools.run(), name="reconciler-pools"))
         self._workers = [
             asyncio.create_task(self._worker(i), name=f"reconciler-worker-{i}")
             for i in range(self.settings.concurrency)
@@ -246,6 +251,15 @@ class Reconciler:
     def covers_its_shards(self) -> bool:
         """True once a snapshot covers every session this replica owns (no shard taken since)."""
         return self.snapshot is not None and not self._uncovered
+
+    def pool_view(self) -> tuple[list[ObservedMachine], datetime, frozenset[str]] | None:
+        """The pool loop's inputs from the last snapshot: Fly's machines (our own recent changes
+        merged in), when the list started, every session id; None while the inputs are unknown."""
+        snapshot = self.snapshot
+        if snapshot is None or not self._inputs_known(snapshot):
+            return None
+        listed = [m for m in snapshot.all_machines if not self.expectations.hidden(m.id)]
+        return listed, snapshot.listed_from, snapshot.all_ids
 
     def freshness_keys(self) -> list[str]:
         snapshot = self.snapshot

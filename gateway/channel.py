@@ -13,6 +13,8 @@ token as ``x-api-key`` or ``Authorization: Bearer``:
 ``POST /agent/v1/inbox/ack``                acknowledge a message's turn
 ``/agent/v1/transcripts/...``               the SDK ``SessionStore`` (:mod:`agent.channel_transcripts`)
 ``/agent/v1/artifacts...``, ``/files/...``  artifacts and live files (:mod:`gateway.channel_outputs`)
+``/agent/v1/pool/...``                      a parked pool agent's booted mark and assignment, by
+                                            its pool slot token only (:mod:`gateway.pool_routes`)
 =========================================  =====================================================
 
 The token decides the session: no route takes a session id, so an agent cannot name another
@@ -46,6 +48,8 @@ from api.store_channel import ChannelStore, guarded
 from api.store_errors import StoreUnavailable
 from api.transcript_types import TranscriptKey
 from gateway.inbox import InboxHub, InboxWaits
+from gateway.pool_hub import AssignmentHub
+from gateway.pool_routes import add_pool_routes
 from gateway.settings import GatewaySettings
 
 log = get_logger("gateway.channel")
@@ -126,6 +130,7 @@ class AgentChannel:
         self.inbox: InboxWaits | None = None
         self._hub: InboxHub | None = None
         self.files: InboxHub | None = None  # live-file requests wait like the inbox (channel_outputs)
+        self.pool_hub: AssignmentHub | None = None
         self.app = _build_app(self)
 
     async def startup(self) -> None:
@@ -140,12 +145,15 @@ class AgentChannel:
         self.files = InboxHub(
             self.store, block_ms=max(block_ms, 10), read_many=self.store.file_requests_read_many
         )
+        self.pool_hub = AssignmentHub(self.store)
 
     async def shutdown(self) -> None:
         if self._hub is not None:
             await self._hub.aclose()
         if self.files is not None:
             await self.files.aclose()
+        if self.pool_hub is not None:
+            await self.pool_hub.aclose()
         if self.store is not None and self._owns_store:
             await self.store.close()
 
@@ -269,6 +277,7 @@ def _build_app(channel: AgentChannel) -> FastAPI:
     from gateway.channel_outputs import output_routes  # it imports this module: loaded by now
 
     output_routes(app, channel)
+    add_pool_routes(app, channel, _token)
     return app
 
 

@@ -21,6 +21,10 @@ What it does is scripted by the session itself, so a test drives it through the 
 * SIGTERM (a stop, a suspend, a destroy) writes an ``interrupted`` report and exits 0, as the real
   agent flushes and exits within the stop timeout.
 
+Pool machines: started with ``FLYSWARM_POOL_TOKEN`` and no session, it waits parked exactly as the
+real agent does (:mod:`agent.pool_wait`: booted mark, assignment long-poll that survives a suspend;
+no SDK to warm up here), then takes on the assigned session's env and token and runs as above.
+
 Run it as ``python -m local.heartbeat_agent``.
 """
 
@@ -35,7 +39,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent import token_handoff
+from agent import pool_wait, token_handoff
 from agent.channel import AgentChannel
 from api.models import AgentReport, AgentState, Reason, Session
 from api.store_errors import StoreUnavailable
@@ -199,12 +203,13 @@ async def _load(store: AgentChannel, session_id: str) -> Session | None:
             await asyncio.sleep(0.2)
 
 
-async def amain(env: dict[str, str]) -> int:
+async def amain(env: dict[str, str], token: str | None = None) -> int:
     session_id = env["FLYSWARM_SESSION_ID"]
     machine_id = env.get("FLYSWARM_MACHINE_ID") or env.get("FLY_MACHINE_ID")
     ttl = int(float(env.get("FLYSWARM_HEARTBEAT_TTL_SECONDS", _DEFAULT_TTL)))
     interval = float(env.get("FLYSWARM_HEARTBEAT_INTERVAL_SECONDS", min(_DEFAULT_INTERVAL, ttl / 3)))
-    token = token_handoff.receive() or env.get(token_handoff.TOKEN_ENV, "")
+    if token is None:
+        token = token_handoff.receive() or env.get(token_handoff.TOKEN_ENV, "")
     store = AgentChannel(env["FLYSWARM_CONTROL_URL"], token, session_id)
     agent = HeartbeatAgent(store, session_id, machine_id, interval, ttl)
     agent.work_root = env.get("FLYSWARM_VOLUME_ROOT") or env.get("FLYSWARM_WORK_ROOT") or None
@@ -224,10 +229,23 @@ async def amain(env: dict[str, str]) -> int:
             await store.close()
 
 
+async def pool_then_session(pool_token: str) -> int:
+    """A pool machine: wait parked for a claim, then run the assigned session."""
+    got = await pool_wait.claim(pool_token, warm=None)
+    if isinstance(got, int):
+        return got
+    pool_wait.become(got)
+    return await amain(dict(os.environ), got.session_token)
+
+
 def main() -> None:
     # As the real agent does: re-execute without the token in the process environment first.
     token_handoff.hand_off([sys.executable, "-m", "local.heartbeat_agent"])
-    sys.exit(asyncio.run(amain(dict(os.environ))))
+    token = token_handoff.receive()
+    pool_token = token_handoff.receive_pool_token()
+    if token is None and pool_token is not None:
+        sys.exit(asyncio.run(pool_then_session(pool_token)))
+    sys.exit(asyncio.run(amain(dict(os.environ), token)))
 
 
 if __name__ == "__main__":

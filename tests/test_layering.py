@@ -88,6 +88,9 @@ STORE_MODULES = {
     "api.store_shards",
     "api.store_artifacts",
     "api.store_files",
+    "api.store_pool_handoff",
+    "api.store_pool_claims",
+    "api.store_pool_slots",
     "api.transcripts",
 }
 SHARED_STORE_MODULES = {"api.store_base", "api.store_pools"}
@@ -97,7 +100,7 @@ ROLE_STORES = {
     "api": {"api.store", "api.store_artifacts"},
     "controller": {"api.store_controller"},
     "agent": set(),
-    "gateway": {"api.store_gateway", "api.store_channel", "api.store_artifacts"},
+    "gateway": {"api.store_gateway", "api.store_channel", "api.store_artifacts", "api.store_pool_slots"},
     "local": set(),
     "cli": set(),
 }

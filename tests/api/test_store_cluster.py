@@ -64,6 +64,8 @@ EXERCISED = {
         "view", "wake_sessions", "write_agent_report", "write_status",
         "agent_alive", "artifact_bytes", "await_reply", "get_artifact", "list_artifacts", "request_file",
         "clear_volume", "get_volume", "record_volume",
+        # pool slots: exercised on the cluster by tests/api/test_store_pool_handoff.py
+        "assign_pool_slot", "mint_pool_token", "revoke_pool_token",
     },
     "ChannelStore": {
         "admission", "append_event", "append_events", "close", "connect", "from_url", "get",
@@ -71,6 +73,8 @@ EXERCISED = {
         "pool_stats", "transcripts", "write_agent_report",
         "answer_file_request", "file_requests_after", "file_requests_read_many", "put_artifact",
         "record_skipped",
+        # pool slots: exercised on the cluster by tests/api/test_store_pool_handoff.py
+        "mark_pool_booted", "pool_assignment_wakes", "pool_slot_digest", "take_pool_assignment",
     },
     "RedisTranscriptStore": {
         "append", "copy_transcript", "delete", "find_project_key", "list_session_summaries",

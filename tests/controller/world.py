@@ -28,7 +28,7 @@ from controller.fly import FlyClient, FlyClientConfig
 from controller.leader import LeaderTiming
 from controller.main import Controller
 from controller.metrics import ControllerMetrics
-from controller.observed import TAG_MANAGED, TAG_SESSION
+from controller.observed import TAG_MANAGED, TAG_POOL, TAG_SESSION
 from controller.reconciler import ReconcilerOptions
 from controller.settings import ControllerSettings
 from local.emulator import EmulatorSettings, create_app, emulator_state
@@ -125,12 +125,15 @@ class World:
             self.redis_url, self.fly_url, **{"agent_gateway_url": self.gateway_url, **overrides}
         )
 
-    async def start_controller(self, **overrides: Any) -> RunningController:
+    async def start_controller(
+        self, *, fly: FlyClient | None = None, metrics: ControllerMetrics | None = None, **overrides: Any
+    ) -> RunningController:
         settings = self.settings(**overrides)
         controller = Controller(
             settings,
             store=Store.from_url(self.redis_url),
-            metrics=ControllerMetrics(),
+            fly=fly,
+            metrics=metrics or ControllerMetrics(),
             timing=LeaderTiming(
                 lease_seconds=settings.leader_lease_seconds,
                 renew_deadline_seconds=settings.leader_lease_seconds * 2 / 3,
@@ -247,11 +250,14 @@ class World:
                 self.finished_seen[session.id] = phase
 
     async def converged(self) -> bool:
-        """No session with two live machines, and no live machine of ours without a session."""
+        """No session with two live machines, and no live machine of ours without a session (or pool)."""
         sessions = {s.id for s in await self.store.all_sessions()}
         per_session: dict[str, int] = {}
         for m in self.machines():
-            sid = (m.config.get("metadata") or {}).get(TAG_SESSION)
+            meta = m.config.get("metadata") or {}
+            sid = meta.get(TAG_SESSION)
+            if sid is None and meta.get(TAG_POOL):
+                continue  # a pool's unclaimed machine: the pool's, not an orphan
             if sid not in sessions:
                 return False
             per_session[sid] = per_session.get(sid, 0) + 1
