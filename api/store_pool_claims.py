@@ -301,6 +301,10 @@ class PoolClaims(StoreBase):
             doomed += [keys.pool_slot_token(name, slot), keys.pool_assignment(name, slot)]
         await self._redis.delete(*doomed)
         await self._redis.zrem(keys.POOLS, name)
+        # The index lives in another slot: a pool created again between the two writes above lost its
+        # index entry to the ZREM. Put it back (the create wrote the record before indexing it).
+        if await self._redis.exists(keys.pool(name)):
+            await self._redis.zadd(keys.POOLS, {name: 0})
 
 
 def _parse_time(raw: str) -> datetime | None:
