@@ -17,11 +17,13 @@ import pytest
 import redis.asyncio as aioredis
 
 from api import keys
-from api.models import AgentReport, Phase, SessionEvent, SessionSpec, SessionStatus
+from api.models import AgentReport, Phase, SessionEvent, SessionSpec, SessionStatus, utcnow
+from api.pool_models import PoolSpec, PoolStatus
 from api.store_artifacts import ArtifactLimits, Skipped
 from api.store_channel import ChannelStore
 from api.store_controller import ControllerStore
 from api.store_gateway import MeteredUsage
+from api.store_pool_claims import PoolMachineRecord
 from api.transcripts import RedisTranscriptStore
 from tests.store import Store
 
@@ -66,6 +68,10 @@ EXERCISED = {
         "clear_volume", "get_volume", "record_volume",
         # pool slots: exercised on the cluster by tests/api/test_store_pool_handoff.py
         "assign_pool_slot", "mint_pool_token", "revoke_pool_token",
+        # pool machines and claims (the controller's)
+        "all_pools", "claim_pool_machine", "drop_pool_claim", "finish_pool_claim", "forget_pool_machine",
+        "mark_pool_machine_ready", "pool_state", "put_pool_machine", "remove_pool", "withdraw_pool_machine",
+        "write_pool_status",
     },
     "ChannelStore": {
         "admission", "append_event", "append_events", "close", "connect", "from_url", "get",
@@ -131,6 +137,29 @@ async def test_every_store_method_runs_on_the_cluster_without_crossslot(
     assert (await store.get_volume("s1"))["id"] == "vol_1"
     await store.clear_volume("s1")
     assert await store.get_volume("s1") == {}
+
+    # A pool's machines, claims and status: every key in the pool's slot, the index apart.
+    assert (await store.create_pool(store.new_pool("p1", PoolSpec(size=2)))).pool is not None
+    assert [p.name for p in await store.all_pools()] == ["p1"]
+    booting = PoolMachineRecord(
+        machine_id="pm-1", slot="sl1", state="booting", template="t", created_at=utcnow()
+    )
+    await store.put_pool_machine("p1", booting)
+    await store.mark_pool_machine_ready("p1", booting)
+    got = await store.claim_pool_machine("p1", "s1", utcnow())
+    assert isinstance(got, tuple) and got[0] == "pm-1"
+    await store.finish_pool_claim("p1", "s1", "pm-1", "sl1")
+    await store.drop_pool_claim("p1", "s1")
+    other = PoolMachineRecord(
+        machine_id="pm-2", slot="sl2", state="booting", template="t", created_at=utcnow()
+    )
+    await store.mark_pool_machine_ready("p1", other)
+    assert await store.withdraw_pool_machine("p1", "pm-2")
+    await store.forget_pool_machine("p1", "pm-2", "sl2")
+    assert (await store.pool_state("p1")).claims == {}
+    assert await store.write_pool_status("p1", PoolStatus(ready=1))
+    await store.remove_pool("p1", ["sl1", "sl2"])
+    assert await store.all_pools() == []
 
     await store.record_launch("s1", "l-1", {"machineId": "m-1"})
     await store.update_launch("s1", {"region": "ams"})

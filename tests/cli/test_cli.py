@@ -84,9 +84,9 @@ def test_apply_takes_a_directory_of_multi_document_yaml(cli: Cli, api_url: str) 
 
     assert result.exit_code == 0, result.stderr
     lines = result.stdout.strip().splitlines()
-    assert len(lines) == 13 and "pool/ci-fra created" in lines  # examples/pool.yaml
+    assert len(lines) == 14 and "pool/ci-fra created" in lines  # examples/pool.yaml
     assert all(line.endswith(" created") for line in lines)
-    expected = sorted(["hello-task", "coach-demo", *[f"batch-{i:02d}" for i in range(1, 11)]])
+    expected = sorted(["hello-task", "coach-demo", "fix-bug", *[f"batch-{i:02d}" for i in range(1, 11)]])
     assert _session_names(api_url) == expected
 
 
