@@ -33,6 +33,8 @@ LOG_NAME = "machine.log"
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 _PR_SET_PDEATHSIG = 1
+_SIG_SETMASK = 2  # sigprocmask's how (Linux)
+_SIG_DFL = 0
 
 
 class LaunchError(RuntimeError):
@@ -45,12 +47,22 @@ def _pdeathsig_hook() -> Callable[[], None] | None:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         prctl = libc.prctl
+        sigprocmask = libc.sigprocmask
+        set_handler = libc.signal
     except (OSError, AttributeError):
         return None
+    no_signals = ctypes.create_string_buffer(128)  # a sigset_t with no signal in it
+    reset = [int(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1)]
 
     def hook() -> None:
-        # Runs in the child between fork and exec: only a plain libc call, nothing that allocates.
+        # Runs in the child between fork and exec: only plain libc calls, nothing that allocates.
         prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        # Fly's init starts a machine's process with no signal blocked or ignored. The emulator's
+        # own process may have some (an event loop blocks signals around its work; a runner may
+        # ignore SIGINT), and both survive exec: a stop's SIGINT would then never arrive.
+        sigprocmask(_SIG_SETMASK, no_signals, None)
+        for signum in reset:
+            set_handler(signum, _SIG_DFL)
 
     return hook
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -365,6 +366,22 @@ async def test_stop_sends_stop_config_signal_and_records_requested_stop(emu: Emu
 
 async def test_default_stop_signal_is_sigint(emu: Emulator) -> None:
     machine = await started_and_ready(emu, script_config(SLEEP))
+    assert (await emu.post(machine["id"], "stop")).status_code == 200
+    await emu.wait(machine["id"], "stopped")
+    exit_event = next(e for e in await emu.events(machine["id"]) if e["type"] == "exit")
+    assert exit_event["request"]["exit_event"]["signal"] == 2
+
+
+async def test_a_machine_process_starts_with_no_signal_blocked_or_ignored(emu: Emulator) -> None:
+    """As under Fly's init: what the emulator's own process blocks or ignores never reaches a machine
+    (it survives exec otherwise, and a stop's SIGINT would never arrive: SIGKILL after the timeout)."""
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        machine = await started_and_ready(emu, script_config(SLEEP))
+    finally:
+        signal.signal(signal.SIGINT, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
     assert (await emu.post(machine["id"], "stop")).status_code == 200
     await emu.wait(machine["id"], "stopped")
     exit_event = next(e for e in await emu.events(machine["id"]) if e["type"] == "exit")
