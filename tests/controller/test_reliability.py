@@ -149,7 +149,7 @@ async def test_message_sent_while_the_machine_falls_asleep_wakes_it_without_a_re
     async with make_world(redis_url, redis_client, tmp_path, transition_delays=delays) as world:
         await world.start_controller(resync_seconds=3600.0)
         await world.create_session("nap", mode="chat", idleTimeoutSeconds=1, sleep=sleep)
-        first = await world.until_running("nap")
+        first = await world.until_launched("nap")
         going = "suspending" if sleep == "suspend" else "stopping"
 
         async def falling_asleep() -> bool:

@@ -41,7 +41,7 @@ async def _noted(world: World, volume_id: str, session_id: str, text: str) -> li
 async def test_chat_files_survive_sleep_and_replacement_and_go_with_the_session(world: World) -> None:
     await world.start_controller(**SLOW_BOOT)
     await world.create_session("notes", mode="chat", idleTimeoutSeconds=1, persistence={"sizeGb": 2})
-    session = await world.until_running("notes")
+    session = await world.until_launched("notes")
 
     # The volume was made first, is recorded in Redis, named for the session and mounted at /data.
     record = await world.store.get_volume("notes")

@@ -239,6 +239,21 @@ class World:
 
         return await self.until(check, timeout, f"{session_id} running on one machine")
 
+    async def until_launched(self, session_id: str, timeout: float = 30.0) -> Session:
+        """Running or already Sleeping on its one machine: for chats with a short idle timeout, which
+        one pass may take from Creating straight to Sleeping (its agent was idle by then)."""
+
+        async def check() -> Session | None:
+            session = await self.store.get(session_id)
+            if session is None or session.status.phase not in (Phase.RUNNING, Phase.SLEEPING):
+                return None
+            machine = self.live_machine(session_id)
+            if machine is None or session.status.machineId != machine.id:
+                return None
+            return session
+
+        return await self.until(check, timeout, f"{session_id} launched on one machine")
+
     async def record_phases(self) -> None:
         """Remember every finished phase seen, to prove it never flips back."""
         for session in await self.store.all_sessions():
