@@ -63,8 +63,10 @@ async def test_a_session_claims_a_suspended_machine_runs_like_a_fresh_one_and_th
     first = await until_ready(world, "warm", 2)
     # A fitting session and one the pool does not serve (another region), started together: the
     # same phases and result either way.
-    await world.create_session("pooled", prompt="finish-after=1 result=done")
-    await world.create_session("fresh", prompt="finish-after=1 result=done", machine={"region": "ams"})
+    # Long enough that the controller sees each agent running before it reports done (a session
+    # whose agent is already done when first seen goes from Starting straight to Succeeded).
+    await world.create_session("pooled", prompt="finish-after=5 result=done")
+    await world.create_session("fresh", prompt="finish-after=5 result=done", machine={"region": "ams"})
     pooled = await world.until_phase("pooled", Phase.SUCCEEDED, timeout=90)
     fresh = await world.until_phase("fresh", Phase.SUCCEEDED, timeout=90)
     claim = await claimed_event(world, "pooled")
