@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from cli.render import Column, _dash, _kv, age, labels_text, name_of, table, terminal_width
+from cli.render import Column, _kv, age, conditions_block, labels_text, name_of, table, terminal_width
 
 #: The words ``get``, ``describe`` and ``delete`` take for pools.
 POOL_RESOURCES = ("pool", "pools", "pl")
@@ -116,27 +116,5 @@ def describe_pool(resource: Mapping[str, Any], width: int | None = None) -> str:
     _kv(lines, "Last error", status.get("lastError"), 2)
     _kv(lines, "Updated", status.get("updatedAt"), 2)
 
-    conditions = status.get("conditions") or []
-    lines.append("Conditions:")
-    if conditions:
-        rows = [
-            [
-                str(c.get("type", "")),
-                str(c.get("status", "")),
-                _dash(c.get("reason")),
-                age(c.get("lastTransitionTime")),
-                _dash(c.get("message")),
-            ]
-            for c in conditions
-        ]
-        cols = (
-            Column("TYPE"),
-            Column("STATUS"),
-            Column("REASON", True),
-            Column("AGE"),
-            Column("MESSAGE", True),
-        )
-        lines.extend("  " + line for line in table(cols, rows, width - 2).splitlines())
-    else:
-        lines.append("  <none>")
+    conditions_block(lines, status.get("conditions") or [], width)
     return "\n".join(lines)

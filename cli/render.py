@@ -276,29 +276,7 @@ def describe(
     if status.get("nextRetryAt"):
         _kv(lines, "Next retry", status.get("nextRetryAt"), 2)
 
-    conditions = status.get("conditions") or []
-    lines.append("Conditions:")
-    if conditions:
-        rows = [
-            [
-                str(c.get("type", "")),
-                str(c.get("status", "")),
-                _dash(c.get("reason")),
-                age(c.get("lastTransitionTime")),
-                _dash(c.get("message")),
-            ]
-            for c in conditions
-        ]
-        cols = (
-            Column("TYPE"),
-            Column("STATUS"),
-            Column("REASON", True),
-            Column("AGE"),
-            Column("MESSAGE", True),
-        )
-        lines.extend("  " + line for line in table(cols, rows, width - 2).splitlines())
-    else:
-        lines.append("  <none>")
+    conditions_block(lines, status.get("conditions") or [], width)
 
     lines.append("Agent:")
     if agent:
@@ -383,3 +361,29 @@ def event_line(event: Mapping[str, Any], width: int | None = None) -> str:
 
 def is_finished(resource: Mapping[str, Any]) -> bool:
     return phase_of(resource) in {p.value for p in TERMINAL_PHASES}
+
+
+def conditions_block(lines: list[str], conditions: list[dict[str, Any]], width: int) -> None:
+    """The ``Conditions:`` table of a describe page (sessions and pools alike)."""
+    lines.append("Conditions:")
+    if not conditions:
+        lines.append("  <none>")
+        return
+    rows = [
+        [
+            str(c.get("type", "")),
+            str(c.get("status", "")),
+            _dash(c.get("reason")),
+            age(c.get("lastTransitionTime")),
+            _dash(c.get("message")),
+        ]
+        for c in conditions
+    ]
+    cols = (
+        Column("TYPE"),
+        Column("STATUS"),
+        Column("REASON", True),
+        Column("AGE"),
+        Column("MESSAGE", True),
+    )
+    lines.extend("  " + line for line in table(cols, rows, width - 2).splitlines())
