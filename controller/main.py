@@ -333,6 +333,9 @@ class Controller:
                 log_level="warning",
                 lifespan="off",
                 access_log=False,
+                # A scrape or probe in flight must not hold up the controller's exit (uvicorn
+                # would otherwise wait for every open request without limit).
+                timeout_graceful_shutdown=2,
             )
             server = _QuietServer(config)
             background.append(asyncio.create_task(server.serve(), name="controller-health"))
