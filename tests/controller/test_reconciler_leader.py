@@ -96,7 +96,8 @@ async def test_sigterm_drains_releases_the_lease_and_exits_zero(world: World, tm
         await world.create_session("t", mode="chat", idleTimeoutSeconds=0)
         await world.until_running("t")
         proc.send_signal(signal.SIGTERM)
-        assert await asyncio.to_thread(proc.wait, 30) == 0
+        # The drain may use its whole shutdown budget (20 s) for an action in flight on a loaded machine.
+        assert await asyncio.to_thread(proc.wait, 60) == 0
         assert await world.redis.get(keys.LEADER) is None
         # The machine keeps running: stopping the controller stops nobody's work.
         assert world.live_machine("t") is not None
