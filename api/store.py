@@ -59,6 +59,7 @@ from api.models import (
 from api.selector import Selector
 from api.store_artifacts import ArtifactReads
 from api.store_base import (
+    MARK_DELETED_LUA,
     SessionIndexReads,
     canonical_labels,
     canonical_spec,
@@ -124,17 +125,6 @@ end
 return {result, redis.call('HGETALL', KEYS[1])}
 """
 
-# KEYS: session hash. ARGV: timestamp. 'marked' when this call set the timestamp, 'ok' when set before.
-_DELETE_LUA = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return {'missing'} end
-local result = 'ok'
-if redis.call('HEXISTS', KEYS[1], 'deleted') == 0 then
-  redis.call('HSET', KEYS[1], 'deleted', ARGV[1])
-  result = 'marked'
-end
-return {result, redis.call('HGETALL', KEYS[1])}
-"""
-
 
 @dataclass(frozen=True)
 class ApplyOutcome:
@@ -161,7 +151,7 @@ class ApiStore(SessionIndexReads, PoolRecords, ArtifactReads, FileRequests):
     def __init__(self, redis: aioredis.Redis, **kwargs: Any) -> None:
         super().__init__(redis, **kwargs)
         self._apply = redis.register_script(_APPLY_LUA)
-        self._delete = redis.register_script(_DELETE_LUA)
+        self._delete = redis.register_script(MARK_DELETED_LUA)
 
     # -- sessions ---------------------------------------------------------------------------------
 

@@ -65,6 +65,19 @@ DEFAULT_EVENTS_MAXLEN = 2_000
 DEFAULT_INBOX_MAXLEN = 10_000
 
 
+# KEYS: a resource's hash (a session's or a pool's). ARGV: timestamp. 'marked' when this call set
+# ``deleted``, 'ok' when it was set before, 'missing' when there is no such resource.
+MARK_DELETED_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'missing'} end
+local result = 'ok'
+if redis.call('HEXISTS', KEYS[1], 'deleted') == 0 then
+  redis.call('HSET', KEYS[1], 'deleted', ARGV[1])
+  result = 'marked'
+end
+return {result, redis.call('HGETALL', KEYS[1])}
+"""
+
+
 def unavailable_on_redis_error(func: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
     @functools.wraps(func)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:

@@ -34,7 +34,13 @@ from api.cursor import decode_cursor, encode_cursor
 from api.models import Metadata, utcnow
 from api.pool_models import Pool, PoolSpec, PoolStatus
 from api.selector import Selector
-from api.store_base import StoreBase, canonical_labels, flat_to_dict, unavailable_on_redis_error
+from api.store_base import (
+    MARK_DELETED_LUA,
+    StoreBase,
+    canonical_labels,
+    flat_to_dict,
+    unavailable_on_redis_error,
+)
 
 PoolApplyResult = Literal["created", "configured", "unchanged", "exists", "deleting"]
 
@@ -57,17 +63,6 @@ end
 if redis.call('HGET', KEYS[1], 'labels') ~= ARGV[2] then
   redis.call('HSET', KEYS[1], 'labels', ARGV[2])
   result = 'configured'
-end
-return {result, redis.call('HGETALL', KEYS[1])}
-"""
-
-# KEYS: pool hash. ARGV: timestamp. 'marked' when this call set it, 'ok' when it was set before.
-_POOL_DELETE_LUA = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return {'missing'} end
-local result = 'ok'
-if redis.call('HEXISTS', KEYS[1], 'deleted') == 0 then
-  redis.call('HSET', KEYS[1], 'deleted', ARGV[1])
-  result = 'marked'
 end
 return {result, redis.call('HGETALL', KEYS[1])}
 """
@@ -111,7 +106,7 @@ class PoolRecords(StoreBase):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._pool_apply = self._redis.register_script(_POOL_APPLY_LUA)
-        self._pool_delete = self._redis.register_script(_POOL_DELETE_LUA)
+        self._pool_delete = self._redis.register_script(MARK_DELETED_LUA)
 
     def new_pool(self, name: str, spec: PoolSpec, labels: dict[str, str] | None = None) -> Pool:
         """A fresh resource with server-set metadata (not yet stored)."""
