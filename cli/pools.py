@@ -10,7 +10,17 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from cli.render import Column, _kv, age, conditions_block, labels_text, name_of, table, terminal_width
+from cli.render import (
+    Column,
+    _kv,
+    age,
+    conditions_block,
+    labels_text,
+    metadata_block,
+    name_of,
+    table,
+    terminal_width,
+)
 
 #: The words ``get``, ``describe`` and ``delete`` take for pools.
 POOL_RESOURCES = ("pool", "pools", "pl")
@@ -90,14 +100,7 @@ def describe_pool(resource: Mapping[str, Any], width: int | None = None) -> str:
     spec = resource.get("spec") or {}
     status = resource.get("status") or {}
     lines: list[str] = []
-    _kv(lines, "Name", metadata.get("name"))
-    _kv(lines, "Labels", labels_text(metadata.get("labels")))
-    _kv(lines, "UID", metadata.get("uid"))
-    _kv(lines, "Generation", metadata.get("generation"))
-    created = metadata.get("createdAt")
-    _kv(lines, "Created", f"{created} ({age(created)} ago)" if created else None)
-    if metadata.get("deletionTimestamp"):
-        _kv(lines, "Deleting since", metadata.get("deletionTimestamp"))
+    metadata_block(lines, metadata)
 
     lines.append("Spec:")
     _kv(lines, "Mode", spec.get("mode"), 2)

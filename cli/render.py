@@ -229,14 +229,7 @@ def describe(
     guest = machine.get("guest") or {}
     restart = spec.get("restartPolicy") or {}
     lines: list[str] = []
-    _kv(lines, "Name", metadata.get("name"))
-    _kv(lines, "Labels", labels_text(metadata.get("labels")))
-    _kv(lines, "UID", metadata.get("uid"))
-    _kv(lines, "Generation", metadata.get("generation"))
-    created = metadata.get("createdAt")
-    _kv(lines, "Created", f"{created} ({age(created)} ago)" if created else None)
-    if metadata.get("deletionTimestamp"):
-        _kv(lines, "Deleting since", metadata.get("deletionTimestamp"))
+    metadata_block(lines, metadata)
 
     lines.append("Spec:")
     _kv(lines, "Mode", spec.get("mode"), 2)
@@ -387,3 +380,15 @@ def conditions_block(lines: list[str], conditions: list[dict[str, Any]], width: 
         Column("MESSAGE", True),
     )
     lines.extend("  " + line for line in table(cols, rows, width - 2).splitlines())
+
+
+def metadata_block(lines: list[str], metadata: dict[str, Any]) -> None:
+    """The metadata lines that open a describe page (sessions and pools alike)."""
+    _kv(lines, "Name", metadata.get("name"))
+    _kv(lines, "Labels", labels_text(metadata.get("labels")))
+    _kv(lines, "UID", metadata.get("uid"))
+    _kv(lines, "Generation", metadata.get("generation"))
+    created = metadata.get("createdAt")
+    _kv(lines, "Created", f"{created} ({age(created)} ago)" if created else None)
+    if metadata.get("deletionTimestamp"):
+        _kv(lines, "Deleting since", metadata.get("deletionTimestamp"))
