@@ -150,6 +150,17 @@ def file_reply(session_id: str, request_id: str) -> str:
     return f"{_tag(session_id)}:files:reply:{request_id}"
 
 
+def outbox(session_id: str) -> str:
+    """Stream: webhook-worthy facts of the session (phase changes, notices), appended in the same
+    script as the change itself; the controller's webhook worker fans them out and deletes them."""
+    return f"{_tag(session_id)}:outbox"
+
+
+def session_notices(session_id: str) -> str:
+    """Hash: notice type -> when it was first enqueued (a once-per-session notice is sent once)."""
+    return f"{_tag(session_id)}:notices"
+
+
 def session_registry(session_id: str) -> str:
     """Set: the session's keys beyond :func:`session_fixed_keys` (transcripts), for its removal.
 
@@ -175,6 +186,8 @@ def session_fixed_keys(session_id: str) -> tuple[str, ...]:
         session_token(session_id),
         volume(session_id),
         file_requests(session_id),
+        outbox(session_id),
+        session_notices(session_id),
     )
 
 
@@ -254,6 +267,29 @@ def pool_assignment(name: str, slot: str) -> str:
 def pool_key_pattern(name: str) -> str:
     """The glob that matches every key of one pool (tests check a deletion against it)."""
     return f"{_pool_tag(name)}:*"
+
+
+# -- webhooks -------------------------------------------------------------------------------------
+# A Webhook resource's hash has the tag ``{webhook:<name>}``; every key of the delivery queue shares
+# ``{webhooks}`` so the claim and completion scripts touch one slot (api/store_webhook_queue.py).
+WEBHOOKS = f"{PREFIX}:webhooks"  # zset, score 0: every webhook name, for listing and the worker
+DELIVERIES_DUE = f"{PREFIX}:{{webhooks}}:due"  # zset: delivery id -> when it is due (epoch ms)
+DELIVERY_LANES = f"{PREFIX}:{{webhooks}}:lanes"  # hash: lane -> epoch ms its next delivery waits for
+
+
+def webhook(name: str) -> str:
+    """Hash with fields ``meta``, ``labels``, ``spec`` (JSON, no secret), ``secret``, ``gen``."""
+    return f"{PREFIX}:{{webhook:{name}}}:webhook"
+
+
+def delivery(delivery_id: str) -> str:
+    """Hash: one delivery (target, url, secret, body, state, attempts, last status...)."""
+    return f"{PREFIX}:{{webhooks}}:d:{delivery_id}"
+
+
+def delivery_log(target: str) -> str:
+    """List: the newest delivery ids of one target (``webhook/<name>`` or ``session/<id>/<i>``)."""
+    return f"{PREFIX}:{{webhooks}}:log:{target}"
 
 
 # -- pub/sub --------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from api.notify_models import NotifyTarget, check_notify
 from api.reasons import Reason as Reason  # re-exported: the API models include the reasons
 from api.workspace_models import PushSpec, WorkspaceReport, WorkspaceSpec
 
@@ -239,6 +240,13 @@ class SessionSpec(_Input):
     workspace: WorkspaceSpec | None = None  # api/workspace_models.py
     output: OutputSpec = Field(default_factory=OutputSpec)
     persistence: Persistence | None = None
+    #: Signed webhooks for this session's events (api/notify_models.py); secrets are write-only.
+    notify: list[NotifyTarget] = Field(default_factory=list)
+
+    @field_validator("notify")
+    @classmethod
+    def _notify(cls, value: list[NotifyTarget]) -> list[NotifyTarget]:
+        return check_notify(value)
 
     @field_validator("allowedTools")
     @classmethod

@@ -38,6 +38,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 
 from api import keys
 from api.models import Session, SessionEvent, SessionSpec
+from api.notify_models import REVEAL_SECRETS
 from api.store_errors import StoreAuthFailed as StoreAuthFailed
 from api.store_errors import StoreBusy as StoreBusy
 from api.store_errors import StorePermissionDenied as StorePermissionDenied
@@ -63,6 +64,8 @@ CLUSTER_POLL_SECONDS = 0.1
 DEFAULT_CHANGES_MAXLEN = 100_000
 DEFAULT_EVENTS_MAXLEN = 2_000
 DEFAULT_INBOX_MAXLEN = 10_000
+#: A session's webhook outbox keeps at most about this many facts not yet fanned out.
+OUTBOX_MAXLEN = 1_000
 
 
 # KEYS: a resource's hash (a session's or a pool's). ARGV: timestamp. 'marked' when this call set
@@ -147,8 +150,10 @@ def redis_client(
 
 
 def canonical_spec(spec: SessionSpec) -> str:
-    """Equal specs give equal strings, whatever the order of map keys."""
-    return json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    """Equal specs give equal strings, whatever the order of map keys. The stored form: with the
+    ``spec.notify`` secrets, which every other serialization drops (api/notify_models.py)."""
+    dumped = spec.model_dump(mode="json", context={REVEAL_SECRETS: True})
+    return json.dumps(dumped, sort_keys=True, separators=(",", ":"))
 
 
 def canonical_labels(labels: dict[str, str]) -> str:

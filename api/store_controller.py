@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import json
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -38,7 +39,13 @@ import redis.exceptions as redis_errors
 
 from api import keys
 from api.models import Heartbeat, Session, SessionStatus, utcnow
-from api.store_base import EventWrites, SessionIndexReads, StoreUnavailable, unavailable_on_redis_error
+from api.store_base import (
+    OUTBOX_MAXLEN,
+    EventWrites,
+    SessionIndexReads,
+    StoreUnavailable,
+    unavailable_on_redis_error,
+)
 from api.store_lease import LeaderLease
 from api.store_pool_claims import PoolClaims
 from api.store_pool_claims import PoolMachineRecord as PoolMachineRecord
@@ -52,28 +59,42 @@ from api.store_volumes import SessionVolumes
 
 StatusWrite = Literal["written", "missing", "refused", "fenced"]
 
-# KEYS: session hash. ARGV: status json, new phase [, fence field, fence token].
+# KEYS: session hash, webhook outbox, notices hash. ARGV: status json, new phase, fence field ('' for
+# none), fence token, now (ISO), outbox maxlen, then (notice type, notice data json) pairs.
 # Returns 1 written, 0 missing, -1 refused (finished session), -2 fenced out (a newer token wrote).
+# A phase change and each notice not sent before go on the outbox in the same step as the status
+# (api/store_webhook_queue.py): a crash can lose neither the change nor its webhook.
 _STATUS_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local token = nil
-if #ARGV > 2 then
+if ARGV[3] ~= '' then
   token = tonumber(ARGV[4])
   local seen = tonumber(redis.call('HGET', KEYS[1], ARGV[3]) or '0')
   if token < seen then return -2 end
 end
 local cur = redis.call('HGET', KEYS[1], 'status')
+local old = 'Pending'
 if cur then
-  local phase = cjson.decode(cur)['phase']
-  if (phase == 'Succeeded' or phase == 'Failed') and ARGV[2] ~= phase and ARGV[2] ~= 'Terminating' then
+  old = cjson.decode(cur)['phase']
+  if (old == 'Succeeded' or old == 'Failed') and ARGV[2] ~= old and ARGV[2] ~= 'Terminating' then
     return -1
   end
 end
 if token then redis.call('HSET', KEYS[1], ARGV[3], ARGV[4]) end
 redis.call('HSET', KEYS[1], 'status', ARGV[1])
+if old ~= ARGV[2] then
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*', 'kind', 'phase', 'from', old, 'to', ARGV[2],
+    'status', ARGV[1], 'at', ARGV[5], 'agent', redis.call('HGET', KEYS[1], 'agent') or '',
+    'usage', redis.call('HGET', KEYS[1], 'usage') or '')
+end
+for i = 7, #ARGV, 2 do
+  if redis.call('HSETNX', KEYS[3], ARGV[i], ARGV[5]) == 1 then
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*', 'kind', 'notice', 'type', ARGV[i],
+      'at', ARGV[5], 'data', ARGV[i + 1])
+  end
+end
 return 1
 """
-
 
 @dataclass(frozen=True)
 class Change:
@@ -111,6 +132,7 @@ class ControllerStore(
         status: SessionStatus,
         *,
         fence: tuple[str, int] | None = None,
+        notices: Sequence[tuple[str, dict[str, Any]]] = (),
     ) -> StatusWrite:
         """Write the controller-owned status (only the controller calls this).
 
@@ -119,15 +141,28 @@ class ControllerStore(
         docstring), so a controller that lost its lease cannot write after a newer holder.
         The status is validated first (:meth:`SessionStatus.checked`): an invalid one raises
         ``ValueError`` and nothing is written.
+
+        A phase change, and each of ``notices`` (``(webhook event type, data)``, sent once per
+        session) go on the session's webhook outbox in the same script as the status.
         """
         status = status.checked()
-        args: list[Any] = [status.model_dump_json(), status.phase.value]
+        fence_args = ["", ""]
         if fence is not None:
             fence_key, token = fence
             if await self._redis.get(fence_key) != str(token):
                 return "fenced"
-            args += [keys.session_fence_field(fence_key), str(token)]
-        code = int(await self._status(keys=[keys.session(session_id)], args=args))
+            fence_args = [keys.session_fence_field(fence_key), str(token)]
+        args: list[Any] = [
+            status.model_dump_json(),
+            status.phase.value,
+            *fence_args,
+            utcnow().isoformat(),
+            OUTBOX_MAXLEN,
+        ]
+        for kind, data in notices:
+            args += [kind, json.dumps(data)]
+        session_keys = [keys.session(session_id), keys.outbox(session_id), keys.session_notices(session_id)]
+        code = int(await self._status(keys=session_keys, args=args))
         outcomes: dict[int, StatusWrite] = {
             1: "written",
             0: "missing",

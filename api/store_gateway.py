@@ -26,11 +26,13 @@ import redis.asyncio as aioredis
 
 from api import keys
 from api.models import Session, SessionEvent, SessionUsage, utcnow
-from api.store_base import EventWrites, session_from_hash, unavailable_on_redis_error
+from api.store_base import OUTBOX_MAXLEN, EventWrites, session_from_hash, unavailable_on_redis_error
 
-# KEYS: session hash, events stream. ARGV: input, output, cache write, cache read tokens, cost USD,
-# now (ISO), the usage event's JSON ('' for none), events maxlen. The event gets the session's new
-# total as data.totalCostUsd and goes on the stream in the same step.
+# KEYS: session hash, events stream, webhook outbox, notices hash. ARGV: input, output, cache write,
+# cache read tokens, cost USD, now (ISO), the usage event's JSON ('' for none), events maxlen, the
+# spend (USD) that sends the budget warning ('' for none), outbox maxlen. The event gets the
+# session's new total as data.totalCostUsd and goes on the stream in the same step; the warning goes
+# on the outbox once per session (api/store_webhook_queue.py) in the same step too.
 # Returns the new usage JSON, or false when the session is gone.
 _RECORD_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
@@ -55,6 +57,14 @@ if ARGV[7] ~= '' then
   local event = cjson.decode(ARGV[7])
   event['data']['totalCostUsd'] = u['costUsd']
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[8], '*', 'e', cjson.encode(event))
+end
+if ARGV[9] ~= '' and u['costUsd'] >= tonumber(ARGV[9]) then
+  local kind = 'session.budget_warning'
+  if redis.call('HSETNX', KEYS[4], kind, ARGV[6]) == 1 then
+    local data = cjson.encode({costUsd = u['costUsd'], warnAtUsd = tonumber(ARGV[9])})
+    redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[10], '*', 'kind', 'notice', 'type', kind,
+      'at', ARGV[6], 'data', data)
+  end
 end
 return out
 """
@@ -125,16 +135,23 @@ class GatewayStore(EventWrites):
         usage: MeteredUsage,
         budget_keys: Sequence[tuple[str, int]] = (),
         event: SessionEvent | None = None,
+        warn_at_usd: float | None = None,
     ) -> SessionUsage | None:
         """Add one response's usage to the session's totals and to each ``(budget key, ttl)``.
 
         ``event`` (a ``usage`` event) is appended to the session's stream in the same step, with
         the session's new total cost as ``data.totalCostUsd``. Returns the session's new totals,
         or None when the session no longer exists (its budget counters are still charged: the
-        money is spent either way).
+        money is spent either way). A total reaching ``warn_at_usd`` enqueues the session's one
+        ``session.budget_warning`` webhook event, atomically with the totals.
         """
         reply = await self._record(
-            keys=[keys.session(session_id), keys.events(session_id)],
+            keys=[
+                keys.session(session_id),
+                keys.events(session_id),
+                keys.outbox(session_id),
+                keys.session_notices(session_id),
+            ],
             args=[
                 usage.input_tokens,
                 usage.output_tokens,
@@ -144,6 +161,8 @@ class GatewayStore(EventWrites):
                 utcnow().isoformat(),
                 event.model_dump_json() if event is not None else "",
                 self.events_maxlen,
+                "" if warn_at_usd is None or warn_at_usd <= 0 else repr(warn_at_usd),
+                OUTBOX_MAXLEN,
             ],
         )
         if budget_keys and usage.cost_usd > 0:

@@ -16,9 +16,12 @@ not an error); :class:`Transient` (retry with per-key exponential backoff and ji
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from api.models import SessionEvent, SessionStatus
+
+#: A webhook notice a status write enqueues once per session: (event type, its data).
+Notice = tuple[str, dict[str, Any]]
 
 # -- actions ------------------------------------------------------------------------------------
 
@@ -130,6 +133,8 @@ class SetStatus:
     session_id: str
     status: SessionStatus
     events: tuple[SessionEvent, ...] = ()
+    #: Webhook notices (event type, data) enqueued once per session with the status (api/store_controller.py).
+    notices: tuple[Notice, ...] = ()
     reason: str = "Status"
     message: str = ""
 

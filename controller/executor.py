@@ -396,7 +396,10 @@ class Executor:
 
     async def _set_status(self, action: SetStatus, log: Any) -> Outcome:
         result = await self.store.write_status(
-            action.session_id, action.status, fence=self.authority.fence_for(action.session_id)
+            action.session_id,
+            action.status,
+            fence=self.authority.fence_for(action.session_id),
+            notices=action.notices,
         )
         if result == "fenced":
             return Transient("status write fenced: a newer holder of the shard exists")

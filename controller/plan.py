@@ -72,6 +72,7 @@ from api.models import (
     SessionEvent,
     StatusUpdate,
 )
+from api.notify_models import WebhookEvent
 from controller import machine_state as ms
 from controller.actions import (
     Action,
@@ -79,6 +80,7 @@ from controller.actions import (
     CreateVolume,
     DestroyMachine,
     DestroyVolume,
+    Notice,
     RemoveSession,
     RequeueAfter,
     RestartMachine,
@@ -108,6 +110,8 @@ TRANSIENT_RECHECK_MAX_SECONDS = 5.0
 MACHINE_READY = "MachineReady"
 AGENT_HEALTHY = "AgentHealthy"
 SLEEPING = "Sleeping"
+#: True once a task session is within ``deadline_warning_seconds`` of its deadline (sent as a webhook).
+DEADLINE_APPROACHING = "DeadlineApproaching"
 
 
 _Cond = tuple[str, bool, str, str]  # type, status, reason, message
@@ -566,11 +570,25 @@ def _started(p: _Pass, keeper: ObservedMachine, hb: Heartbeat | None) -> list[Ac
         ]
     reason, message = _keep(p, Phase.RUNNING, Reason.AGENT_READY, f"agent on {keeper.id} is heart-beating")
     conds = _live_conditions(keeper, True, False)
-    actions = _write(p, Phase.RUNNING, reason, message, conditions=conds, heartbeat_at=hb.at, **fields)
     hb_deadline = hb.at + timedelta(seconds=p.settings.heartbeat_ttl_seconds)
     deadlines = [hb_deadline]
+    notices: tuple[Notice, ...] = ()
     if spec.mode == "task":
-        deadlines.append(fields["startedAt"] + timedelta(seconds=spec.timeoutSeconds))
+        deadline = fields["startedAt"] + timedelta(seconds=spec.timeoutSeconds)
+        deadlines.append(deadline)
+        warn_at = deadline - timedelta(seconds=p.settings.deadline_warning_seconds)
+        if p.settings.deadline_warning_seconds > 0 and p.now >= warn_at:
+            near_msg = f"the deadline is {deadline.isoformat()}"
+            near: _Cond = (DEADLINE_APPROACHING, True, DEADLINE_APPROACHING, near_msg)
+            conds = [*conds, near]
+            if not any(c.type == DEADLINE_APPROACHING for c in status.conditions):
+                data = {"deadline": deadline.isoformat(), "timeoutSeconds": spec.timeoutSeconds}
+                notices = ((WebhookEvent.DEADLINE_APPROACHING.value, data),)
+        elif p.settings.deadline_warning_seconds > 0:
+            deadlines.append(warn_at)
+    actions = _write(
+        p, Phase.RUNNING, reason, message, conditions=conds, heartbeat_at=hb.at, notices=notices, **fields
+    )
     idle = _idle_deadline(p, keeper)
     if idle is not None and p.now >= idle:
         conds = _live_conditions(keeper, True, True)
@@ -752,6 +770,7 @@ def _write(
     *,
     conditions: Sequence[_Cond] | None,
     heartbeat_at: datetime | None = None,
+    notices: tuple[Notice, ...] = (),
     **fields: Any,
 ) -> list[Action]:
     """A SetStatus when the status would change, else nothing; a lifecycle event on transitions."""
@@ -788,7 +807,7 @@ def _write(
                 time=p.now,
             ),
         )
-    return [SetStatus(p.sid, new, events, reason=reason or phase.value, message=message or "")]
+    return [SetStatus(p.sid, new, events, notices, reason=reason or phase.value, message=message or "")]
 
 
 def _keep(p: _Pass, phase: Phase, reason: str, message: str) -> tuple[str | None, str | None]:

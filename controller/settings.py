@@ -32,6 +32,7 @@ DEFAULT_FLY_APP_NAME = "flyswarm-agents"
 DEFAULT_FLY_AGENT_IMAGE = "flyswarm-agent"
 DEFAULT_FLY_API_HOSTNAME = "https://api.machines.dev"
 DEFAULT_RESYNC_SECONDS = 15.0
+DEFAULT_DEADLINE_WARNING_SECONDS = 60.0
 DEFAULT_HEARTBEAT_TTL_SECONDS = 30.0
 DEFAULT_BOOT_GRACE_SECONDS = 60.0
 DEFAULT_ORPHAN_GRACE_SECONDS = 120.0
@@ -225,6 +226,64 @@ class ControllerSettings(BaseSettings):
         "Every replica must use the same number.",
     )
 
+    # -- webhooks (README "Webhooks") ---------------------------------------------------------------
+    webhook_allow_private: bool = Field(
+        default=False,
+        validation_alias="FLYSWARM_WEBHOOK_ALLOW_PRIVATE",
+        description=(
+            "Deliver webhooks to private, loopback and link-local addresses too (the SSRF guard "
+            "refuses them otherwise). `flyswarm up` sets it: its receivers are on loopback."
+        ),
+    )
+    webhook_retry_window_seconds: float = Field(
+        default=86400.0,
+        gt=0,
+        validation_alias="FLYSWARM_WEBHOOK_RETRY_WINDOW_SECONDS",
+        description="How long a delivery is retried after its event before it is given up (failed).",
+    )
+    webhook_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        le=60,
+        validation_alias="FLYSWARM_WEBHOOK_TIMEOUT_SECONDS",
+        description="Deadline of one delivery attempt (connect, send, answer).",
+    )
+    webhook_concurrency: int = Field(
+        default=8,
+        ge=1,
+        le=256,
+        validation_alias="FLYSWARM_WEBHOOK_CONCURRENCY",
+        description="Delivery attempts in flight at once (the leader's webhook worker).",
+    )
+    webhook_backoff_base_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        validation_alias="FLYSWARM_WEBHOOK_BACKOFF_BASE_SECONDS",
+        description="First retry delay of a failed delivery; doubles per attempt, with full jitter.",
+    )
+    webhook_backoff_max_seconds: float = Field(
+        default=3600.0,
+        gt=0,
+        validation_alias="FLYSWARM_WEBHOOK_BACKOFF_MAX_SECONDS",
+        description="Longest retry delay of a failed delivery.",
+    )
+    webhook_poll_seconds: float = Field(
+        default=1.0,
+        gt=0,
+        le=60,
+        validation_alias="FLYSWARM_WEBHOOK_POLL_SECONDS",
+        description="How often the webhook worker looks for new events and due deliveries.",
+    )
+    deadline_warning_seconds: float = Field(
+        default=DEFAULT_DEADLINE_WARNING_SECONDS,
+        ge=0,
+        validation_alias="FLYSWARM_DEADLINE_WARNING_SECONDS",
+        description=(
+            "A task session this close to its timeoutSeconds sends one session.deadline_approaching "
+            "webhook event (0: never)."
+        ),
+    )
+
     # -- process ----------------------------------------------------------------------------------
     controller_host: str = Field(
         default="127.0.0.1",
@@ -279,6 +338,7 @@ class ControllerSettings(BaseSettings):
             destroy_grace_seconds=self.destroy_grace_seconds,
             default_region=self.default_region,
             resync_seconds=self.resync_seconds,
+            deadline_warning_seconds=self.deadline_warning_seconds,
         )
 
 
@@ -297,6 +357,7 @@ class PlanSettings:
     destroy_grace_seconds: float = DEFAULT_DESTROY_GRACE_SECONDS
     default_region: str = DEFAULT_REGION
     resync_seconds: float = DEFAULT_RESYNC_SECONDS
+    deadline_warning_seconds: float = DEFAULT_DEADLINE_WARNING_SECONDS
 
     @classmethod
     def from_settings(cls, settings: ControllerSettings) -> PlanSettings:

@@ -39,7 +39,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from api.logs import get_logger
-from api.models import SessionEvent, utcnow
+from api.models import Session, SessionEvent, utcnow
 from api.session_token import Refusal, check, parse
 from api.store_base import StoreUnavailable
 from api.store_gateway import GatewayStore, MeteredUsage
@@ -201,9 +201,9 @@ class Gateway:
         path = scope["path"]
         deadline = time.monotonic() + self.settings.request_timeout_seconds
         try:
-            session_id, labels = await self._admit(_token_from(scope["headers"]))
+            session = await self._admit(_token_from(scope["headers"]))
             body = await _read_body(receive, self.settings.max_body_bytes)
-            status = await self._forward(scope, send, body, session_id, labels, deadline)
+            status = await self._forward(scope, send, body, session, deadline)
         except GatewayError as exc:
             # Raised only before the response started: after that, the pipe ends the body itself.
             self.metrics.refused.labels(exc.reason).inc()
@@ -212,8 +212,8 @@ class Gateway:
             status = exc.status
         self.metrics.requests.labels(path, str(status)).inc()
 
-    async def _admit(self, token_value: str | None) -> tuple[str, dict[str, str]]:
-        """The session the token belongs to and its labels, or a :class:`GatewayError`."""
+    async def _admit(self, token_value: str | None) -> Session:
+        """The session the token belongs to, or a :class:`GatewayError`."""
         token = parse(token_value) if token_value else None
         if token is None:
             # Missing or malformed: refused without a store read.
@@ -256,7 +256,7 @@ class Gateway:
                     f"budget {budget.name} ({budget.period}, max {budget.max_cost_usd} USD) is spent: "
                     f"{used:.4f} USD this {budget.period}",
                 )
-        return session.id, session.metadata.labels
+        return session
 
     def _upstream_headers(self, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
         out = [(n, v) for n, v in headers if n not in _DROP_REQUEST]
@@ -266,7 +266,7 @@ class Gateway:
         return out
 
     async def _forward(
-        self, scope: Scope, send: Send, body: bytes, session_id: str, labels: dict[str, str], deadline: float
+        self, scope: Scope, send: Send, body: bytes, session: Session, deadline: float
     ) -> int:
         assert self.upstream is not None
         path = scope["path"]
@@ -304,7 +304,7 @@ class Gateway:
         finally:
             response.close()
             if meter is not None:
-                await self._record(session_id, labels, meter)
+                await self._record(session, meter)
         return response.status
 
     async def _pipe(
@@ -325,7 +325,8 @@ class Gateway:
             log.warning("gateway_upstream_cut", error=str(exc))
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    async def _record(self, session_id: str, labels: dict[str, str], meter: StreamMeter | JsonMeter) -> None:
+    async def _record(self, session: Session, meter: StreamMeter | JsonMeter) -> None:
+        session_id, labels = session.id, session.metadata.labels
         if isinstance(meter, JsonMeter):
             meter.finish()
         if not meter.seen:
@@ -347,7 +348,9 @@ class Gateway:
         try:
             # Shielded: the spend is recorded even when the request's task is being cancelled.
             event = _usage_event(model, usage)
-            await asyncio.shield(self.store.record_usage(session_id, usage, charged, event))
+            limit = session.spec.maxCostUsd
+            warn_at = limit * self.settings.budget_warning_fraction if limit is not None else None
+            await asyncio.shield(self.store.record_usage(session_id, usage, charged, event, warn_at))
         except StoreUnavailable:
             log.error("gateway_usage_not_recorded", session=session_id, cost_usd=usage.cost_usd)
 

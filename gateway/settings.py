@@ -123,6 +123,16 @@ class GatewaySettings(BaseSettings):
     )
 
     # -- metering and budgets ---------------------------------------------------------------------
+    budget_warning_fraction: float = Field(
+        default=0.8,
+        ge=0.0,
+        le=1.0,
+        validation_alias="FLYSWARM_GATEWAY_BUDGET_WARNING_FRACTION",
+        description=(
+            "A session's spend past this fraction of its maxCostUsd sends one session.budget_warning "
+            "webhook event (0 turns the warning off)."
+        ),
+    )
     prices: Annotated[dict[str, ModelPrice], NoDecode] = Field(
         default_factory=dict,
         validation_alias="FLYSWARM_GATEWAY_PRICES",
