@@ -80,6 +80,7 @@ from api.sse import SseFollow, sse_error_frame
 from api.store import ApiStore, InvalidCursor
 from api.store_base import StoreBusy, StoreUnavailable
 from api.streaming import parse_stream_id, replay_events, sse_frame
+from api.webhook_routes import admit_notify, webhook_router
 from api.websocket import SessionSocket
 from api.wire import (
     APPLY_RESULT_HEADER,
@@ -202,6 +203,7 @@ async def create_session(request: Request) -> Response:
     ctx = _ctx(request)
     data = await read_json_object(request, ctx.settings.max_body_bytes)
     parsed = parse_session_body(data, ctx.settings.prompt_max_chars)
+    await admit_notify(parsed.spec, ctx.settings.webhook_allow_private)
     session_id = parsed.name or generate_session_id()
     outcome = await ctx.store.create_or_get(ctx.store.new_session(session_id, parsed.spec, parsed.labels))
     stored = outcome.session
@@ -234,6 +236,7 @@ async def apply_session(request: Request, id: str) -> Response:
     session_id = check_id(id)
     data = await read_json_object(request, ctx.settings.max_body_bytes)
     parsed = parse_session_body(data, ctx.settings.prompt_max_chars)
+    await admit_notify(parsed.spec, ctx.settings.webhook_allow_private)
     manifest = parsed.form == "manifest"
     if parsed.name is not None and parsed.name != session_id:
         reason = f"must equal the id in the path ({session_id}) or be omitted"
@@ -602,6 +605,7 @@ def create_app(settings: ApiSettings, store: ApiStore | None = None) -> FastAPI:
     app.state.ctx = ctx
     app.include_router(router)
     app.include_router(pool_router)
+    app.include_router(webhook_router)
     app.include_router(artifact_router)
     app.add_exception_handler(ApiError, _on_api_error)
     app.add_exception_handler(StoreUnavailable, _on_store_unavailable)

@@ -147,3 +147,17 @@ def check_notify(value: list[NotifyTarget]) -> list[NotifyTarget]:
     if len(value) > MAX_NOTIFY_TARGETS:
         raise ValueError(f"at most {MAX_NOTIFY_TARGETS} targets")
     return value
+
+
+#: Deliveries are grouped by target: ``webhook/<name>`` or ``session/<id>/<index of spec.notify>``.
+WEBHOOK_TARGET_PREFIX = "webhook/"
+
+
+def webhook_target(name: str) -> str:
+    """The target name of a Webhook resource (its deliveries list is keyed by it)."""
+    return f"{WEBHOOK_TARGET_PREFIX}{name}"
+
+
+def notify_target(session_id: str, index: int) -> str:
+    """The target name of ``spec.notify[index]`` of one session."""
+    return f"session/{session_id}/{index}"

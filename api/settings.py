@@ -108,6 +108,15 @@ class ApiSettings(BaseSettings):
         description="Largest accepted request body; enforced while reading (larger: 413).",
     )
 
+    webhook_allow_private: bool = Field(
+        default=False,
+        validation_alias="FLYSWARM_WEBHOOK_ALLOW_PRIVATE",
+        description=(
+            "Accept webhook URLs (spec.notify, Webhook resources) whose host is or resolves to a "
+            "private, loopback or link-local address (refused with 422 otherwise)."
+        ),
+    )
+
     # -- live files -------------------------------------------------------------------------------
     files_timeout_seconds: float = Field(
         default=10.0,

@@ -69,6 +69,7 @@ from api.store_base import (
 )
 from api.store_files import FileRequests
 from api.store_pool_records import PoolRecords
+from api.store_webhooks import WebhookRecords
 
 ApplyResult = Literal[
     "created", "configured", "unchanged", "exists", "deleting", "missing", "mode_conflict", "finished"
@@ -144,9 +145,10 @@ class ListPage:
     cursor: str | None
 
 
-class ApiStore(SessionIndexReads, PoolRecords, ArtifactReads, FileRequests):
+class ApiStore(SessionIndexReads, PoolRecords, WebhookRecords, ArtifactReads, FileRequests):
     """What the API does with sessions: create, apply, get, list, delete, message, read events;
-    with pools (:class:`api.store_pool_records.PoolRecords`); artifacts and live-file requests."""
+    with pools (:class:`api.store_pool_records.PoolRecords`), webhooks
+    (:class:`api.store_webhooks.WebhookRecords`); artifacts and live-file requests."""
 
     def __init__(self, redis: aioredis.Redis, **kwargs: Any) -> None:
         super().__init__(redis, **kwargs)

@@ -56,6 +56,12 @@ from api.store_shards import ShardLeases
 from api.store_teardown import SessionTeardown
 from api.store_tokens import SessionTokens
 from api.store_volumes import SessionVolumes
+from api.store_webhook_queue import ClaimedDelivery as ClaimedDelivery
+from api.store_webhook_queue import NewDelivery as NewDelivery
+from api.store_webhook_queue import OutboxEntry as OutboxEntry
+from api.store_webhook_queue import StoredWebhook as StoredWebhook
+from api.store_webhook_queue import WebhookQueue
+from api.store_webhook_queue import outbox_data as outbox_data
 
 StatusWrite = Literal["written", "missing", "refused", "fenced"]
 
@@ -96,6 +102,7 @@ end
 return 1
 """
 
+
 @dataclass(frozen=True)
 class Change:
     """One entry of the change feed: a session's (``session_id``) or a pool's (``pool``, and no session)."""
@@ -116,6 +123,7 @@ class ControllerStore(
     ShardLeases,
     PoolHandoff,
     PoolClaims,
+    WebhookQueue,
 ):
     """Async access for the controller. One instance per process, shared by all tasks."""
 

@@ -28,11 +28,13 @@ from api.webhook_models import DeliveryView, Webhook, WebhookSpec, WebhookStatus
 WebhookApplyResult = Literal["created", "configured", "unchanged", "exists"]
 
 # KEYS: webhook hash. ARGV: meta, labels, spec (no secret), secret ('' keeps the stored one), mode
-# ('create': create-or-get; 'apply': create-or-update). Returns {result, hash fields}.
+# ('create': create-or-get; 'apply': create-or-update), the secret a creation without one gets.
+# Returns {result, hash fields}.
 _WEBHOOK_APPLY_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('HSET', KEYS[1], 'meta', ARGV[1], 'labels', ARGV[2], 'spec', ARGV[3], 'gen', 1)
-  redis.call('HSET', KEYS[1], 'secret', ARGV[4])
+  if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'secret', ARGV[4])
+  else redis.call('HSET', KEYS[1], 'secret', ARGV[6]) end
   return {'created', redis.call('HGETALL', KEYS[1])}
 end
 if ARGV[5] == 'create' then return {'exists', redis.call('HGETALL', KEYS[1])} end
@@ -116,12 +118,18 @@ class WebhookRecords(StoreBase):
 
     @unavailable_on_redis_error
     async def put_webhook(
-        self, name: str, spec: WebhookSpec, labels: dict[str, str], *, mode: Literal["create", "apply"]
+        self,
+        name: str,
+        spec: WebhookSpec,
+        labels: dict[str, str],
+        *,
+        mode: Literal["create", "apply"],
+        secret_if_new: str,
     ) -> WebhookApplyOutcome:
         """Create (``mode='create'``: or get the stored one) or create-or-update (``'apply'``).
 
-        ``spec.secret`` is stored apart from the spec; None keeps the stored secret (or, on a
-        creation, stores none: the route generates one first).
+        ``spec.secret`` is stored apart from the spec; None keeps the stored secret, and a creation
+        without one stores ``secret_if_new`` (the route shows it once).
         """
         meta = {"name": name, "uid": str(uuid.uuid4()), "createdAt": utcnow().isoformat()}
         await self._redis.zadd(keys.WEBHOOKS, {name: 0})
@@ -133,6 +141,7 @@ class WebhookRecords(StoreBase):
                 canonical_webhook_spec(spec),
                 spec.secret or "",
                 mode,
+                secret_if_new,
             ],
         )
         result: WebhookApplyResult = reply[0]

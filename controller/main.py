@@ -7,7 +7,8 @@
   the reconciler (:mod:`controller.reconciler`) on the sessions of those shards; a shard that is
   lost (not renewable in time, or taken) has the work on its sessions cancelled at once;
 * it campaigns for the Redis leader lease (:mod:`controller.leader`), which now elects the one
-  replica that does the app-wide duties: orphan machines and the credential finalizer;
+  replica that does the app-wide duties: orphan machines, the credential finalizer and the
+  webhook worker (:mod:`controller.webhook_worker`);
 * it divides Fly's per-app budget (creates, lists) by the number of live replicas;
 * it serves ``/healthz``, ``/readyz`` and ``/metrics`` on ``FLYSWARM_CONTROLLER_PORT``, the shards
   it holds included (a replica that holds nothing checks Fly with a cheap list now and then so
@@ -56,6 +57,8 @@ from controller.reconciler import Reconciler, ReconcilerOptions
 from controller.settings import ControllerSettings
 from controller.shards import ShardManager, shard_of
 from controller.snapshot import WorldReader
+from controller.webhook_sender import WebhookSender
+from controller.webhook_worker import WebhookTiming, WebhookWorker
 
 _log = get_logger("controller.main")
 
@@ -229,6 +232,7 @@ class Controller:
         )
         self.reconciler: Reconciler | None = None
         self._term: asyncio.Task[None] | None = None
+        self._webhooks: asyncio.Task[None] | None = None
         self._fly_probe_ok = False
         self.health_app = create_health_app(self.readiness, self.metrics)
         self._show_shards()
@@ -258,11 +262,34 @@ class Controller:
 
     async def _start_leading(self) -> None:
         self.metrics.leader.set(1)
+        self._start_webhooks()
         if self.reconciler is not None:
             self.reconciler.nudge()  # orphans are ours to collect now
 
     async def _stop_leading(self) -> None:
         self.metrics.leader.set(0)
+        await self._stop_webhooks()
+
+    # -- webhooks: the leader's worker (controller/webhook_worker.py) ------------------------------
+
+    def _start_webhooks(self) -> None:
+        if self._webhooks is not None and not self._webhooks.done():
+            return
+        sender = WebhookSender(
+            timeout_seconds=self.settings.webhook_timeout_seconds,
+            allow_private=self.settings.webhook_allow_private,
+            max_connections=self.settings.webhook_concurrency,
+        )
+        worker = WebhookWorker(
+            self.store, sender, timing=WebhookTiming.from_settings(self.settings), metrics=self.metrics
+        )
+        self._webhooks = asyncio.create_task(_run_webhooks(worker), name="controller-webhooks")
+
+    async def _stop_webhooks(self) -> None:
+        task, self._webhooks = self._webhooks, None
+        if task is not None and not task.done():
+            task.cancel()
+            await _wait_quietly(task)
 
     async def _shards_gained(self, shards: frozenset[int]) -> None:
         self._show_shards()
@@ -354,6 +381,8 @@ class Controller:
         if term is not None and not term.done():
             term.cancel()
             await _wait_quietly(term)
+        # An attempt in flight is cut: its delivery is sent again (same webhook-id) by the next leader.
+        await self._stop_webhooks()
         # Release the shards and the leader lease so the others take over now, not after the TTL.
         self.elector.stop()
         self.shards.stop()
@@ -391,6 +420,13 @@ class Controller:
                     self._fly_probe_ok = False
                     _log.warning("fly_probe_failed", error=str(err))
             await asyncio.sleep(interval)
+
+
+async def _run_webhooks(worker: WebhookWorker) -> None:
+    try:
+        await worker.run()
+    finally:
+        await worker.sender.aclose()
 
 
 async def _wait_quietly(task: asyncio.Task[Any]) -> None:

@@ -145,6 +145,29 @@ class ControllerMetrics:
             ["pool", "state"],
             registry=r,
         )
+        self.webhook_deliveries = Counter(
+            "flyswarm_controller_webhook_deliveries_total",
+            "Webhook delivery attempts by outcome (delivered, retry, failed: retry window over).",
+            ["outcome"],
+            registry=r,
+        )
+        self.webhook_queue_depth = Gauge(
+            "flyswarm_controller_webhook_queue_depth",
+            "Webhook deliveries queued (due, waiting for a retry, or in flight).",
+            registry=r,
+        )
+        self.webhook_latency = Histogram(
+            "flyswarm_controller_webhook_delivery_seconds",
+            "Duration of one webhook delivery attempt (request to answer or error).",
+            buckets=_CALL_BUCKETS,
+            registry=r,
+        )
+        self.webhook_fanned_out = Counter(
+            "flyswarm_controller_webhook_events_total",
+            "Session events fanned out to webhook deliveries, by event type.",
+            ["event"],
+            registry=r,
+        )
         for phase in Phase:
             self.sessions.labels(phase=phase.value).set(0)
         self.replicas.set(1)
