@@ -34,6 +34,10 @@ SECRET_MIN_BYTES = 24
 SECRET_MAX_BYTES = 64
 MAX_URL_LENGTH = 2048
 MAX_NOTIFY_TARGETS = 8
+MISSING_SECRET = (
+    "give a whsec_ secret or a secretRef (a Webhook's name) "
+    "(secrets are write-only: a GET does not show them, so send it again on apply)"
+)
 
 
 class WebhookEvent(StrEnum):
@@ -127,12 +131,18 @@ class NotifyTarget(_Input):
 
     @model_validator(mode="after")
     def _one_secret(self) -> NotifyTarget:
-        if (self.secret is None) == (self.secretRef is None):
-            raise ValueError(
-                "secret: give a whsec_ secret or a secretRef (a Webhook's name), exactly one "
-                "(secrets are write-only: a GET does not show them, so re-send it on apply)"
-            )
+        # The redacted form (``secretSet`` and no secret: what a GET or the agent reads) is valid,
+        # so every reader can parse a spec; the API's admission still requires the secret itself.
+        if self.secret is not None and self.secretRef is not None:
+            raise ValueError("secret: give a whsec_ secret or a secretRef, not both")
+        if self.secret is None and self.secretRef is None and not self.secretSet:
+            raise ValueError(f"secret: {MISSING_SECRET}")
         return self
+
+    @property
+    def signable(self) -> bool:
+        """Whether this target carries what signs its deliveries (not merely its redacted form)."""
+        return self.secret is not None or self.secretRef is not None
 
     @model_serializer(mode="wrap")
     def _without_secret(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> Any:

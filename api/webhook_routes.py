@@ -27,7 +27,7 @@ from starlette.responses import JSONResponse, Response
 from api.cursor import InvalidCursor
 from api.errors import ApiError, FieldProblem, bad_request, field_problems, invalid
 from api.models import API_VERSION, SessionSpec, validate_session_id
-from api.notify_models import notify_target, webhook_target
+from api.notify_models import MISSING_SECRET, notify_target, webhook_target
 from api.webhook_models import (
     WEBHOOK_KIND,
     DeliveryView,
@@ -98,6 +98,13 @@ async def admit_targets(urls: list[tuple[str, str]], allow_private: bool) -> Non
 
 async def admit_notify(spec: SessionSpec, allow_private: bool) -> None:
     """The admission check of a session's ``spec.notify`` URLs."""
+    unsigned = [
+        FieldProblem(f"spec.notify[{i}].secret", MISSING_SECRET)
+        for i, target in enumerate(spec.notify)
+        if not target.signable
+    ]
+    if unsigned:
+        raise invalid(unsigned)
     urls = [(f"spec.notify[{i}].url", target.url) for i, target in enumerate(spec.notify)]
     await admit_targets(urls, allow_private)
 

@@ -68,7 +68,7 @@ class WebhookTiming:
     @property
     def visibility_ms(self) -> int:
         """How long a claimed delivery stays hidden: past any attempt (resolve + request) with room."""
-        return int((2 * self.timeout_seconds + 10) * 1000)
+        return int((2 * self.timeout_seconds + 2) * 1000)
 
     def retry_delay(self, attempts: int, rng: Callable[[], float] = random.random) -> float:
         """Exponential in the attempts made, capped, with jitter over its upper half."""

@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 
 from api import keys
 from api.app import create_app
-from api.models import Phase, SessionStatus
+from api.models import Phase, SessionSpec, SessionStatus
 from api.notify_models import generate_secret, webhook_target
 from api.store_controller import ControllerStore
 from api.wire import APPLY_RESULT_HEADER
@@ -109,6 +109,9 @@ async def test_webhook_and_notify_validation_names_each_field(api: httpx.AsyncCl
 
     unsigned = await api.post("/sessions", json=manifest("s-unsigned", notify=[{"url": RECEIVER}]))
     assert unsigned.status_code == 422 and set(error_fields(unsigned)) == {"spec.notify[0].secret"}
+    # The redacted form a GET shows parses (every reader can read a spec) but is not admitted.
+    redacted = manifest("s-redacted", notify=[{"url": RECEIVER, "secretSet": True}])
+    assert set(error_fields(await api.post("/sessions", json=redacted))) == {"spec.notify[0].secret"}
     too_many = [{"url": RECEIVER, "secret": generate_secret()}] * 9
     assert set(error_fields(await api.post("/sessions", json=manifest("s-many", notify=too_many)))) == {
         "spec.notify"
@@ -146,6 +149,7 @@ async def test_notify_secrets_never_leave_the_store(
     assert created.json()["spec"]["notify"] == [
         {"url": RECEIVER, "events": ["session.finished"], "secretRef": None, "secretSet": True}
     ]
+    assert SessionSpec.model_validate(created.json()["spec"]).notify[0].secret is None  # readers parse it
     listed = await api.get("/sessions")
     fetched = await api.get("/sessions/s-notify")
     assert secret not in listed.text + fetched.text

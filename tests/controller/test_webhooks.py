@@ -1,0 +1,145 @@
+"""Signed webhooks end to end: a real receiver, a session's whole life, a controller crash, outages.
+
+The World harness runs real controllers against real Redis and the Fly emulator (machines are real
+heartbeat-agent processes); the receiver (tests/webhook_receiver.py) is a real HTTP server that
+checks every signature with the standard library. Two targets per session: its ``spec.notify`` and
+a Webhook resource whose selector matches it.
+"""
+
+from __future__ import annotations
+
+import json
+
+from api.models import Phase, SessionSpec
+from api.notify_models import generate_secret, notify_target, webhook_target
+from api.store_gateway import MeteredUsage
+from api.webhook_models import WebhookSelector, WebhookSpec
+from controller.metrics import ControllerMetrics
+from tests.controller.world import World
+from tests.webhook_receiver import Receiver
+
+FAST = {
+    "webhook_allow_private": True,
+    "webhook_poll_seconds": 0.1,
+    "webhook_timeout_seconds": 1.0,
+    "webhook_backoff_base_seconds": 0.2,
+    "webhook_backoff_max_seconds": 1.0,
+    # Warn at once: the deadline is 120 s away and the warning window is 119 s.
+    "deadline_warning_seconds": 119.0,
+}
+
+
+async def test_a_sessions_life_arrives_signed_in_order_through_a_crash_and_outages(world: World) -> None:
+    notify_secret, hook_secret = generate_secret(), generate_secret()
+    receiver = Receiver({"/notify": notify_secret, "/hook": hook_secret})
+    await receiver.up()
+    try:
+        await world.store.put_webhook(
+            "ci-hook",
+            WebhookSpec(url=receiver.url("/hook"), selector=WebhookSelector(matchLabels={"team": "ci"})),
+            {},
+            mode="create",
+            secret_if_new=hook_secret,
+        )
+        session = world.store.new_session("s-hooked", _spec(receiver, notify_secret), {"team": "ci"})
+        await world.store.create_or_get(session)
+        first = await world.start_controller(**FAST)
+        await world.until_running("s-hooked")
+
+        def arrived(path: str, event: str) -> bool:
+            return any(r.payload["type"] == event for r in receiver.events(path))
+
+        await receiver.until(
+            lambda: all(arrived(p, "session.deadline_approaching") for p in ("/notify", "/hook"))
+        )
+
+        # Outage 1: the receiver answers 500. The budget warning (the gateway's metering script)
+        # is queued and retried; then the controller dies mid-queue.
+        receiver.failing = True
+        await world.store.record_usage("s-hooked", MeteredUsage(cost_usd=0.9), warn_at_usd=0.8)
+        await receiver.until(lambda: receiver.refused >= 4)
+        first.crash()
+
+        # Outage 2: the receiver is down while a new controller finishes the session.
+        await receiver.down()
+        receiver.failing = False
+        await world.start_controller(**FAST)
+        await world.store.send_message("s-hooked", "done")
+        await world.until_phase("s-hooked", Phase.SUCCEEDED, timeout=60)
+
+        async def refused_while_down() -> bool:
+            shown = await world.store.deliveries(webhook_target("ci-hook"))
+            return any((d.lastError or "").startswith("Connect") for d in shown)
+
+        await world.until(refused_while_down, timeout=30)
+        await receiver.up()
+        await receiver.until(lambda: all(arrived(p, "session.finished") for p in ("/notify", "/hook")))
+    finally:
+        await receiver.down()
+
+    assert receiver.bad_signatures == 0
+    for path, target in (("/notify", notify_target("s-hooked", 0)), ("/hook", webhook_target("ci-hook"))):
+        got = receiver.events(path)
+        # In order per session and target: ids sort by event position, and they arrived sorted.
+        ids = [r.msg_id for r in got]
+        assert ids == sorted(ids), path
+        # Duplicates only ever repeat one webhook-id with the very same body.
+        bodies: dict[str, bytes] = {}
+        for r in receiver.received:
+            if r.path == path:
+                assert bodies.setdefault(r.msg_id, r.body) == r.body
+        types = [r.payload["type"] for r in got]
+        changes = [r.payload["data"] for r in got if r.payload["type"] == "session.phase_changed"]
+        assert [c["phase"] for c in changes][-2:] == ["Running", "Succeeded"]
+        assert all(a["phase"] == b["previousPhase"] for a, b in zip(changes, changes[1:], strict=False))
+        assert types.count("session.budget_warning") == 1 and types.count("session.deadline_approaching") == 1
+        assert types[-1] == "session.finished"
+        finished = got[-1].payload["data"]
+        assert finished["session"]["name"] == "s-hooked" and finished["session"]["labels"] == {"team": "ci"}
+        assert finished["phase"] == "Succeeded" and finished["costUsd"] == 0.9
+        assert finished["result"]["text"] == "finished by script" and finished["usage"]["requests"] == 1
+        warning = next(r.payload["data"] for r in got if r.payload["type"] == "session.budget_warning")
+        assert warning["costUsd"] == 0.9 and warning["warnAtUsd"] == 0.8
+        # Nothing lost: every delivery the worker queued for this target was delivered.
+        shown = await world.store.deliveries(target)
+        assert {d.id for d in shown} == set(ids) and {d.state for d in shown} == {"delivered"}
+    assert await world.store.delivery_queue_depth() == 0
+    secrets_seen = json.dumps([r.payload for r in receiver.received])
+    assert notify_secret not in secrets_seen and hook_secret not in secrets_seen
+
+
+def _spec(receiver: Receiver, secret: str) -> SessionSpec:
+    return SessionSpec.model_validate(
+        {
+            "prompt": "heartbeat",
+            "timeoutSeconds": 120,
+            "maxCostUsd": 1.0,
+            "notify": [{"url": receiver.url("/notify"), "secret": secret}],
+        }
+    )
+
+
+async def test_private_targets_are_refused_at_delivery_without_the_setting(world: World) -> None:
+    receiver = Receiver({"/hook": generate_secret()})
+    await receiver.up()
+    metrics = ControllerMetrics()
+    try:
+        await world.store.put_webhook(
+            "local-hook",
+            WebhookSpec(url=f"http://localhost:{receiver.port}/hook"),
+            {},
+            mode="create",
+            secret_if_new=receiver.secrets["/hook"],
+        )
+        await world.create_session("s-private", prompt="heartbeat")
+        await world.start_controller(metrics=metrics, **{**FAST, "webhook_allow_private": False})
+
+        async def refused() -> bool:
+            shown = await world.store.deliveries(webhook_target("local-hook"))
+            return any("loopback" in (d.lastError or "") for d in shown)
+
+        await world.until(refused, timeout=30)
+    finally:
+        await receiver.down()
+    assert receiver.received == [] and receiver.refused == 0
+    assert metrics.value("flyswarm_controller_webhook_deliveries_total", {"outcome": "retry"}) >= 1
