@@ -350,6 +350,8 @@ class FlyswarmClient:
         name = (resource.get("metadata") or {}).get("name")
         if resource.get("kind") == "Pool":
             return self.apply_pool(resource)
+        if resource.get("kind") == "Webhook":
+            return self.apply_webhook(resource)
         if not name:
             return ApplyResult("created", self.create(resource))
         return self._put(f"/sessions/{_sid(name)}", resource)
@@ -395,6 +397,45 @@ class FlyswarmClient:
 
     def delete_pool(self, name: str) -> dict[str, Any]:
         return self._json(self._request("DELETE", f"/pools/{_sid(name)}"))
+
+    # -- webhooks (README "Webhooks"): one block, to move onto the flyswarm SDK when it lands -----
+
+    def get_webhook(self, name: str) -> dict[str, Any]:
+        return self._json(self._request("GET", f"/webhooks/{_sid(name)}"))
+
+    def list_webhooks(self, *, page_size: int = 500) -> builtins.list[dict[str, Any]]:
+        """Every webhook (follows the cursor to the end)."""
+        hooks: builtins.list[dict[str, Any]] = []
+        cursor: str | None = None
+        while True:
+            params = {"limit": page_size, "cursor": cursor}
+            body = self._json(self._request("GET", "/webhooks", params=params))
+            hooks.extend(item for item in body.get("items") or [] if isinstance(item, dict))
+            cursor = body.get("cursor") or None
+            if not cursor:
+                return hooks
+
+    def apply_webhook(self, resource: Mapping[str, Any]) -> ApplyResult:
+        """Create or update one webhook (``PUT /webhooks/{metadata.name}``); a created one without a
+        secret comes back with the generated one in ``status.secret`` (shown this once)."""
+        name = (resource.get("metadata") or {}).get("name")
+        if not name:
+            raise ClientError("a Webhook needs metadata.name")
+        return self._put(f"/webhooks/{_sid(name)}", resource)
+
+    def delete_webhook(self, name: str) -> dict[str, Any]:
+        return self._json(self._request("DELETE", f"/webhooks/{_sid(name)}"))
+
+    def webhook_deliveries(self, name: str, *, limit: int = 50) -> builtins.list[dict[str, Any]]:
+        body = self._json(self._request("GET", f"/webhooks/{_sid(name)}/deliveries", params={"limit": limit}))
+        return [item for item in body.get("items") or [] if isinstance(item, dict)]
+
+    def session_deliveries(self, session_id: str, *, limit: int = 50) -> builtins.list[dict[str, Any]]:
+        path = f"/sessions/{_sid(session_id)}/deliveries"
+        body = self._json(self._request("GET", path, params={"limit": limit}))
+        return [item for item in body.get("items") or [] if isinstance(item, dict)]
+
+    # -- messages ---------------------------------------------------------------------------------
 
     def send(self, session_id: str, text: str) -> dict[str, Any]:
         return self._json(

@@ -2,12 +2,13 @@
 
 User verbs talk to the API over HTTP (:mod:`api.client`; ``FLYSWARM_URL``, ``FLYSWARM_TOKEN``)::
 
-    apply -f FILE|DIR|-         create or update sessions and pools from manifests
-    get sessions | get session ID | get pools | get pool NAME
-    describe session ID | describe pool NAME
+    apply -f FILE|DIR|-         create or update sessions, pools and webhooks from manifests
+    get sessions | get session ID | get pools | get pool NAME | get webhooks | get webhook NAME
+    describe session ID | describe pool NAME | describe webhook NAME
+    deliveries webhook NAME | deliveries session ID      recent webhook deliveries (cli/webhooks.py)
     logs ID [-f]                the session's events (SSE, resumed with Last-Event-ID)
     send ID MESSAGE             a chat message
-    delete ID... | delete pool NAME... | -f FILE      [--wait]
+    delete ID... | delete pool NAME... | delete webhook NAME... | -f FILE      [--wait]
     wait ID --for=phase=Succeeded [--timeout 300s]
     artifacts ID                a session's artifacts (cli/files.py)
     cp ID:PATH DEST             download an artifact, or a live file of a running session
@@ -72,14 +73,17 @@ def session_id(arg: str) -> str:
 
 
 def _check_resource(resource: str) -> str:
-    """``session`` or ``pool``, from any word ``get``/``describe`` take for them."""
+    """``session``, ``pool`` or ``webhook``, from any word ``get``/``describe`` take for them."""
     from cli.pools import is_pool_resource
+    from cli.webhooks import is_webhook_resource
 
     if is_pool_resource(resource):
         return "pool"
+    if is_webhook_resource(resource):
+        return "webhook"
     if resource.lower() not in SESSION_RESOURCES:
         raise click.BadParameter(
-            f"unknown resource type {resource!r} (flyswarm knows: session, pool)", param_hint="TYPE"
+            f"unknown resource type {resource!r} (flyswarm knows: session, pool, webhook)", param_hint="TYPE"
         )
     return "session"
 
@@ -209,10 +213,16 @@ def apply(filenames: tuple[str, ...], dry_run: bool, output: str | None) -> None
                 failed += 1
                 click.echo(f"error: {label}: {exc}", err=True)
                 continue
+            generated = (
+                (result.resource.get("status") or {}).pop("secret", None) if doc.kind == "Webhook" else None
+            )
             results.append(_public(result.resource))
             name = (result.resource.get("metadata") or {}).get("name") or doc.name
             if output is None:
                 click.echo(f"{doc.kind.lower()}/{name} {result.action}")
+            if generated:
+                # Shown this once (the server keeps only its own copy): to stderr, never in -o output.
+                click.echo(f"webhook/{name} signing secret (shown once, keep it): {generated}", err=True)
             elif output == "name":
                 click.echo(f"{doc.kind.lower()}/{name}")
     if output in ("json", "yaml"):
@@ -237,10 +247,18 @@ def get(resource: str, name: str | None, selector: str | None, phase: str | None
     """List sessions or pools, or show one: `get sessions`, `get session ID`, `get pools`, `get pool NAME`."""
     from cli import render
 
-    if _check_resource(resource) == "pool":
+    kind = _check_resource(resource)
+    if kind == "pool":
         if phase is not None:
             raise click.BadParameter("pools have no phase", param_hint="--phase")
         _get_pools(name, selector, output)
+        return
+    if kind == "webhook":
+        if phase is not None or selector is not None:
+            raise click.BadParameter(
+                "webhooks take no --phase or --selector", param_hint="--phase/--selector"
+            )
+        _get_webhooks(name, output)
         return
     if phase is not None:
         phase = _phase_name(phase)
@@ -287,6 +305,23 @@ def _get_pools(name: str | None, selector: str | None, output: str) -> None:
         click.echo(pools_table(items, wide=output == "wide"))
 
 
+def _get_webhooks(name: str | None, output: str) -> None:
+    from cli.webhooks import webhook_name, webhooks_table
+
+    with _client() as client:
+        items = [client.get_webhook(webhook_name(name))] if name else client.list_webhooks()
+    if output in ("json", "yaml"):
+        payload: Any = (
+            items[0] if name else {"apiVersion": "flyswarm.dev/v1", "kind": "WebhookList", "items": items}
+        )
+        click.echo(_dump(payload, output))
+    elif output == "name":
+        for item in items:
+            click.echo(f"webhook/{(item.get('metadata') or {}).get('name', '')}")
+    else:
+        click.echo(webhooks_table(items))
+
+
 # -- describe ---------------------------------------------------------------------------------------
 
 
@@ -300,11 +335,21 @@ def describe(resource: str, name: str, event_count: int) -> None:
     """Show a session (spec, status, conditions, the agent's report, recent events) or a pool."""
     from cli import render
 
-    if _check_resource(resource) == "pool":
+    kind = _check_resource(resource)
+    if kind == "pool":
         from cli.pools import describe_pool
 
         with _client() as client:
             click.echo(describe_pool(client.get_pool(_pool_name(name))))
+        return
+    if kind == "webhook":
+        from cli.webhooks import describe_webhook, webhook_name
+
+        with _client() as client:
+            hook = client.get_webhook(webhook_name(name))
+            click.echo(
+                describe_webhook(hook, client.webhook_deliveries(webhook_name(name), limit=event_count))
+            )
         return
     sid = session_id(name)
     with _client() as client:
@@ -451,15 +496,29 @@ def _delete_targets(names: tuple[str, ...]) -> list[tuple[str, str]]:
     """``(kind, name)`` of each argument: ``ID``, ``session/ID``, ``pool/NAME``, or ``pool NAME...``
     (a leading resource word, as kubectl takes it, applies to every name after it)."""
     from cli.pools import is_pool_resource
+    from cli.webhooks import is_webhook_resource, webhook_name
 
-    if len(names) > 1 and (is_pool_resource(names[0]) or names[0].lower() in SESSION_RESOURCES):
-        kind = "pool" if is_pool_resource(names[0]) else "session"
-        strip = _pool_name if kind == "pool" else session_id
+    if len(names) > 1 and (
+        is_pool_resource(names[0]) or is_webhook_resource(names[0]) or names[0].lower() in SESSION_RESOURCES
+    ):
+        kind = (
+            "pool"
+            if is_pool_resource(names[0])
+            else "webhook"
+            if is_webhook_resource(names[0])
+            else "session"
+        )
+        strip = {"pool": _pool_name, "webhook": webhook_name, "session": session_id}[kind]
         return [(kind, strip(n)) for n in names[1:]]
-    return [
-        ("pool", _pool_name(n)) if n.startswith(("pool/", "pools/")) else ("session", session_id(n))
-        for n in names
-    ]
+    found = []
+    for n in names:
+        if n.startswith(("pool/", "pools/")):
+            found.append(("pool", _pool_name(n)))
+        elif n.startswith(("webhook/", "webhooks/")):
+            found.append(("webhook", webhook_name(n)))
+        else:
+            found.append(("session", session_id(n)))
+    return found
 
 
 @main.command(context_settings=CONTEXT)
@@ -498,7 +557,11 @@ def delete(
     deadline = time.monotonic() + parse_duration(timeout)
     missing = 0
     with _client() as client:
-        calls = {"session": (client.delete, client.get), "pool": (client.delete_pool, client.get_pool)}
+        calls = {
+            "session": (client.delete, client.get),
+            "pool": (client.delete_pool, client.get_pool),
+            "webhook": (client.delete_webhook, client.get_webhook),
+        }
         pending = []
         for kind, name in dict.fromkeys(targets):
             try:
@@ -826,6 +889,8 @@ if __name__ == "__main__":  # pragma: no cover
 # The file verbs live in their own module (it imports this one inside each verb: no cycle).
 from cli.files import artifacts as _artifacts_cmd  # noqa: E402
 from cli.files import cp as _cp_cmd  # noqa: E402
+from cli.webhooks import deliveries as _deliveries_cmd  # noqa: E402
 
 main.add_command(_artifacts_cmd)
 main.add_command(_cp_cmd)
+main.add_command(_deliveries_cmd)

@@ -1,4 +1,4 @@
-"""Manifests: reading ``-f FILE|DIR|-`` and validating every document (Session or Pool) before any call.
+"""Manifests: reading ``-f FILE|DIR|-`` and validating every document (Session, Pool, Webhook) first.
 
 A manifest is YAML (one or many documents separated by ``---``) or JSON (one object, a list of
 objects, or a ``kind: List`` with ``items``). A directory means every ``*.yaml``, ``*.yml`` and
@@ -27,12 +27,17 @@ from pydantic import ValidationError
 
 from api.models import API_VERSION, KIND, Session, field_path
 from api.pool_models import POOL_KIND, Pool
+from api.webhook_models import WEBHOOK_KIND, Webhook
 
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
 SERVER_METADATA = ("uid", "generation", "createdAt", "deletionTimestamp")
 SERVER_PARTS = ("status", "agent", "usage")
 #: The kinds a manifest may declare, and the model each is validated with.
-MODELS: dict[str, type[Session] | type[Pool]] = {KIND: Session, POOL_KIND: Pool}
+MODELS: dict[str, type[Session] | type[Pool] | type[Webhook]] = {
+    KIND: Session,
+    POOL_KIND: Pool,
+    WEBHOOK_KIND: Webhook,
+}
 # Fields the API adds to its answers for the orchestrator-compatible short form.
 CONVENIENCE_FIELDS = ("session_id", "machine_id", "created_at", "state")
 # Stands in for a missing metadata.name while validating (the server generates the real id).
@@ -152,13 +157,14 @@ def validate(document: Any, source: str, index: int) -> tuple[dict[str, Any] | N
     """Check one document against the model of its kind; returns the cleaned resource or problems."""
     if not isinstance(document, dict):
         kind = type(document).__name__
-        reason = f"a document must be a mapping (a Session or a Pool), not a {kind}"
+        reason = f"a document must be a mapping (a Session, a Pool or a Webhook), not a {kind}"
         return None, [Problem(source, index, "", reason)]
     problems: list[Problem] = []
     model = MODELS.get(str(document.get("kind")))
     if model is None:
         found = document.get("kind")
-        reason = "required (Session or Pool)" if found is None else f"must be Session or Pool, not {found!r}"
+        known = "Session, Pool or Webhook"
+        reason = f"required ({known})" if found is None else f"must be {known}, not {found!r}"
         problems.append(Problem(source, index, "kind", reason))
     if document.get("apiVersion") != API_VERSION:
         found = document.get("apiVersion")
@@ -177,8 +183,9 @@ def validate(document: Any, source: str, index: int) -> tuple[dict[str, Any] | N
     candidate = dict(resource)
     if not metadata.get("name"):
         metadata.pop("name", None)
-        if model is Pool:
-            return None, [Problem(source, index, "metadata.name", "required (a Pool is named)")]
+        if model is not Session and model is not None:
+            reason = f"required (a {model.__name__} is named)"
+            return None, [Problem(source, index, "metadata.name", reason)]
         candidate["metadata"] = {**metadata, "name": _PLACEHOLDER_NAME}
     assert model is not None
     try:
