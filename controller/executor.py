@@ -86,6 +86,7 @@ from controller.observed import (
 )
 from controller.ratelimit import Limit
 from controller.volume_executor import VolumeExecutor
+from controller.webhook_worker import fan_out_sessions
 
 if TYPE_CHECKING:
     from controller.pool_claim import PoolClaimer
@@ -422,6 +423,9 @@ class Executor:
         return Requeue(1.0)
 
     async def _remove(self, action: RemoveSession, log: Any) -> Outcome:
+        # The session's outbox goes with its keys: queue its last webhook events first.
+        now_ms = int(self._now().timestamp() * 1000)
+        await fan_out_sessions(self.store, [action.session_id], self.metrics, now_ms=now_ms)
         await self.store.remove(action.session_id)
         self.expectations.forget_session(action.session_id)
         log.info("session_removed")

@@ -77,6 +77,37 @@ class WebhookTiming:
         return ceiling / 2 + rng() * ceiling / 2
 
 
+async def fan_out_sessions(
+    store: ControllerStore, session_ids: Sequence[str], metrics: ControllerMetrics | None, *, now_ms: int
+) -> int:
+    """Queue the deliveries of these sessions' outbox entries, then delete the entries.
+
+    Idempotent (delivery ids are derived from the entries), so any replica may run it: the worker
+    for every session each round, the executor for one session right before removing it (a session
+    removed at once after finishing still sends its last events). Returns the entries handled.
+    """
+    entries = await store.outbox_entries(session_ids)
+    if not entries:
+        return 0
+    webhooks = await store.webhooks_with_secrets()
+    by_session: dict[str, list[OutboxEntry]] = defaultdict(list)
+    for entry in entries:
+        by_session[entry.session_id].append(entry)
+    sessions = {s.id: s for s in await store.get_many(list(by_session))}
+    for sid, found in by_session.items():
+        session = sessions.get(sid)
+        if session is not None:
+            deliveries, problems = deliveries_for(session, found, webhooks)
+            for problem in problems:
+                _log.warning("webhook_target_unsigned", session_id=sid, problem=problem)
+            await store.enqueue(deliveries, now_ms=now_ms)
+            for delivery in deliveries:
+                if metrics is not None:
+                    metrics.webhook_fanned_out.labels(event=delivery.event).inc()
+        await store.ack_outbox(sid, [e.entry_id for e in found])
+    return len(entries)
+
+
 class WebhookWorker:
     """Fan-out and delivery rounds until cancelled (see the module docstring)."""
 
@@ -120,29 +151,10 @@ class WebhookWorker:
         """Turn every pending outbox entry into queued deliveries; returns the entries handled."""
         ids = await self.store.all_ids()
         handled = 0
-        webhooks = None
         for start in range(0, len(ids), OUTBOX_BATCH):
-            entries = await self.store.outbox_entries(ids[start : start + OUTBOX_BATCH])
-            if not entries:
-                continue
-            if webhooks is None:
-                webhooks = await self.store.webhooks_with_secrets()
-            by_session: dict[str, list[OutboxEntry]] = defaultdict(list)
-            for entry in entries:
-                by_session[entry.session_id].append(entry)
-            sessions = {s.id: s for s in await self.store.get_many(list(by_session))}
-            now_ms = self._now_ms()
-            for sid, found in by_session.items():
-                session = sessions.get(sid)
-                if session is not None:
-                    deliveries, problems = deliveries_for(session, found, webhooks)
-                    for problem in problems:
-                        _log.warning("webhook_target_unsigned", session_id=sid, problem=problem)
-                    await self.store.enqueue(deliveries, now_ms=now_ms)
-                    for delivery in deliveries:
-                        self.metrics.webhook_fanned_out.labels(event=delivery.event).inc()
-                await self.store.ack_outbox(sid, [e.entry_id for e in found])
-                handled += len(found)
+            handled += await fan_out_sessions(
+                self.store, ids[start : start + OUTBOX_BATCH], self.metrics, now_ms=self._now_ms()
+            )
         return handled
 
     # -- delivery ---------------------------------------------------------------------------------

@@ -64,7 +64,8 @@ URL);
 ``flyswarm-agents,flyswarm-agents-b`` spreads creates over two emulated apps, each with its own
 create limit when the emulator's rate limits are on); ``FLY_AGENT_IMAGE``
 (``flyswarm-agent``); ``ANTHROPIC_API_KEY`` (unset: scripted model); ``FLYSWARM_UP_TIMEOUT`` (60 s,
-how long ``up`` waits for readiness); ``FLYSWARM_DOWN_TIMEOUT`` (15 s, SIGTERM→SIGKILL grace).
+how long ``up`` waits for readiness); ``FLYSWARM_DOWN_TIMEOUT`` (15 s, SIGTERM→SIGKILL grace);
+``FLYSWARM_WEBHOOK_ALLOW_PRIVATE`` (``1``: webhooks may target loopback receivers).
 Every other variable in the environment of ``up`` passes through to the components (for example
 ``FLYSWARM_RESYNC_SECONDS`` or ``LOG_LEVEL``), except Fly and Anthropic credentials, which go only
 where they belong.
@@ -473,6 +474,9 @@ class Stack:
         paths = [str(PROJECT_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
         env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
         env[MARKER_ENV] = str(self.root)
+        # Local receivers of webhooks listen on loopback: the SSRF guard lets them through here
+        # (README "Webhooks"; FLYSWARM_WEBHOOK_ALLOW_PRIVATE=0 in the environment keeps it on).
+        env.setdefault("FLYSWARM_WEBHOOK_ALLOW_PRIVATE", "1")
         return env
 
     def agent_secrets(self) -> dict[str, str]:

@@ -61,6 +61,8 @@ UNIT_MODULES = frozenset(
         "tests/controller/test_plan.py",
         "tests/controller/test_queue.py",
         "tests/controller/test_settings.py",
+        "tests/api/test_webhook_signing.py",
+        "tests/controller/test_webhook_fanout.py",
     }
 )
 #: Fixtures that bring up real infrastructure; a unit test asking for one is misfiled.

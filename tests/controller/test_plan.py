@@ -48,6 +48,7 @@ from controller.observed import (
     ObservedMachine,
 )
 from controller.plan import (
+    DEADLINE_APPROACHING,
     MIN_REQUEUE_SECONDS,
     TRANSIENT_RECHECK_MAX_SECONDS,
     TRANSIENT_RECHECK_MIN_SECONDS,
@@ -1142,3 +1143,41 @@ def test_lost_machine_backoff_survives_a_cleared_launch_record() -> None:
     assert waiting.status.nextRetryAt is not None
     actions = run(waiting, [], now=T0 + timedelta(seconds=1), launch=None)
     assert not of_type(actions, CreateMachine)
+
+
+# -- webhooks: the deadline notice -----------------------------------------------------------------
+
+
+def test_a_running_task_near_its_deadline_sends_one_deadline_notice_and_wakes_for_it() -> None:
+    # Started 100 s ago with timeoutSeconds=600: the deadline is in 500 s, the warning 60 s before.
+    session = make_session(timeoutSeconds=600)
+    early = run(session, [make_machine()], beat())
+    assert all(w.notices == () for w in of_type(early, SetStatus))
+    assert requeue(early) is not None and requeue(early) <= 440
+
+    near = T0 + timedelta(seconds=450)
+    fresh = beat(-445)  # 5 s before ``near``
+    actions = run(session, [make_machine()], fresh, now=near)
+    (write,) = of_type(actions, SetStatus)
+    assert write.notices == (
+        (
+            "session.deadline_approaching",
+            {"deadline": (T0 + timedelta(seconds=500)).isoformat(), "timeoutSeconds": 600},
+        ),
+    )
+    assert [c.type for c in write.status.conditions if c.status == "True"][-1] == DEADLINE_APPROACHING
+    # The next pass sees the condition: no second notice (the store also sends one per session).
+    again = run(apply_status(session, actions), [make_machine()], fresh, now=near + timedelta(seconds=5))
+    assert all(w.notices == () for w in of_type(again, SetStatus))
+
+
+def test_no_deadline_notice_for_chat_sessions_or_when_switched_off() -> None:
+    near = T0 + timedelta(seconds=450)
+    chat = make_session(mode="chat", timeoutSeconds=600)
+    chat_actions = run(chat, [make_machine()], beat(-445), now=near)
+    assert all(w.notices == () for w in of_type(chat_actions, SetStatus))
+    off = PlanSettings(deadline_warning_seconds=0)
+    task = make_session(timeoutSeconds=600)
+    actions = run(task, [make_machine()], beat(-445), now=near, settings_=off)
+    assert all(w.notices == () for w in of_type(actions, SetStatus))
+    assert fly_actions(actions) == []  # still running normally
