@@ -72,6 +72,10 @@ EXERCISED = {
         "all_pools", "claim_pool_machine", "drop_pool_claim", "finish_pool_claim", "forget_pool_machine",
         "mark_pool_machine_ready", "pool_state", "put_pool_machine", "remove_pool", "withdraw_pool_machine",
         "write_pool_status",
+        # webhooks and their delivery queue: exercised on the cluster by tests/api/test_webhooks.py
+        "put_webhook", "get_webhook", "list_webhooks", "delete_webhook", "deliveries",
+        "outbox_entries", "ack_outbox", "webhooks_with_secrets", "enqueue", "claim_deliveries",
+        "complete_delivery", "delivery_queue_depth",
     },
     "ChannelStore": {
         "admission", "append_event", "append_events", "close", "connect", "from_url", "get",

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ipaddress
+import time
+from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
@@ -72,3 +75,17 @@ def test_secrets_and_notify_targets() -> None:
         NotifyTarget(url="https://example.com/hook", secret=secret, secretRef="ci-hook")
     with pytest.raises(ValidationError, match="http"):
         NotifyTarget(url="file:///etc/passwd", secret=secret)
+
+
+def test_the_readmes_verification_snippet_accepts_a_signed_delivery_and_refuses_a_forged_one() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = readme.split("<!-- verify:begin -->")[1].split("<!-- verify:end -->")[0]
+    code = block.split("```python")[1].split("```")[0]
+    namespace: dict[str, Any] = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # the documented snippet, verbatim
+    readme_verify = namespace["verify"]
+    secret, body = generate_secret(), b'{"type":"session.phase_changed"}'
+    sent = headers(secret, "msg_readme", int(time.time()), body)
+    assert readme_verify(secret, sent, body) is True
+    assert readme_verify(secret, sent, body.replace(b"phase", b"phaze")) is False
+    assert readme_verify(generate_secret(), sent, body) is False
