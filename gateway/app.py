@@ -265,9 +265,7 @@ class Gateway:
             out.append((b"x-api-key", self._upstream_key))
         return out
 
-    async def _forward(
-        self, scope: Scope, send: Send, body: bytes, session: Session, deadline: float
-    ) -> int:
+    async def _forward(self, scope: Scope, send: Send, body: bytes, session: Session, deadline: float) -> int:
         assert self.upstream is not None
         path = scope["path"]
         query = scope.get("query_string", b"").decode("latin-1")

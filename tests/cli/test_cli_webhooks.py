@@ -1,4 +1,4 @@
-"""``flyswarm`` with webhooks against a real API (uvicorn + Redis): apply, get, describe, deliveries, delete."""
+"""``flyswarm`` with webhooks against a real API (uvicorn + Redis): apply, get, describe, deliveries."""
 
 from __future__ import annotations
 
