@@ -139,7 +139,7 @@ async def test_private_targets_are_refused_without_the_setting(store: Store, red
 
 
 async def test_notify_secrets_never_leave_the_store(
-    api: httpx.AsyncClient, store: Store, redis_client: aioredis.Redis
+    api: httpx.AsyncClient, store: Store, redis_client: aioredis.Redis, capfd: pytest.CaptureFixture[str]
 ) -> None:
     secret = generate_secret()
     notify = [{"url": RECEIVER, "secret": secret, "events": ["session.finished"]}]
@@ -161,6 +161,14 @@ async def test_notify_secrets_never_leave_the_store(
     assert (await api.get("/sessions/s-notify/deliveries")).json() == {"items": []}
     raw_spec = await redis_client.hget(keys.session("s-notify"), "spec")
     assert secret in raw_spec  # in Redis only, which is private to the control plane
+    hook_secret = generate_secret()
+    assert (await api.post("/webhooks", json=webhook(secret=hook_secret))).status_code == 201
+    assert hook_secret not in (await api.get("/webhooks")).text
+    logged = capfd.readouterr()
+    assert "http_request" in logged.out + logged.err  # the API did log these requests...
+    assert (
+        secret not in logged.out + logged.err and hook_secret not in logged.out + logged.err
+    )  # ...without secrets
 
 
 @pytest.mark.redis_modes("single", "cluster")

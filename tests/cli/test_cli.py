@@ -142,7 +142,7 @@ def test_invalid_manifest_names_file_document_field_and_reason_and_sends_nothing
     assert f"{path}: document 2: metadata.name: must be a DNS label" in err
     assert f"{path}: document 2: spec.maxTurns: Input should be greater than or equal to 1" in err
     assert f"{path}: document 2: spec.colour: unknown field" in err
-    assert f"{path}: document 3: kind: must be Session or Pool, not 'Pod'" in err
+    assert f"{path}: document 3: kind: must be Session, Pool or Webhook, not 'Pod'" in err
     assert _session_names(api_url) == []
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from api.models import Phase, SessionSpec
 from api.notify_models import generate_secret, notify_target, webhook_target
 from api.store_gateway import MeteredUsage
@@ -29,7 +31,9 @@ FAST = {
 }
 
 
-async def test_a_sessions_life_arrives_signed_in_order_through_a_crash_and_outages(world: World) -> None:
+async def test_a_sessions_life_arrives_signed_in_order_through_a_crash_and_outages(
+    world: World, capfd: pytest.CaptureFixture[str]
+) -> None:
     notify_secret, hook_secret = generate_secret(), generate_secret()
     receiver = Receiver({"/notify": notify_secret, "/hook": hook_secret})
     await receiver.up()
@@ -65,7 +69,7 @@ async def test_a_sessions_life_arrives_signed_in_order_through_a_crash_and_outag
         receiver.failing = False
         await world.start_controller(**FAST)
         await world.store.send_message("s-hooked", "done")
-        await world.until_phase("s-hooked", Phase.SUCCEEDED, timeout=60)
+        await world.until_phase("s-hooked", Phase.SUCCEEDED, timeout=90)
 
         async def refused_while_down() -> bool:
             shown = await world.store.deliveries(webhook_target("ci-hook"))
@@ -106,6 +110,9 @@ async def test_a_sessions_life_arrives_signed_in_order_through_a_crash_and_outag
     assert await world.store.delivery_queue_depth() == 0
     secrets_seen = json.dumps([r.payload for r in receiver.received])
     assert notify_secret not in secrets_seen and hook_secret not in secrets_seen
+    logged = capfd.readouterr()
+    assert "webhook_delivery_delivered" in logged.out + logged.err  # the worker logged its work...
+    assert notify_secret not in logged.out + logged.err and hook_secret not in logged.out + logged.err
 
 
 def _spec(receiver: Receiver, secret: str) -> SessionSpec:
