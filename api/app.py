@@ -585,10 +585,10 @@ def create_app(settings: ApiSettings, store: ApiStore | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         ctx.log.info("api_started", host=settings.host, port=settings.port, auth=settings.auth_enabled)
-        # Learn a Redis Cluster's topology before the first requests race (see StoreBase.connect);
+        # Learn a Redis Cluster's topology before the first requests race (see StoreBase.learn_topology);
         # Redis being away at start is an outage like any other, served as 503s until it is back.
         with contextlib.suppress(StoreUnavailable):
-            await ctx.store.connect()
+            await ctx.store.learn_topology()
         try:
             yield
         finally:

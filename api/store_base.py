@@ -311,7 +311,7 @@ class StoreBase:
         return bool(await self._redis.ping())
 
     @unavailable_on_redis_error
-    async def connect(self) -> None:
+    async def learn_topology(self) -> None:
         """Learn a cluster's topology now, before concurrent use (a no-op beyond a ping on one node).
 
         redis-py's cluster client learns the topology on its first command; commands issued

@@ -35,7 +35,7 @@ async def test_fifty_racing_creates_of_one_id_yield_one_session(
     # with fifty clients, without fifty Redis Cluster discoveries at once on a loaded machine.
     clients = [Store.from_url(redis_url) for _ in range(10)]
     for client in clients:
-        await client.connect()  # a serving API process has learnt the topology before the race
+        await client.learn_topology()  # a serving API process has learnt the topology before the race
 
     async def create(i: int) -> str:
         own = clients[i % len(clients)]
