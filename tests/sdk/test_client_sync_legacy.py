@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from api.client import Event, FlyswarmClient, Invalid, NotFound, ServerUnreachable
+
 from api.models import AgentReport, SessionEvent
 from local.redis_server import RedisServer, free_port
 from tests.cli.conftest import serve_api, stop_api, store_call
