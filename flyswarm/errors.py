@@ -176,7 +176,7 @@ def describe_transport_error(exc: httpx.TransportError) -> str:
     """A short reason for a failed connection (never the request, so never the token)."""
     if isinstance(exc, httpx.ConnectError):
         text = str(exc).lower()
-        if "refused" in text or "errno 111" in text or "errno 61" in text:
+        if "refused" in text or "errno 111" in text or "errno 61" in text or _refused(exc):
             return "connection refused"
         if "name or service not known" in text or "nodename nor servname" in text:
             return "unknown host"
@@ -184,3 +184,15 @@ def describe_transport_error(exc: httpx.TransportError) -> str:
     if isinstance(exc, httpx.TimeoutException):
         return "timed out"
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether a connection refusal lies under ``exc`` (asyncio reports "All connection attempts failed")."""
+    cause: BaseException | None = exc
+    for _ in range(8):
+        if cause is None:
+            return False
+        if isinstance(cause, ConnectionRefusedError):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
