@@ -36,14 +36,14 @@ install: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy api controller agent gateway local cli flyswarm
+	$(BIN)/mypy api controller agent gateway local cli flyswarm examples
 
 format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
 typecheck: $(STAMP)
-	$(BIN)/mypy api controller agent gateway local cli flyswarm
+	$(BIN)/mypy api controller agent gateway local cli flyswarm examples
 
 test: $(STAMP)
 	@start=$$(date +%s); \
