@@ -40,6 +40,7 @@ Followers
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -582,6 +583,10 @@ def create_app(settings: ApiSettings, store: ApiStore | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         ctx.log.info("api_started", host=settings.host, port=settings.port, auth=settings.auth_enabled)
+        # Learn a Redis Cluster's topology before the first requests race (see StoreBase.connect);
+        # Redis being away at start is an outage like any other, served as 503s until it is back.
+        with contextlib.suppress(StoreUnavailable):
+            await ctx.store.connect()
         try:
             yield
         finally:
