@@ -8,7 +8,8 @@
         session = client.create({"prompt": "List the files"})
         for event in client.events(session.id):
             print(event.type, event.data.get("message"))
-        print(client.wait(session.id).agent.resultText)
+        done = client.wait(session.id)                  # Succeeded or Failed
+        print(done.status.phase, done.agent and done.agent.resultText)
 
 :class:`Client` blocks, :class:`AsyncClient` awaits; both return the API's own models
 (:class:`SessionView`, a :class:`Session` with the convenience fields the API adds; :class:`Pool`)

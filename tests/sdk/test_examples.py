@@ -41,9 +41,10 @@ def test_the_readme_has_snippets_to_run() -> None:
     assert len(readme_snippets()) >= 4
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    root = (tmp_path_factory.mktemp("stack") / ".local").resolve()
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[dict[str, str]]:
+    root = (tmp_path / "stack" / ".local").resolve()
+    root.parent.mkdir(parents=True)
     ports = {
         name: str(free_port())
         for name in (
@@ -94,13 +95,16 @@ def _python(env: dict[str, str], *args: str, timeout: float = 400) -> subprocess
     )
 
 
-@pytest.mark.parametrize("index", range(len(readme_snippets())))
-def test_each_readme_snippet_runs_against_the_stack(stack: dict[str, str], index: int) -> None:
-    ran = _python(stack, "-c", readme_snippets()[index])
-    assert ran.returncode == 0, ran.stdout + ran.stderr
+def test_readme_snippets_and_examples_run_against_a_local_stack(stack: dict[str, str]) -> None:
+    # One test, so one stack: xdist would start a stack per worker for separate tests of a module.
+    for index, snippet in enumerate(readme_snippets()):
+        ran = _python(stack, "-c", snippet)
+        assert ran.returncode == 0, f"README snippet {index}:\n{snippet}\n{ran.stdout}{ran.stderr}"
+    _ci_script_fans_out_and_collects_every_result(stack)
+    _chat_backend_relays_a_conversation_over_its_websocket(stack)
 
 
-def test_the_ci_script_fans_out_and_collects_every_result(stack: dict[str, str]) -> None:
+def _ci_script_fans_out_and_collects_every_result(stack: dict[str, str]) -> None:
     ran = _python(stack, str(EXAMPLES / "ci_fanout.py"), "--count", "5", "--timeout", "300")
     assert ran.returncode == 0, ran.stdout + ran.stderr
     lines = ran.stdout.strip().splitlines()
@@ -108,7 +112,7 @@ def test_the_ci_script_fans_out_and_collects_every_result(stack: dict[str, str])
     assert sum(" Succeeded " in line for line in lines) == 5
 
 
-def test_the_chat_backend_relays_a_conversation_over_its_websocket(stack: dict[str, str]) -> None:
+def _chat_backend_relays_a_conversation_over_its_websocket(stack: dict[str, str]) -> None:
     port = free_port()
     cwd = Path(stack["FLYSWARM_LOCAL_DIR"]).parent
     log = cwd / f"relay-{port}.log"

@@ -31,6 +31,9 @@ assert leaked == [], leaked
 assert not [m for m in sys.modules if m.split(".")[0] in {SERVER_PACKAGES!r}], "loaded a top-level name"
 assert flyswarm.Session.__module__ == "flyswarm._server.api.models", flyswarm.Session.__module__
 assert "site-packages" in flyswarm.__file__, flyswarm.__file__
+flyswarm.Client("http://127.0.0.1:9").close()
+heavy = [m for m in ("fastapi", "starlette", "redis", "uvicorn") if m in sys.modules]
+assert heavy == [], heavy
 print("ok")
 """
 
