@@ -72,7 +72,7 @@ from api.follower import FeedItem
 from api.logs import get_logger, register_secret
 from api.metrics import ApiMetrics
 from api.middleware import OPEN_PATHS, EdgeMiddleware
-from api.models import Phase, generate_session_id
+from api.models import MessageAccepted, Phase, SessionView, generate_session_id
 from api.pool_routes import pool_router
 from api.pool_wire import pool_openapi_schemas
 from api.selector import SelectorError, parse_selector
@@ -85,10 +85,8 @@ from api.websocket import SessionSocket
 from api.wire import (
     APPLY_RESULT_HEADER,
     ERRORS_DOC,
-    MessageAccepted,
     MessageIn,
     SessionList,
-    SessionView,
     body_doc,
     check_id,
     differences,
