@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 # burn CPU, so more workers than cores still shortens the run; 0 runs in-process (easier debugging).
 PYTEST_WORKERS ?= 4
 
-.PHONY: help install lint format typecheck test test-unit up down status logs demo clean bench
+.PHONY: help install lint format typecheck test test-unit wheel-check up down status logs demo clean bench
 
 help:
 	@echo "make up        start the local stack (Redis, Fly emulator, scripted model, API, controller)"
@@ -21,6 +21,7 @@ help:
 	@echo "make test      run the whole test suite (PYTEST_WORKERS=4 parallel workers)"
 	@echo "make test-unit run only the pure unit tests (no Redis, no processes): seconds"
 	@echo "make lint      ruff (lint + format check) and mypy --strict"
+	@echo "make wheel-check build the wheel, install it in a fresh venv: only flyswarm, and its command runs"
 	@echo "make bench     run the benchmarks in bench/"
 	@echo "make clean     remove .local/"
 
@@ -35,19 +36,22 @@ install: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy api controller agent gateway local cli
+	$(BIN)/mypy api controller agent gateway local cli flyswarm examples
 
 format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
 typecheck: $(STAMP)
-	$(BIN)/mypy api controller agent gateway local cli
+	$(BIN)/mypy api controller agent gateway local cli flyswarm examples
 
 test: $(STAMP)
 	@start=$$(date +%s); \
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS); status=$$?; \
 	echo "make test: $$(( $$(date +%s) - start )) s wall time"; exit $$status
+
+wheel-check: $(STAMP)
+	$(BIN)/python -m pytest -q tests/sdk/test_wheel.py
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -m unit -q $(PYTEST_ARGS)

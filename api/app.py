@@ -40,6 +40,7 @@ Followers
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -71,7 +72,7 @@ from api.follower import FeedItem
 from api.logs import get_logger, register_secret
 from api.metrics import ApiMetrics
 from api.middleware import OPEN_PATHS, EdgeMiddleware
-from api.models import Phase, generate_session_id
+from api.models import MessageAccepted, Phase, SessionView, generate_session_id
 from api.pool_routes import pool_router
 from api.pool_wire import pool_openapi_schemas
 from api.selector import SelectorError, parse_selector
@@ -85,10 +86,8 @@ from api.websocket import SessionSocket
 from api.wire import (
     APPLY_RESULT_HEADER,
     ERRORS_DOC,
-    MessageAccepted,
     MessageIn,
     SessionList,
-    SessionView,
     body_doc,
     check_id,
     differences,
@@ -587,6 +586,10 @@ def create_app(settings: ApiSettings, store: ApiStore | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         ctx.log.info("api_started", host=settings.host, port=settings.port, auth=settings.auth_enabled)
+        # Learn a Redis Cluster's topology before the first requests race (see StoreBase.learn_topology);
+        # Redis being away at start is an outage like any other, served as 503s until it is back.
+        with contextlib.suppress(StoreUnavailable):
+            await ctx.store.learn_topology()
         try:
             yield
         finally:

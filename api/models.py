@@ -21,9 +21,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from api.notify_models import NotifyTarget, check_notify
-from api.reasons import Reason as Reason  # re-exported: the API models include the reasons
-from api.workspace_models import PushSpec, WorkspaceReport, WorkspaceSpec
+# Relative imports: the SDK (flyswarm) loads this module under the name flyswarm._server.api.models
+# when installed from a wheel, without the server's packages on sys.path (README "Python SDK").
+from .notify_models import NotifyTarget, check_notify
+from .reasons import Reason as Reason  # re-exported: the API models include the reasons
+from .workspace_models import PushSpec, WorkspaceReport, WorkspaceSpec
 
 API_VERSION: Literal["flyswarm.dev/v1"] = "flyswarm.dev/v1"
 KIND: Literal["Session"] = "Session"
@@ -455,6 +457,24 @@ class Session(BaseModel):
         if limit is not None and costs and max(costs) >= limit:
             return f"cost {max(costs):.4f} USD reached maxCostUsd={limit}"
         return None
+
+
+class SessionView(Session):
+    """What the API returns for a session: the resource plus the seed's convenience fields
+    (``api/wire.py`` builds it; the SDK parses every session it receives into it)."""
+
+    session_id: str
+    machine_id: str | None
+    created_at: str | None
+    state: Literal["done", "error"] | None
+
+
+class MessageAccepted(BaseModel):
+    """The answer to a chat message: the inbox entry's id and when it was queued."""
+
+    id: str
+    session_id: str
+    createdAt: str
 
 
 class SessionEvent(BaseModel):

@@ -23,7 +23,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from api.models import API_VERSION, Condition, Guest, MachineSpec, Metadata, Session, validate_labels
+from .models import API_VERSION, Condition, Guest, MachineSpec, Metadata, Session, validate_labels
 
 POOL_KIND: Literal["Pool"] = "Pool"
 

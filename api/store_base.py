@@ -316,6 +316,18 @@ class StoreBase:
         return bool(await self._redis.ping())
 
     @unavailable_on_redis_error
+    async def learn_topology(self) -> None:
+        """Learn a cluster's topology now, before concurrent use (a no-op beyond a ping on one node).
+
+        redis-py's cluster client learns the topology on its first command; commands issued
+        concurrently while it does so can meet a connection it is replacing (seen as an
+        ``AttributeError`` deep in the client). One call before fanning out avoids that.
+        """
+        if self.cluster:
+            await cast(Any, self._redis).initialize()
+        await self._redis.ping()
+
+    @unavailable_on_redis_error
     async def get(self, session_id: str) -> Session | None:
         raw = await self._redis.hgetall(keys.session(session_id))
         return session_from_hash(raw)

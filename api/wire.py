@@ -38,6 +38,7 @@ from api.models import (
     Phase,
     Session,
     SessionSpec,
+    SessionView,
     validate_labels,
     validate_session_id,
 )
@@ -104,21 +105,6 @@ class MessageIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     text: str = Field(min_length=1, description="The user's next chat turn.")
-
-
-class MessageAccepted(BaseModel):
-    id: str
-    session_id: str
-    createdAt: str
-
-
-class SessionView(Session):
-    """What the API returns for a session: the resource plus the seed's convenience fields."""
-
-    session_id: str
-    machine_id: str | None
-    created_at: str | None
-    state: Literal["done", "error"] | None
 
 
 class SessionList(BaseModel):

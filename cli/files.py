@@ -35,11 +35,12 @@ def artifacts(name: str, output: str) -> None:
     from cli.main import _client, session_id
 
     with _client() as client:
-        body = client.artifacts(session_id(name))
+        listing = client.artifacts(session_id(name))
+    items, skipped = listing.items, listing.skipped
     if output == "json":
+        body = {"items": items, "skipped": skipped, "totalBytes": listing.total_bytes}
         click.echo(json.dumps(body, indent=2))
         return
-    items, skipped = body.get("items") or [], body.get("skipped") or []
     if not items and not skipped:
         click.echo("No artifacts.")
         return
@@ -58,8 +59,8 @@ def artifacts(name: str, output: str) -> None:
 @click.argument("dest", metavar="DEST")
 def cp(source: str, dest: str) -> None:
     """Copy a session's artifact (or, failing that, a live file of its running agent) to DEST."""
-    from api.client import NotFound
     from cli.main import _client, fail, session_id
+    from flyswarm import NotFound
 
     sid, sep, path = source.partition(":")
     if not sep or not sid or not path:

@@ -1,6 +1,6 @@
 """The ``flyswarm`` command: kubectl-shaped user verbs and the process verbs that run each component.
 
-User verbs talk to the API over HTTP (:mod:`api.client`; ``FLYSWARM_URL``, ``FLYSWARM_TOKEN``)::
+User verbs talk to the API through the Python SDK (:mod:`flyswarm`; ``FLYSWARM_URL``, ``FLYSWARM_TOKEN``)::
 
     apply -f FILE|DIR|-         create or update sessions, pools and webhooks from manifests
     get sessions | get session ID | get pools | get pool NAME | get webhooks | get webhook NAME
@@ -37,11 +37,16 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import click
 
 if TYPE_CHECKING:
-    from api.client import FlyswarmClient
+    from pydantic import BaseModel
+
+    from flyswarm import Client
 
 SESSION_RESOURCES = ("session", "sessions", "sess", "s")
 OUTPUTS = ("table", "wide", "json", "yaml", "name")
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+USER_AGENT = "flyswarm-cli"
+# Sessions and pools per list request (the SDK pages through them all).
+PAGE_SIZE = 500
 
 
 # -- helpers ----------------------------------------------------------------------------------------
@@ -53,15 +58,20 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 
 @contextmanager
-def _client() -> Iterator[FlyswarmClient]:
+def _client() -> Iterator[Client]:
     """A client for one verb; API failures become one clear line on stderr and exit 1."""
-    from api.client import ClientError, FlyswarmClient
+    from flyswarm import Client, FlyswarmError
 
     try:
-        with FlyswarmClient() as client:
+        with Client(user_agent=USER_AGENT) as client:
             yield client
-    except ClientError as exc:
+    except FlyswarmError as exc:
         fail(str(exc))
+
+
+def plain(resource: BaseModel) -> dict[str, Any]:
+    """A resource from the SDK as the JSON the API served (what the tables and -o json/yaml show)."""
+    return resource.model_dump(mode="json")
 
 
 def session_id(arg: str) -> str:
@@ -200,7 +210,7 @@ def apply(filenames: tuple[str, ...], dry_run: bool, output: str | None) -> None
         for doc in documents:
             click.echo(f"{doc.label} valid (dry run)")
         return
-    from api.client import ApiError
+    from flyswarm import ApiError
 
     results = []
     failed = 0
@@ -213,11 +223,10 @@ def apply(filenames: tuple[str, ...], dry_run: bool, output: str | None) -> None
                 failed += 1
                 click.echo(f"error: {label}: {exc}", err=True)
                 continue
-            generated = (
-                (result.resource.get("status") or {}).pop("secret", None) if doc.kind == "Webhook" else None
-            )
-            results.append(_public(result.resource))
-            name = (result.resource.get("metadata") or {}).get("name") or doc.name
+            resource = plain(result.resource)
+            generated = (resource.get("status") or {}).pop("secret", None) if doc.kind == "Webhook" else None
+            results.append(_public(resource))
+            name = (resource.get("metadata") or {}).get("name") or doc.name
             if output is None:
                 click.echo(f"{doc.kind.lower()}/{name} {result.action}")
             if generated:
@@ -264,9 +273,9 @@ def get(resource: str, name: str | None, selector: str | None, phase: str | None
         phase = _phase_name(phase)
     with _client() as client:
         if name:
-            items = [client.get(session_id(name))]
+            items = [plain(client.get(session_id(name)))]
         else:
-            items = client.list(selector=selector, phase=phase)
+            items = [plain(s) for s in client.list(selector=selector, phase=phase, page_size=PAGE_SIZE)]
     if output in ("json", "yaml"):
         public = [_public(item) for item in items]
         payload: Any = (
@@ -292,7 +301,10 @@ def _get_pools(name: str | None, selector: str | None, output: str) -> None:
     from cli.pools import pools_table
 
     with _client() as client:
-        items = [client.get_pool(_pool_name(name))] if name else client.list_pools(selector=selector)
+        if name:
+            items = [plain(client.get_pool(_pool_name(name)))]
+        else:
+            items = [plain(p) for p in client.list_pools(selector=selector, page_size=PAGE_SIZE)]
     if output in ("json", "yaml"):
         payload: Any = (
             items[0] if name else {"apiVersion": "flyswarm.dev/v1", "kind": "PoolList", "items": items}
@@ -309,7 +321,10 @@ def _get_webhooks(name: str | None, output: str) -> None:
     from cli.webhooks import webhook_name, webhooks_table
 
     with _client() as client:
-        items = [client.get_webhook(webhook_name(name))] if name else client.list_webhooks()
+        if name:
+            items = [plain(client.get_webhook(webhook_name(name)))]
+        else:
+            items = [plain(w) for w in client.list_webhooks(page_size=PAGE_SIZE)]
     if output in ("json", "yaml"):
         payload: Any = (
             items[0] if name else {"apiVersion": "flyswarm.dev/v1", "kind": "WebhookList", "items": items}
@@ -340,20 +355,19 @@ def describe(resource: str, name: str, event_count: int) -> None:
         from cli.pools import describe_pool
 
         with _client() as client:
-            click.echo(describe_pool(client.get_pool(_pool_name(name))))
+            click.echo(describe_pool(plain(client.get_pool(_pool_name(name)))))
         return
     if kind == "webhook":
         from cli.webhooks import describe_webhook, webhook_name
 
         with _client() as client:
-            hook = client.get_webhook(webhook_name(name))
-            click.echo(
-                describe_webhook(hook, client.webhook_deliveries(webhook_name(name), limit=event_count))
-            )
+            hook = plain(client.get_webhook(webhook_name(name)))
+            recent = [plain(d) for d in client.webhook_deliveries(webhook_name(name), limit=event_count)]
+            click.echo(describe_webhook(hook, recent))
         return
     sid = session_id(name)
     with _client() as client:
-        item = client.get(sid)
+        item = plain(client.get(sid))
         events = [e.data for e in client.events(sid, follow=False) if e.type != "end"] if event_count else []
     click.echo(render.describe(item, events[-event_count:] if event_count else []))
 
@@ -362,7 +376,7 @@ def describe(resource: str, name: str, event_count: int) -> None:
 
 
 def follow_session(
-    client: FlyswarmClient,
+    client: Client,
     sid: str,
     emit: Callable[[dict[str, Any]], None],
     *,
@@ -378,8 +392,8 @@ def follow_session(
     follow ends (without waiting for the server's own end-of-stream, a keep-alive interval later).
     ``deadline`` (a ``time.monotonic()`` value) bounds the whole follow. Returns the last event id.
     """
-    from api.client import NotFound, ServerError, ServerUnreachable, effective_phase
-    from api.models import TERMINAL_PHASES
+    from flyswarm import NotFound, ServerError, ServerUnreachable, shown_phase
+    from flyswarm.models import TERMINAL_PHASES
 
     terminal = {p.value for p in TERMINAL_PHASES}
     last = after
@@ -401,7 +415,7 @@ def follow_session(
         if not follow:
             return last
         try:
-            finished = effective_phase(client.get(sid)) in terminal
+            finished = shown_phase(client.get(sid)).value in terminal
         except NotFound:
             return last
         except (ServerUnreachable, ServerError):
@@ -461,7 +475,7 @@ def send(name: str, message: str | None, message_file: Any) -> None:
     sid = session_id(name)
     with _client() as client:
         reply = client.send(sid, message)
-    click.echo(f"session/{sid} message {reply.get('id', 'sent')} queued")
+    click.echo(f"session/{sid} message {reply.id} queued")
 
 
 # -- diff -------------------------------------------------------------------------------------------
@@ -472,15 +486,12 @@ def send(name: str, message: str | None, message_file: Any) -> None:
 @click.option("--stat", is_flag=True, help="List the changed files (A/M/D path) instead of the diff.")
 def diff(name: str, stat: bool) -> None:
     """Print a task session's changes: the unified diff of its workspace against the starting commit."""
-    from api.workspace_models import WorkspaceReport
-
     sid = session_id(name)
     with _client() as client:
         item = client.get(sid)
-    raw = (item.get("agent") or {}).get("workspace")
-    if not raw:
+    report = item.agent.workspace if item.agent is not None else None
+    if report is None:
         fail(f"session/{sid} has no workspace changes recorded (no spec.workspace.git, or not finished yet)")
-    report = WorkspaceReport.model_validate(raw)
     if stat:
         for source in report.sources:
             for changed in source.changedFiles:
@@ -538,7 +549,7 @@ def delete(
 ) -> None:
     """Delete sessions (`delete ID...`) or pools (`delete pool NAME...`): the controller destroys
     their machines, then the records go."""
-    from api.client import NotFound
+    from flyswarm import NotFound
 
     targets = _delete_targets(names)
     if filenames:
@@ -626,9 +637,9 @@ def wait(name: str, condition: str, timeout: str, interval: float) -> None:
 
     Exits 1 when the timeout passes or the session finishes in another phase.
     """
-    from api.client import NotFound
     from api.models import TERMINAL_PHASES
     from cli import render
+    from flyswarm import NotFound
 
     kind, wanted = _parse_condition(condition)
     limit = parse_duration(timeout)
@@ -658,7 +669,7 @@ def wait(name: str, condition: str, timeout: str, interval: float) -> None:
     with _client() as client:
         while True:
             try:
-                item = client.get(sid)
+                item = plain(client.get(sid))
             except NotFound:
                 if kind == "delete":
                     done(f"session/{sid} deleted", 0)
@@ -829,9 +840,9 @@ def demo(path: str | None, timeout: str) -> None:
 
     Needs the local stack (`make up`); talks to the API it started (PORT), not FLYSWARM_URL.
     """
-    from api.client import ClientError, FlyswarmClient, effective_phase
     from cli import render
     from cli.manifests import ManifestError, load
+    from flyswarm import Client, FlyswarmError, shown_phase
     from local.stack import Stack
 
     stack = Stack.from_env()
@@ -850,11 +861,12 @@ def demo(path: str | None, timeout: str) -> None:
     name = target.name
     width = render.terminal_width() if sys.stdout.isatty() else None
     try:
-        with FlyswarmClient(stack.config.api_url, os.environ.get("FLYSWARM_TOKEN") or None) as client:
+        token = os.environ.get("FLYSWARM_TOKEN") or None
+        with Client(stack.config.api_url, token, user_agent=USER_AGENT) as client:
             # The followed session first, so it is not queued behind the batch's machine creates.
             for doc in [target, *(d for d in documents if d is not target)]:
                 result = client.apply(doc.resource)
-                click.echo(f"session/{render.name_of(result.session)} {result.action}")
+                click.echo(f"session/{result.resource.metadata.name} {result.action}")
             click.echo(f"\nfollowing session/{name} (Ctrl-C stops following; the session keeps running)\n")
             deadline = time.monotonic() + parse_duration(timeout)
             try:
@@ -868,12 +880,12 @@ def demo(path: str | None, timeout: str) -> None:
             except TimeoutError:
                 fail(f"session/{name} did not finish within {timeout}")
             final = client.get(name)
-    except ClientError as exc:
+    except FlyswarmError as exc:
         fail(str(exc))
     except KeyboardInterrupt:
         sys.exit(130)
-    phase = effective_phase(final)
-    result_text = (final.get("agent") or {}).get("resultText")
+    phase = shown_phase(final).value
+    result_text = final.agent.resultText if final.agent is not None else None
     click.echo(f"\nsession/{name}: {phase}")
     if result_text:
         click.echo("result: " + result_text)

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from api.client import effective_phase
 from api.models import TERMINAL_PHASES, parse_timestamp
+from flyswarm.models import shown_phase
 
 GAP = "   "
 ELLIPSIS = "…"
@@ -46,7 +46,9 @@ def age(value: Any, now: datetime | None = None) -> str:
     return f"{seconds // 86400}d"
 
 
-phase_of = effective_phase
+def phase_of(resource: Mapping[str, Any]) -> str:
+    """The phase to show for a served session (:func:`flyswarm.shown_phase`: ``Terminating`` once deleted)."""
+    return shown_phase(resource).value
 
 
 def name_of(resource: Mapping[str, Any]) -> str:

@@ -147,16 +147,17 @@ def deliveries(resource: str, name: str, limit: int, output: str) -> None:
     """
     import json
 
-    from cli.main import _client, session_id
+    from cli.main import _client, plain, session_id
 
     word = resource.lower()
     if not is_webhook_resource(word) and word not in ("session", "sessions", "s"):
         raise click.BadParameter(f"{resource!r}: give webhook NAME or session ID", param_hint="TYPE")
     with _client() as client:
         if is_webhook_resource(word):
-            items = client.webhook_deliveries(webhook_name(name), limit=limit)
+            found = client.webhook_deliveries(webhook_name(name), limit=limit)
         else:
-            items = client.session_deliveries(session_id(name), limit=limit)
+            found = client.session_deliveries(session_id(name), limit=limit)
+    items = [plain(d) for d in found]
     if output == "json":
         click.echo(json.dumps({"items": items}, indent=2))
     else:

@@ -80,6 +80,7 @@ from controller.observed import (
     MANAGED_VALUE,
     TAG_LAUNCH,
     TAG_MANAGED,
+    TAG_SESSION,
     ObservedMachine,
     parse_tags,
     pool_tags,
@@ -513,7 +514,9 @@ class Executor:
 
     async def _find_launch(self, app: str, action: CreateMachine, log: Any) -> Outcome:
         """After an ambiguous create: find the machine by its launch tag; never create blindly."""
-        tags = {TAG_MANAGED: MANAGED_VALUE, TAG_LAUNCH: action.launch_id}
+        # The session's tag too: a launch id is unique per session only (sessions planned in one
+        # pass share the clock), and adopting another session's machine would make it serve two.
+        tags = {TAG_MANAGED: MANAGED_VALUE, TAG_SESSION: action.session_id, TAG_LAUNCH: action.launch_id}
         for attempt in range(_LOOKUP_ATTEMPTS):
             if attempt:
                 await asyncio.sleep(_LOOKUP_PAUSE_SECONDS)
@@ -523,7 +526,11 @@ class Executor:
                 if not err.transient:
                     raise
                 continue
-            found = [m for m in page.machines if m.state not in GONE]
+            found = [
+                m
+                for m in page.machines
+                if m.state not in GONE and m.metadata.get(TAG_SESSION) == action.session_id
+            ]
             if found:
                 return await self._adopt(action, found[0], log, looked_up=True)
         # Not visible yet (the list lags) or never created: the launch record stays, and the plan

@@ -888,13 +888,13 @@ class Stack:
     # -- status -------------------------------------------------------------------------------------
 
     def sessions_by_phase(self) -> Counter[str] | None:
-        from api.client import ClientError, FlyswarmClient, effective_phase
+        from flyswarm import Client, FlyswarmError, Retry, shown_phase
 
         token = self.environ.get("FLYSWARM_TOKEN") or None
         try:
-            with FlyswarmClient(self.config.api_url, token, timeout=5.0) as client:
-                return Counter(effective_phase(s) for s in client.list())
-        except ClientError:
+            with Client(self.config.api_url, token, timeout=5.0, retry=Retry(retries=0)) as client:
+                return Counter(shown_phase(s).value for s in client.list(page_size=500))
+        except FlyswarmError:
             return None
 
     def machines_by_state(self) -> Counter[str] | None:

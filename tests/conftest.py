@@ -49,6 +49,7 @@ UNIT_MODULES = frozenset(
     {
         "tests/test_layering.py",
         "tests/test_readme.py",
+        "tests/sdk/test_sdk_rules.py",
         "tests/agent/test_events.py",
         "tests/agent/test_settings.py",
         "tests/api/test_logs.py",

@@ -27,16 +27,21 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("api", "controller", "agent", "gateway", "local", "cli")
+PACKAGES = ("api", "controller", "agent", "gateway", "local", "cli", "flyswarm")
 
 ALLOWED = {
     "api": set(),
     "controller": {"api"},
     "agent": {"api"},
     "gateway": {"api"},
-    "local": {"api", "controller", "agent"},
-    "cli": {"api", "controller", "agent", "gateway", "local"},
+    "local": {"api", "controller", "agent", "flyswarm"},
+    "cli": {"api", "controller", "agent", "gateway", "local", "flyswarm"},
+    "flyswarm": {"api"},
 }
+#: The ``flyswarm`` command's entry point runs the CLI (after making the server's packages importable).
+ENTRY_POINTS = {ROOT / "flyswarm" / "_server" / "__init__.py": {"cli"}}
+#: The SDK loads only the resource models (pydantic, no FastAPI, no Redis): flyswarm/_server/__init__.py.
+SDK_API_MODULES = {"api.models", "api.pool_models", "api.webhook_models"}
 
 
 def _imports(path: Path) -> set[str]:
@@ -60,9 +65,22 @@ def test_packages_import_only_the_layers_below_them(package: str) -> None:
     for path in _modules(package):
         for name in _imports(path):
             top = name.split(".")[0]
-            if top in PACKAGES and top != package and top not in ALLOWED[package]:
+            if (
+                top in PACKAGES
+                and top != package
+                and top not in ALLOWED[package] | ENTRY_POINTS.get(path, set())
+            ):
                 violations.append(f"{path.relative_to(ROOT)} imports {name}")
     assert violations == []
+
+
+def test_the_sdk_imports_only_the_resource_models() -> None:
+    used = {name for path in _modules("flyswarm") for name in _imports(path) if name.split(".")[0] == "api"}
+    assert used <= SDK_API_MODULES
+    for module in SDK_API_MODULES | {"api.reasons", "api.workspace_models", "api.notify_models"}:
+        path = ROOT / (module.replace(".", "/") + ".py")
+        # Relative imports only among themselves: they load as flyswarm._server.api.* from a wheel.
+        assert not {n for n in _imports(path) if n.split(".")[0] in PACKAGES}, module
 
 
 # The controller's one other outbound HTTP client: webhook deliveries (with the SSRF guard).
@@ -111,6 +129,7 @@ ROLE_STORES = {
     "gateway": {"api.store_gateway", "api.store_channel", "api.store_artifacts", "api.store_pool_slots"},
     "local": set(),
     "cli": set(),
+    "flyswarm": set(),
 }
 # Methods of the redis client (and its pipelines and pub/sub objects) that only the store calls.
 RAW_CLIENT_METHODS = {

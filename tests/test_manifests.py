@@ -148,7 +148,8 @@ def test_dockerfiles_run_as_non_root_on_python_311_slim() -> None:
 
 
 def test_dockerfiles_copy_every_package_setuptools_expects() -> None:
-    packages = _pyproject()["tool"]["setuptools"]["packages"]
+    # The wheel's packages come from these folders: flyswarm and the server's, mapped by package-dir.
+    packages = ["flyswarm", *_pyproject()["tool"]["setuptools"]["package-dir"].values()]
     for name in ("Dockerfile.agent", "Dockerfile.controller"):
         text = (MANIFESTS / name).read_text()
         copied = set(re.findall(r"^COPY (\w+) \./\1$", text, re.M))

@@ -280,6 +280,8 @@ async def test_a_failed_chat_turn_is_answered_and_the_chat_goes_on(rig: AgentRig
     agent = await rig.start_session("c-fail")
     report = await wait_for_report(rig.store, "c-fail", lambda r: r.turns == 2 and r.state == "idle")
     assert report.resultText == "fine now" and report.reason is None
+    # The report is stored before the turn's events are published: wait for the event, then count.
+    await rig.wait_for_event("c-fail", "turn_finished")
     events = await rig.event_types("c-fail")
     assert events.count("turn_failed") == 1 and events.count("turn_finished") == 1
     agent.send(signal.SIGTERM)

@@ -16,10 +16,10 @@ from typing import Any, TypeVar
 import pytest
 import yaml
 
-from api.client import FlyswarmClient
 from api.models import AgentReport, Phase, SessionEvent, SessionStatus
 from api.store_artifacts import ArtifactLimits, Skipped
 from api.store_channel import ChannelStore
+from flyswarm import Client
 from local.redis_server import free_port
 from tests.cli.conftest import Cli, LiveApi, store_call
 from tests.store import Store
@@ -56,8 +56,8 @@ spec:
 
 
 def _session_names(api_url: str) -> list[str]:
-    with FlyswarmClient(api_url) as client:
-        return sorted(s["metadata"]["name"] for s in client.list())
+    with Client(api_url) as client:
+        return sorted(s.metadata.name for s in client.list())
 
 
 # -- apply ------------------------------------------------------------------------------------------
@@ -73,10 +73,10 @@ def test_apply_reports_created_then_unchanged_then_configured(cli: Cli, api_url:
     assert (first.exit_code, first.stdout.strip()) == (0, "session/fix-login created")
     assert (second.exit_code, second.stdout.strip()) == (0, "session/fix-login unchanged")
     assert (third.exit_code, third.stdout.strip()) == (0, "session/fix-login configured")
-    with FlyswarmClient(api_url) as client:
+    with Client(api_url) as client:
         stored = client.get("fix-login")
-    assert stored["spec"]["prompt"] == "fix the login on iOS 18"
-    assert stored["metadata"]["generation"] == 2
+    assert stored.spec.prompt == "fix the login on iOS 18"
+    assert stored.metadata.generation == 2
 
 
 def test_apply_takes_a_directory_of_multi_document_yaml(cli: Cli, api_url: str) -> None:

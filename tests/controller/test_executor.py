@@ -98,6 +98,24 @@ async def test_ambiguous_create_adopts_the_machine_found_by_its_launch_tag(world
     assert launch is not None and launch.machine_id == machine.id
 
 
+async def test_ambiguous_create_never_adopts_another_sessions_machine_with_the_same_launch_id(
+    world: World,
+) -> None:
+    # Launch ids are unique per session only (two sessions planned in one pass share the clock):
+    # the lookup after an ambiguous create must match the session too, or two sessions share a
+    # machine. Found by test_sessions_converge_under_rate_limits_5xx... on a loaded machine.
+    executor = make_executor(world)
+    first = await world.create_session("twin-a")
+    assert await executor.apply(CreateMachine("twin-a", "g1r0-same", "fra"), session=first) == Done()
+    second = await world.create_session("twin-b")
+    await world.set_faults(create_timeout_rate=1.0)
+    assert await executor.apply(CreateMachine("twin-b", "g1r0-same", "fra"), session=second) == Done()
+    [mine] = world.machines("twin-b", live=False)
+    [theirs] = world.machines("twin-a", live=False)
+    launch = LaunchRecord.from_store(await world.store.get_launch("twin-b"))
+    assert launch is not None and launch.machine_id == mine.id != theirs.id
+
+
 async def test_ambiguous_create_the_list_does_not_show_yet_is_left_to_the_expectation(world: World) -> None:
     executor = make_executor(world)
     session = await world.create_session("lag")

@@ -169,7 +169,13 @@ async def test_racing_replicas_and_a_claim_cut_short_never_give_a_machine_two_se
         gone = machine is None or machine.state == "destroyed"
         assert gone or machine_id in parked, f"{machine_id} was left claimed without a session"
     assert len(served) >= 2
-    assert a.controller.shards.held and b.controller.shards.held
+
+    async def both_hold_shards() -> bool:
+        # A renewal that timed out on a loaded machine drops a replica's shards for a moment; they
+        # come back on its next campaign. What matters is that the two share the work.
+        return bool(a.controller.shards.held and b.controller.shards.held)
+
+    await world.until(both_hold_shards, 30, "both replicas hold shards")
 
     async def claims_finished() -> bool:
         # The pool loop finishes a claim on its next pass after the session's side is written.
