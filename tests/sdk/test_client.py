@@ -16,6 +16,7 @@ from flyswarm import (
     Pool,
     SessionView,
     Timeout,
+    Webhook,
     shown_phase,
 )
 from tests.cli.conftest import store_call
@@ -113,6 +114,31 @@ def test_pool_calls(kind: Kind, api_url: str) -> None:
     assert sdk("get_pool", "warm").spec.size == 0
     assert [p.name for p in sdk("list_pools", page_size=1)] == ["warm"]
     assert sdk("delete_pool", "warm").metadata.deletionTimestamp is not None
+
+
+def test_webhook_calls(kind: Kind, api_url: str) -> None:
+    sdk = Sdk(kind, api_url)
+    hook = {
+        "apiVersion": "flyswarm.dev/v1",
+        "kind": "Webhook",
+        "metadata": {"name": "ci-hook"},
+        "spec": {"url": "https://hooks.example.com/x", "events": ["session.finished"]},
+    }
+    created = sdk("apply", hook)
+    assert created.action == "created" and isinstance(created.resource, Webhook)
+    generated = created.resource.status.secret
+    assert generated is not None and generated.startswith("whsec_")  # shown this once
+    again = sdk("apply_webhook", hook)
+    assert again.action == "unchanged" and again.resource.status.secret is None
+    fetched = sdk("get_webhook", "ci-hook")
+    assert fetched.status.secretSet and fetched.spec.secret is None
+    assert [w.name for w in sdk("list_webhooks", page_size=1)] == ["ci-hook"]
+    assert sdk("webhook_deliveries", "ci-hook") == []
+    sdk("apply", _task("notified"))
+    assert sdk("session_deliveries", "notified") == []
+    assert sdk("delete_webhook", "ci-hook").name == "ci-hook"
+    with pytest.raises(NotFound):
+        sdk("get_webhook", "ci-hook")
 
 
 def test_artifact_calls(kind: Kind, api_url: str) -> None:
