@@ -59,7 +59,7 @@ EXERCISED = {
         "count", "create_or_get", "drop_from_index", "from_url", "get", "get_heartbeat", "get_launch",
         "get_launches", "get_many", "heartbeat", "heartbeats", "inbox_ack", "inbox_next",
         "inbox_pending", "inbox_pending_many", "last_change_id", "list", "mark_budget_exceeded",
-        "mark_deleted", "mint_session_token", "new_session", "ping", "pool_stats", "read_changes",
+        "learn_topology", "mark_deleted", "mint_session_token", "new_session", "ping", "pool_stats", "read_changes",
         "read_events", "read_events_many", "record_controller_seen", "record_create_failure",
         "record_launch", "record_usage", "release_lease", "remove", "renew_lease",
         "revoke_session_token", "send_message", "server_identity", "transcripts", "update_launch",
@@ -100,6 +100,7 @@ async def test_every_store_method_runs_on_the_cluster_without_crossslot(
 ) -> None:
     """On the cluster, a CROSSSLOT (or a keyless command the cluster client cannot route) fails it."""
     assert store.cluster == (redis_mode == "cluster") and await store.ping()
+    await store.learn_topology()
     ids = [f"s{i}" for i in range(12)]  # spread over the three masters' slots
     for sid in ids:
         assert (await store.create_or_get(store.new_session(sid, chat()))).result == "created"
