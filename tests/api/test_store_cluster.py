@@ -75,7 +75,7 @@ EXERCISED = {
     },
     "ChannelStore": {
         "admission", "append_event", "append_events", "close", "connect", "from_url", "get",
-        "heartbeat", "inbox_ack", "inbox_next", "inbox_peek", "inbox_read_many", "ping",
+        "heartbeat", "inbox_ack", "inbox_next", "inbox_peek", "inbox_read_many", "learn_topology", "ping",
         "pool_stats", "transcripts", "write_agent_report",
         "answer_file_request", "file_requests_after", "file_requests_read_many", "put_artifact",
         "record_skipped",
@@ -101,6 +101,7 @@ async def test_every_store_method_runs_on_the_cluster_without_crossslot(
     """On the cluster, a CROSSSLOT (or a keyless command the cluster client cannot route) fails it."""
     assert store.cluster == (redis_mode == "cluster") and await store.ping()
     await store.learn_topology()
+    await channel.learn_topology()
     ids = [f"s{i}" for i in range(12)]  # spread over the three masters' slots
     for sid in ids:
         assert (await store.create_or_get(store.new_session(sid, chat()))).result == "created"
