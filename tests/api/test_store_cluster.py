@@ -75,7 +75,8 @@ EXERCISED = {
     },
     "ChannelStore": {
         "admission", "append_event", "append_events", "close", "connect", "from_url", "get",
-        "heartbeat", "inbox_ack", "inbox_next", "inbox_peek", "inbox_read_many", "learn_topology", "ping",
+        "heartbeat", "inbox_ack", "inbox_next", "inbox_peek", "inbox_read_many", "learn_topology",
+        "ping",
         "pool_stats", "transcripts", "write_agent_report",
         "answer_file_request", "file_requests_after", "file_requests_read_many", "put_artifact",
         "record_skipped",
