@@ -59,7 +59,8 @@ EXERCISED = {
         "count", "create_or_get", "drop_from_index", "from_url", "get", "get_heartbeat", "get_launch",
         "get_launches", "get_many", "heartbeat", "heartbeats", "inbox_ack", "inbox_next",
         "inbox_pending", "inbox_pending_many", "last_change_id", "list", "mark_budget_exceeded",
-        "mark_deleted", "mint_session_token", "new_session", "ping", "pool_stats", "read_changes",
+        "learn_topology", "mark_deleted", "mint_session_token", "new_session", "ping", "pool_stats",
+        "read_changes",
         "read_events", "read_events_many", "record_controller_seen", "record_create_failure",
         "record_launch", "record_usage", "release_lease", "remove", "renew_lease",
         "revoke_session_token", "send_message", "server_identity", "transcripts", "update_launch",
@@ -79,7 +80,8 @@ EXERCISED = {
     },
     "ChannelStore": {
         "admission", "append_event", "append_events", "close", "connect", "from_url", "get",
-        "heartbeat", "inbox_ack", "inbox_next", "inbox_peek", "inbox_read_many", "ping",
+        "heartbeat", "inbox_ack", "inbox_next", "inbox_peek", "inbox_read_many", "learn_topology",
+        "ping",
         "pool_stats", "transcripts", "write_agent_report",
         "answer_file_request", "file_requests_after", "file_requests_read_many", "put_artifact",
         "record_skipped",
@@ -104,6 +106,8 @@ async def test_every_store_method_runs_on_the_cluster_without_crossslot(
 ) -> None:
     """On the cluster, a CROSSSLOT (or a keyless command the cluster client cannot route) fails it."""
     assert store.cluster == (redis_mode == "cluster") and await store.ping()
+    await store.learn_topology()
+    await channel.learn_topology()
     ids = [f"s{i}" for i in range(12)]  # spread over the three masters' slots
     for sid in ids:
         assert (await store.create_or_get(store.new_session(sid, chat()))).result == "created"
