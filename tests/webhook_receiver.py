@@ -12,15 +12,34 @@ import base64
 import contextlib
 import hashlib
 import hmac
+import io
 import json
+import logging
 import time
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import structlog
 import uvicorn
 
+from api.logs import configure_logging
 from local.redis_server import free_port
+
+
+@contextlib.contextmanager
+def rendered_logs() -> Iterator[io.StringIO]:
+    """Every log line this process renders meanwhile (the production processors, JSON), in a buffer;
+    the previous configuration is restored after. Loggers bound before it started are not covered."""
+    previous, handlers, level = structlog.get_config(), logging.root.handlers[:], logging.root.level
+    buffer = io.StringIO()
+    configure_logging("debug", json=True, stream=buffer)
+    try:
+        yield buffer
+    finally:
+        structlog.configure(**previous)
+        logging.root.handlers[:] = handlers
+        logging.root.setLevel(level)
 
 
 def verify(secret: str, headers: dict[str, str], body: bytes, tolerance: int = 300) -> bool:
