@@ -97,8 +97,22 @@ async def fan_out_sessions(
     for sid, found in by_session.items():
         session = sessions.get(sid)
         if session is not None:
-            deliveries, problems = deliveries_for(session, found, webhooks)
-            for problem in problems:
+            deliveries, problems = [], set()
+            for entry in found:
+                try:
+                    made, found_problems = deliveries_for(session, [entry], webhooks)
+                except ValueError as exc:  # pydantic's ValidationError too
+                    # An entry no payload can be built from would block the outbox for good: drop it.
+                    _log.error(
+                        "webhook_outbox_unreadable",
+                        session_id=sid,
+                        entry=entry.entry_id,
+                        error=type(exc).__name__,
+                    )
+                    continue
+                deliveries += made
+                problems.update(found_problems)
+            for problem in sorted(problems):
                 _log.warning("webhook_target_unsigned", session_id=sid, problem=problem)
             await store.enqueue(deliveries, now_ms=now_ms)
             for delivery in deliveries:
@@ -142,6 +156,8 @@ class WebhookWorker:
                 self.metrics.webhook_queue_depth.set(await self.store.delivery_queue_depth())
             except StoreUnavailable as exc:
                 _log.warning("webhook_round_failed", error=str(exc))
+            except Exception as exc:  # a bug must not end webhooks until the next leader: log, go on
+                _log.exception("webhook_round_crashed", error=type(exc).__name__)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.timing.poll_seconds)
 

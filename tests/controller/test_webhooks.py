@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import json
 
-from api.models import Phase, SessionSpec
+import redis.asyncio as aioredis
+
+from api import keys
+from api.models import Phase, SessionSpec, SessionStatus
 from api.notify_models import generate_secret, notify_target, webhook_target
 from api.store_gateway import MeteredUsage
 from api.webhook_models import WebhookSelector, WebhookSpec
 from controller.metrics import ControllerMetrics
+from controller.webhook_worker import fan_out_sessions
 from tests.controller.world import World
+from tests.store import Store
 from tests.webhook_receiver import Receiver, rendered_logs
 
 FAST = {
@@ -152,3 +157,25 @@ async def test_private_targets_are_refused_at_delivery_without_the_setting(world
         await receiver.down()
     assert receiver.received == [] and receiver.refused == 0
     assert metrics.value("flyswarm_controller_webhook_deliveries_total", {"outcome": "retry"}) >= 1
+
+
+async def test_an_unreadable_outbox_entry_is_dropped_without_blocking_the_others(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    store = Store.from_url(redis_url)
+    try:
+        spec = SessionSpec(
+            prompt="go", notify=[{"url": "https://example.com/x", "secret": generate_secret()}]
+        )  # type: ignore[list-item]
+        await store.create_or_get(store.new_session("s-odd", spec))
+        await redis_client.xadd(
+            keys.outbox("s-odd"),
+            {"kind": "phase", "from": "Pending", "to": "Running", "status": '{"phase": "Bogus"}'},
+        )
+        assert await store.write_status("s-odd", SessionStatus(phase=Phase.CREATING)) == "written"
+        assert await fan_out_sessions(store, ["s-odd"], None, now_ms=1) == 2
+        assert await store.outbox_entries(["s-odd"]) == []
+        queued = await store.claim_deliveries(now_ms=2, visibility_ms=1000, limit=10)
+        assert [json.loads(d.body)["data"]["phase"] for d in queued] == ["Creating"]
+    finally:
+        await store.close()
